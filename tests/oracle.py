@@ -8,9 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def delta_product_np(
-    q, k, v, beta, g=None, *, scale=None, initial_state=None, doc_starts=None
-):
+def delta_product_np(q, k, v, beta, g=None, *, scale=None, initial_state=None, doc_starts=None):
     """Return ``(o [B,T,H,V], final [B,H,K,V])`` in float64.
 
     ``doc_starts``: optional ``[B, T]`` bool, True where the state is reset to zero before token t.

@@ -65,7 +65,9 @@ def _auto_reasons(shape: CallShape, dtype) -> dict[str, str | None]:
     reasons: dict[str, str | None] = {}
     for name in _AUTO_ORDER:
         if name == "pallas" and jax.default_backend() != "gpu":
-            reasons[name] = f"auto uses Pallas kernels on GPU only (backend is {jax.default_backend()!r})"
+            reasons[name] = (
+                f"auto uses Pallas kernels on GPU only (backend is {jax.default_backend()!r})"
+            )
             continue
         reasons[name] = _reason_unsupported(name, shape, dtype)
     return reasons
@@ -91,9 +93,11 @@ def explain_impl(q, k, v, beta, g=None, **kwargs) -> tuple[str, dict[str, str | 
     """
     impl = kwargs.get("impl", "auto")
     shape = _validate_call(q, k, v, beta, g, **kwargs)
-    reasons = _auto_reasons(shape, jnp.result_type(q)) if impl == "auto" else {
-        impl: _reason_unsupported(impl, shape, jnp.result_type(q))
-    }
+    reasons = (
+        _auto_reasons(shape, jnp.result_type(q))
+        if impl == "auto"
+        else {impl: _reason_unsupported(impl, shape, jnp.result_type(q))}
+    )
     return _select(impl, shape, jnp.result_type(q)), reasons
 
 
@@ -190,8 +194,9 @@ def delta_product(
     scale = shape.key_dim**-0.5 if scale is None else float(scale)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    g = None if g is None else jnp.asarray(g, jnp.float32)
-    h0 = None if initial_state is None else jnp.asarray(initial_state, jnp.float32)
+    acc = jnp.promote_types(jnp.result_type(q), jnp.float32)  # fp32 (fp64 under x64 checks)
+    g = None if g is None else jnp.asarray(g, acc)
+    h0 = None if initial_state is None else jnp.asarray(initial_state, acc)
     n = shape.num_householder
     run = lambda q, k, v, beta, g, h0, resets: forward(
         q, k, v, beta, g, h0, resets, num_householder=n, scale=scale

@@ -77,7 +77,7 @@ def forward(
     B, T, H, K = q.shape
     n = num_householder
     V = v.shape[-1]
-    f32 = jnp.float32
+    f32 = jnp.promote_types(q.dtype, jnp.float32)  # fp32, or fp64 for float64 checks
     time_major = lambda x: jnp.moveaxis(x, 1, 0)
     xs = {
         "q": time_major(q.astype(f32)),

@@ -28,8 +28,9 @@ class DocumentRows:
     """Gather the ``N`` documents of a packed batch-1 sequence into ``[N, T_max]`` rows.
 
     ``T_max`` is the longest document when ``cu_seqlens`` is concrete, else ``T`` (every document
-    fits; correct under ``jit`` at the price of ``N x T`` work). Padding rows use zero q/k/v/beta and
-    zero gates, which leave the state unchanged, so the final state of a row is the document's.
+    fits, so this is correct under ``jit``, at the price of ``N x T`` work). Padding uses zero
+    q/k/v/beta and zero gates, which leave the state unchanged: a row's final state is its
+    document's.
     """
 
     def __init__(self, cu_seqlens, tokens: int):
