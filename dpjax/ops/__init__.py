@@ -44,7 +44,7 @@ __all__ = ["delta_product", "decode", "explain_impl", "l2norm", "IMPLS"]
 _MODULES = {
     "reference": "dpjax.ops.reference",
     "chunked": "dpjax.ops.chunked",
-    "pallas": "pallas_kernels",
+    "pallas": "dpjax.ops.pallas",
 }
 _AUTO_ORDER = ("pallas", "chunked")
 

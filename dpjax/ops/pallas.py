@@ -1,0 +1,119 @@
+"""DeltaProduct through the Pallas (Triton backend) kernels of ``pallas_kernels``, differentiable.
+
+Forward: ``pallas_kernels.forward`` (prepare -> state pass -> output kernels; interpret mode when
+the default backend is not a GPU). Backward (for now): ``jax.vjp`` of the chunked JAX
+implementation (``dpjax.ops.chunked.forward``) on the saved inputs, so training works end to end
+while the backward kernels are written; it recomputes the forward in fp32.
+
+Dtypes: the kernels compute in ``q.dtype`` (bf16/fp16: 16-bit tensor-core products with fp32
+accumulation and fp32 states; fp32: exact fp32 products); k and v are cast to ``q.dtype``.
+Head dims up to 256.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from dpjax.ops import chunked
+from dpjax.ops.validation import CallShape
+from pallas_kernels import forward as kernels
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+MAX_HEAD_DIM = 256
+
+
+def supports(*, shape: CallShape, dtype) -> str | None:
+    """``None`` when the kernels serve this call, else the reason they do not."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        return f"pallas kernels take bf16/fp16/fp32 inputs, got {dtype}"
+    if shape.key_dim > MAX_HEAD_DIM:
+        return (
+            f"pallas kernels need K <= {MAX_HEAD_DIM} (state tile in registers), "
+            f"got K={shape.key_dim}"
+        )
+    if shape.value_dim > MAX_HEAD_DIM:
+        return f"pallas kernels need V <= {MAX_HEAD_DIM}, got V={shape.value_dim}"
+    return None
+
+
+def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
+    """Launch parameters for the head dims: more warps where a 4-warp program would spill
+    registers (checked offline with ptxas for sm_90: K = 256 state pass, wide prepare/output)."""
+    kp, vp = kernels.padded_dims(key_dim, value_dim)
+    wide = kp + vp > 256
+    return kernels.KernelConfig(
+        state_warps=8 if kp >= 256 else 4,
+        prep_warps=8 if wide else 4,
+        out_warps=8 if wide else 4,
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas(q, k, v, beta, g, h0, resets, n: int, scale: float):
+    o, final, _ = kernels.forward(
+        q,
+        k,
+        v,
+        beta,
+        g,
+        h0,
+        resets,
+        num_householder=n,
+        scale=scale,
+        config=config_for(q.shape[-1], v.shape[-1]),
+    )
+    return o, final
+
+
+def _pallas_fwd(q, k, v, beta, g, h0, resets, n: int, scale: float):
+    out = _pallas(q, k, v, beta, g, h0, resets, n, scale)
+    return out, (q, k, v, beta, g, h0, resets)
+
+
+def _pallas_bwd(n: int, scale: float, saved, cotangents):
+    q, k, v, beta, g, h0, resets = saved
+
+    def primal(q, k, v, beta, g, h0):
+        return chunked.forward(q, k, v, beta, g, h0, resets, num_householder=n, scale=scale)
+
+    _, vjp = jax.vjp(primal, q, k, v, beta, g, h0)
+    return (*vjp(cotangents), None)
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None,
+    h0: jax.Array | None,
+    resets: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Pallas forward on validated inputs (see ``dpjax.ops`` for the public API).
+
+    Args:
+      q: ``[B, T, H, K]`` bf16/fp16/fp32; k: ``[B, T*n_h, H, K]``; v: ``[B, T*n_h, H, V]``;
+        beta: ``[B, T*n_h, H]``; g: ``[B, T, H]`` fp32 log gate or None; h0: ``[B, H, K, V]`` fp32
+        or None; resets: ``[B, T]`` bool or None (True where a document starts: the state is
+        zeroed before that token).
+
+    Returns:
+      ``o [B, T, H, V]`` in ``q.dtype`` and the final state ``[B, H, K, V]`` fp32.
+    """
+    if resets is not None:
+        resets = jnp.asarray(resets, bool)
+    if g is not None:
+        g = jnp.asarray(g, jnp.float32)
+    if h0 is not None:
+        h0 = jnp.asarray(h0, jnp.float32)
+    return _pallas(q, k, v, beta, g, h0, resets, num_householder, float(scale))

@@ -1,0 +1,551 @@
+"""Time the DeltaProduct op: Pallas kernels vs the chunked JAX path (vs the reference at small T).
+
+One process, one GPU; candidates are timed round-robin (interleaved), each timing is a batch of
+back-to-back calls closed by ``block_until_ready`` after a warm-up, over rotating input sets; the
+reported number is the median over repeats. Compile time (lower + compile) is reported per
+candidate. Forward and forward+backward (``grad`` of ``<o, do>`` w.r.t. q, k, v, beta, g through
+the custom_vjp) are timed separately. ``--stages`` also times the three Pallas kernels alone and
+``--tune`` sweeps their tile sizes / warps / stages first and uses the fastest for the op.
+
+Writes ``bench_op.json`` and ``bench_op.md`` (markdown tables) to ``--out`` (default ``$OUT`` or
+``./bench_out``). Peer results written by ``bench_peers.py`` (``peers_*.json``) in the same folder
+are merged into the table when ``--peers`` is given.
+
+Examples::
+
+    python experiments/bench_op.py --help
+    python experiments/bench_op.py --quick              # small shapes, a smoke test (CPU ok)
+    python experiments/bench_op.py --tune --stages      # the full GPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax.ops import chunked, reference
+from dpjax.ops import pallas as dp_pallas
+from pallas_kernels import forward as kernels
+from pallas_kernels.common import default_interpret
+from pallas_kernels.output import output
+from pallas_kernels.prepare import prepare
+from pallas_kernels.state_pass import state_pass
+
+PEAK_TFLOPS = 798.0  # bf16 dense, measured on this workplace's H100 (KINDS.md)
+PEAK_TBPS = 3.0  # device-to-device copy, read + write (KINDS.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    n: int
+    gated: bool
+    reference: bool = False  # also time the token-by-token reference
+
+    @property
+    def label(self) -> str:
+        gate = "gated" if self.gated else "ungated"
+        return f"B={self.B} T={self.T} H={self.H} K={self.K} V={self.V} n_h={self.n} {gate}"
+
+
+FULL_CASES = [
+    Case(4, 4096, 8, 128, 128, 1, False),
+    Case(4, 4096, 8, 128, 128, 2, False),
+    Case(4, 4096, 8, 128, 128, 3, False),
+    Case(4, 4096, 8, 128, 128, 1, True),
+    Case(4, 4096, 8, 128, 128, 2, True),
+    Case(4, 4096, 8, 128, 128, 3, True),
+    Case(4, 4096, 16, 64, 64, 4, False),
+    Case(1, 32768, 8, 128, 128, 2, False),
+    Case(2, 256, 8, 128, 128, 2, False, reference=True),
+]
+QUICK_CASES = [
+    Case(1, 128, 2, 32, 32, 2, False, reference=True),
+    Case(1, 128, 2, 32, 32, 3, True),
+]
+
+
+def floor_ms(c: Case) -> dict[str, float]:
+    """METHOD.md's two numbers for the forward: FLOPs of the chunked algorithm over the bf16
+    tensor-core rate, and compulsory bytes (inputs read once, o and final state written once) over
+    the copy bandwidth."""
+    C, K, V, n = 64, c.K, c.V, c.n
+    nti = c.T * n / C
+    nt = c.T / C
+    per_head = nti * (2 * C * C * K + 4 * C**3 + 2 * C * C * (K + V) + 4 * C * K * V)
+    per_head += nt * (2 * C * K * V + n * 2 * C * C * (K + V))
+    flops = per_head * c.B * c.H
+    elems = c.B * c.H * (c.T * K + c.T * n * (K + V) + c.T * V)
+    nbytes = 2 * elems + c.B * c.H * (c.T * n * 2 + c.K * c.V * 4 + (c.T * 4 if c.gated else 0))
+    return {
+        "gflop": flops / 1e9,
+        "mbytes": nbytes / 1e6,
+        "flop_ms": flops / (PEAK_TFLOPS * 1e12) * 1e3,
+        "byte_ms": nbytes / (PEAK_TBPS * 1e12) * 1e3,
+    }
+
+
+def make_inputs(c: Case, seed: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
+    ks = jax.random.split(jax.random.key(seed), 6)
+    L = c.T * c.n
+    k = jax.random.normal(ks[1], (c.B, L, c.H, c.K), jnp.float32)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    return {
+        "q": jax.random.normal(ks[0], (c.B, c.T, c.H, c.K), dtype),
+        "k": k.astype(dtype),
+        "v": jax.random.normal(ks[2], (c.B, L, c.H, c.V), dtype),
+        "beta": (2 * jax.random.uniform(ks[3], (c.B, L, c.H))).astype(dtype),
+        "g": jax.nn.log_sigmoid(jax.random.normal(ks[4], (c.B, c.T, c.H))) if c.gated else None,
+        "do": jax.random.normal(ks[5], (c.B, c.T, c.H, c.V), dtype),
+    }
+
+
+def op_fns(impl: Callable, c: Case) -> tuple[Callable, Callable]:
+    """Jitted forward and forward+backward of one implementation."""
+    scale = c.K**-0.5
+
+    def fwd(q, k, v, beta, g):
+        return impl(q, k, v, beta, g, None, None, num_householder=c.n, scale=scale)
+
+    def loss(q, k, v, beta, g, do):
+        o, _ = fwd(q, k, v, beta, g)
+        return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+
+    argnums = (0, 1, 2, 3, 4) if c.gated else (0, 1, 2, 3)
+    return jax.jit(lambda q, k, v, beta, g, do: fwd(q, k, v, beta, g)[0]), jax.jit(
+        jax.grad(loss, argnums)
+    )
+
+
+def compile_time(fn: Callable, args: tuple) -> tuple[Callable, float]:
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_round_robin(
+    fns: dict[str, Callable], arg_sets: list[tuple], repeats: int, iters: int
+) -> dict[str, float]:
+    """Median ms per call of each function; calls interleaved across functions."""
+    for f in fns.values():  # warm-up
+        for args in arg_sets:
+            jax.block_until_ready(f(*args))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            out = None
+            for i in range(iters):
+                out = f(*arg_sets[i % len(arg_sets)])
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - t0) / iters * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def iters_for(c: Case) -> int:
+    work = c.B * c.T * c.H * c.n
+    return max(3, min(50, int(2e7 / max(work, 1))))
+
+
+def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, tuple]:
+    """The three kernels alone, each on the outputs of the previous one (padded layout)."""
+    n = c.n
+    q, k, v, beta = inputs["q"], inputs["k"], inputs["v"], inputs["beta"]
+    gate_tok, gate_sub = kernels.log_gates(inputs["g"], None, n, c.T)
+    prep = jax.jit(
+        lambda k, b, g: prepare(
+            k,
+            b,
+            g,
+            num_warps=config.prep_warps,
+            num_stages=config.prep_stages,
+            interpret=default_interpret(),
+        )
+    )
+    p = prep(k, beta, gate_sub)
+    sp = jax.jit(
+        lambda a, k, v, b, gam, fdec: state_pass(
+            a,
+            k,
+            v,
+            b,
+            gam,
+            fdec,
+            None,
+            num_householder=n,
+            block_v=config.state_block_v,
+            num_warps=config.state_warps,
+            num_stages=config.state_stages,
+            tf32_state=config.state_tf32,
+            interpret=default_interpret(),
+        )
+    )
+    sp_args = (p["a"], k, v, beta, p.get("gam"), p.get("fdec"))
+    h, vnew, _ = sp(*sp_args)
+    out = jax.jit(
+        lambda q, k, vn, h, g: output(
+            q,
+            k,
+            vn,
+            h,
+            g,
+            num_householder=n,
+            scale=0.1,
+            block_v=config.out_block_v,
+            num_warps=config.out_warps,
+            num_stages=config.out_stages,
+            interpret=default_interpret(),
+        )
+    )
+    return {
+        "prepare": (prep, (k, beta, gate_sub)),
+        "state_pass": (sp, sp_args),
+        "output": (out, (q, k, vnew, h, gate_tok)),
+    }
+
+
+TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 (ptxas, sm_90)
+    "prepare": [dict(prep_warps=w) for w in (4, 8)],
+    "state_pass": [
+        dict(state_block_v=bv, state_warps=w, state_stages=s)
+        for bv, w, s in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2))
+    ]
+    + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True)],
+    "output": [dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8))],
+}
+
+
+def tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list[dict]]:
+    """Time every stage variant side by side; return the fastest fields and all records."""
+    records = []
+    totals: dict[str, dict[int, float]] = {s: {} for s in TUNE_SPACE}
+    for c in cases:
+        inputs = make_inputs(c, seed=1)
+        for stage, variants in TUNE_SPACE.items():
+            fns = {}
+            for i, fields in enumerate(variants):
+                cfg = dataclasses.replace(kernels.KernelConfig(), **fields)
+                try:
+                    f, args = stage_fns(c, cfg, inputs)[stage]
+                    fns[i] = lambda f=f, args=args: f(*args)
+                except Exception as err:  # a variant that fails to compile is reported
+                    log(f"tune {stage} {fields} failed: {err!r:.300}")
+            times = time_round_robin({i: f for i, f in fns.items()}, [()], repeats, iters_for(c))
+            for i, t in times.items():
+                totals[stage][i] = totals[stage].get(i, 0.0) + t
+                rec = dict(kind="tune", case=c.label, stage=stage, **variants[i], ms=t)
+                records.append(rec)
+                log(json.dumps(rec))
+    best = {}
+    for stage, by_variant in totals.items():
+        # precision variants are timed for the record but not chosen automatically
+        usable = {i: t for i, t in by_variant.items() if not TUNE_SPACE[stage][i].get("state_tf32")}
+        if usable:
+            best.update(TUNE_SPACE[stage][min(usable, key=usable.get)])
+    return best, records
+
+
+def check(fwd_fns: dict[str, Callable], args: tuple) -> dict:
+    """Relative RMSE of the timed Pallas forward against the timed chunked one (fp32 inside,
+    output rounded to bf16), on the same inputs; a sanity check, the tests hold the real bounds."""
+    o = fwd_fns["pallas"](*args).astype(jnp.float32)
+    ref = fwd_fns["chunked"](*args).astype(jnp.float32)
+    err = float(jnp.sqrt(jnp.mean((o - ref) ** 2)) / jnp.sqrt(jnp.mean(ref**2)))
+    return dict(rel_rmse=err, finite=bool(jnp.isfinite(o).all()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="output folder")
+    ap.add_argument("--quick", action="store_true", help="small shapes (smoke test, CPU ok)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed batches per candidate")
+    ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--no-chunked", action="store_true", help="skip the chunked JAX path")
+    ap.add_argument("--stages", action="store_true", help="also time each Pallas kernel alone")
+    ap.add_argument("--tune", action="store_true", help="sweep kernel tiles first, use the best")
+    ap.add_argument("--peers", action="store_true", help="merge peers_*.json from --out")
+    ap.add_argument("--only", type=int, nargs="*", help="indices of cases to run")
+    ap.add_argument(
+        "--bwd-cases", type=int, nargs="*", help="indices of cases that also time fwd+bwd (all)"
+    )
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite bench_op.md from --out's JSON files"
+    )
+    ap.add_argument(
+        "--resources",
+        action="store_true",
+        help="no GPU needed: compile each kernel for sm_90 with the pip `triton` package and\n"
+        "report registers / spills / shared memory (then exit)",
+    )
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.report_only:
+        report_only(args.out)
+        return
+    log_path = os.path.join(args.out, "bench_op.log")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        with open(log_path, "a") as fh:
+            fh.write(msg + "\n")
+
+    dev = jax.devices()[0]
+    log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.only:
+        cases = [cases[i] for i in args.only]
+    records: list[dict] = []
+    config = kernels.KernelConfig()
+    if args.tune:
+        tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[2]]
+        best, tune_records = tune(tune_cases, args.repeats, log)
+        records += tune_records
+        config = dataclasses.replace(config, **best)
+        log(f"tuned config: {config}")
+        save(args, dev.device_kind, config, records, echo=False)
+    if args.resources:
+        records += resources(cases, config, args.out, log)
+        with open(os.path.join(args.out, "resources.json"), "w") as fh:
+            json.dump(records, fh, indent=1)
+        return
+    dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c  # the op uses this config
+
+    impls = {"pallas": dp_pallas.forward}
+    if not args.no_chunked:
+        impls["chunked"] = chunked.forward
+    for index, c in enumerate(cases):
+        with_bwd = not args.no_bwd and (args.bwd_cases is None or index in args.bwd_cases)
+        inputs = [make_inputs(c, seed=s) for s in range(2)]
+        arg_sets = [tuple(x[n] for n in ("q", "k", "v", "beta", "g", "do")) for x in inputs]
+        case_impls = dict(impls)
+        if c.reference:
+            case_impls["reference"] = reference.forward
+        fwd_fns, bwd_fns, compiles = {}, {}, {}
+        for name, impl in case_impls.items():
+            f, fb = op_fns(impl, c)
+            try:
+                fwd_fns[name], compiles[(name, "fwd")] = compile_time(f, arg_sets[0])
+                if with_bwd:
+                    bwd_fns[name], compiles[(name, "fwdbwd")] = compile_time(fb, arg_sets[0])
+            except Exception as err:
+                log(f"{c.label} {name} failed: {err!r:.500}")
+        iters = iters_for(c)
+        for mode, fns in (("fwd", fwd_fns), ("fwdbwd", bwd_fns)):
+            if not fns:
+                continue
+            times = time_round_robin(fns, arg_sets, args.repeats, iters)
+            for name, ms in times.items():
+                rec = dict(
+                    kind="op",
+                    case=c.label,
+                    **dataclasses.asdict(c),
+                    impl=name,
+                    mode=mode,
+                    ms=ms,
+                    compile_s=compiles[(name, mode)],
+                )
+                records.append(rec)
+                log(json.dumps(rec))
+        if args.stages:
+            stages = stage_fns(c, config, inputs[0])
+            fns = {s: (lambda f=f, a=a: f(*a)) for s, (f, a) in stages.items()}
+            for s, ms in time_round_robin(fns, [()], args.repeats, iters).items():
+                rec = dict(kind="stage", case=c.label, **dataclasses.asdict(c), stage=s, ms=ms)
+                records.append(rec)
+                log(json.dumps(rec))
+        fl = floor_ms(c)
+        records.append(dict(kind="floor", case=c.label, **dataclasses.asdict(c), **fl))
+        log(json.dumps(records[-1]))
+        if "pallas" in fwd_fns and "chunked" in fwd_fns:
+            records.append(dict(kind="check", case=c.label, **check(fwd_fns, arg_sets[1])))
+            log(json.dumps(records[-1]))
+        save(args, dev.device_kind, config, records, echo=False)
+    save(args, dev.device_kind, config, records, echo=True)
+
+
+def save(args, device: str, config, records: list[dict], *, echo: bool) -> None:
+    """Write bench_op.json and bench_op.md (called after every case, so a cut-off run keeps
+    what it measured)."""
+    peers = []
+    if args.peers:
+        for path in sorted(glob.glob(os.path.join(args.out, "peers_*.json"))):
+            with open(path) as fh:
+                peers += json.load(fh)
+    with open(os.path.join(args.out, "bench_op.json"), "w") as fh:
+        json.dump(
+            dict(device=device, config=dataclasses.asdict(config), records=records, peers=peers),
+            fh,
+            indent=1,
+        )
+    table = markdown(records, peers, device, config)
+    with open(os.path.join(args.out, "bench_op.md"), "w") as fh:
+        fh.write(table)
+    if echo:
+        print(table)
+
+
+def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Callable) -> list:
+    """Registers, spill stack and shared memory of each kernel for sm_90, without a GPU.
+
+    Lowers the forward for an abstract H100 (as the lowering tests do), captures each kernel's
+    Triton IR (through a private JAX hook) and compiles it with the ``triton`` package's own
+    compiler and ptxas (``pip install triton``; not a project dependency). The pip Triton need not
+    match the Triton inside jaxlib exactly, so the numbers are a close estimate.
+    """
+    import subprocess
+
+    import triton
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+    from triton.backends.compiler import GPUTarget
+
+    modules: list[str] = []
+    lower_module = registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = lower_module(*a, **k)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    launch = {
+        "dp_prepare": (config.prep_warps, config.prep_stages),
+        "dp_state_pass": (config.state_warps, config.state_stages),
+        "dp_output": (config.out_warps, config.out_stages),
+    }
+    device = AbstractDevice("NVIDIA H100 80GB HBM3", 1, "cuda")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    records = []
+    try:
+        for c in cases:
+            modules.clear()
+            x = make_inputs(c, seed=0)
+            spec = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+            args = [spec(x[n]) for n in ("q", "k", "v", "beta", "g")]
+            fn = lambda *a, c=c: kernels.forward(
+                *a, None, None, num_householder=c.n, scale=0.1, interpret=False, config=config
+            )[:2]
+            with jax.sharding.use_abstract_mesh(mesh):
+                jax.jit(fn).trace(*args).lower()
+            for text in modules:
+                name = text.split("tt.func public @")[1].split("(")[0]
+                path = os.path.join(out, f"{name}.ttir")
+                with open(path, "w") as fh:
+                    fh.write(text)
+                warps, stages = launch[name]
+                kernel = triton.compile(
+                    path,
+                    target=GPUTarget("cuda", 90, 32),
+                    options={"num_warps": warps, "num_stages": stages},
+                )
+                cubin = path.replace(".ttir", ".cubin")
+                with open(cubin, "wb") as fh:
+                    fh.write(kernel.asm["cubin"])
+                usage = subprocess.run(
+                    [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True
+                ).stdout
+                field = lambda key, u=usage: int(u.split(f"{key}:")[1].split()[0])
+                rec = dict(
+                    kind="resources",
+                    case=c.label,
+                    kernel=name,
+                    warps=warps,
+                    stages=stages,
+                    regs=field("REG"),
+                    spill_stack=field("STACK"),
+                    shared_bytes=kernel.metadata.shared,
+                )
+                records.append(rec)
+                log(json.dumps(rec))
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = lower_module
+    return records
+
+
+def report_only(out: str) -> None:
+    """Rebuild the markdown from ``bench_op.json`` plus any ``peers_*.json`` in ``out``."""
+    with open(os.path.join(out, "bench_op.json")) as fh:
+        data = json.load(fh)
+    peers = []
+    for path in sorted(glob.glob(os.path.join(out, "peers_*.json"))):
+        with open(path) as fh:
+            peers += json.load(fh)
+    config = kernels.KernelConfig(**data["config"])
+    table = markdown(data["records"], peers, data["device"], config)
+    with open(os.path.join(out, "bench_op.md"), "w") as fh:
+        fh.write(table)
+    print(table)
+
+
+def markdown(records: list[dict], peers: list[dict], device: str, config) -> str:
+    lines = [f"Device: {device}. Kernel config: {dataclasses.asdict(config)}", ""]
+    lines += [
+        "| case | impl | fwd ms | fwd+bwd ms | compile fwd / fwd+bwd s |",
+        "|---|---|---|---|---|",
+    ]
+    ops = [r for r in records if r["kind"] == "op"]
+    seen = []
+    for r in ops:
+        key = (r["case"], r["impl"])
+        if key in seen:
+            continue
+        seen.append(key)
+        fwd = next((x for x in ops if (x["case"], x["impl"], x["mode"]) == (*key, "fwd")), None)
+        bwd = next((x for x in ops if (x["case"], x["impl"], x["mode"]) == (*key, "fwdbwd")), None)
+        fmt = lambda x, k, f="{:.3f}": f.format(x[k]) if x else "—"
+        lines.append(
+            f"| {key[0]} | {key[1]} | {fmt(fwd, 'ms')} | {fmt(bwd, 'ms')} | "
+            f"{fmt(fwd, 'compile_s', '{:.1f}')} / {fmt(bwd, 'compile_s', '{:.1f}')} |"
+        )
+    for p in peers:
+        gate = "gated" if p["gated"] else "ungated"
+        label = f"B={p['B']} T={p['T']} H={p['H']} K={p['D']} V={p['D']} n_h={p['n']} {gate}"
+        lines.append(f"| {label} | {p['peer']} | {p['fwd_ms']:.3f} | {p['fwdbwd_ms']:.3f} | — |")
+    stages = [r for r in records if r["kind"] == "stage"]
+    if stages:
+        lines += ["", "| case | prepare ms | state pass ms | output ms |", "|---|---|---|---|"]
+        for case in dict.fromkeys(r["case"] for r in stages):
+            ms = {r["stage"]: r["ms"] for r in stages if r["case"] == case}
+            lines.append(
+                f"| {case} | {ms.get('prepare', 0):.3f} | {ms.get('state_pass', 0):.3f}"
+                f" | {ms.get('output', 0):.3f} |"
+            )
+    floors = [r for r in records if r["kind"] == "floor"]
+    if floors:
+        lines += [
+            "",
+            "| case | GFLOP | MB | FLOP floor ms | byte floor ms |",
+            "|---|---|---|---|---|",
+        ]
+        for r in floors:
+            lines.append(
+                f"| {r['case']} | {r['gflop']:.3g} | {r['mbytes']:.3g} | "
+                f"{r['flop_ms']:.3f} | {r['byte_ms']:.3f} |"
+            )
+    tunes = [r for r in records if r["kind"] == "tune"]
+    if tunes:
+        lines += ["", "| tune case | stage | variant | ms |", "|---|---|---|---|"]
+        for r in tunes:
+            variant = {k: v for k, v in r.items() if k not in ("kind", "case", "stage", "ms")}
+            lines.append(f"| {r['case']} | {r['stage']} | {variant} | {r['ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()

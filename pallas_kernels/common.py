@@ -1,0 +1,203 @@
+"""Helpers shared by the Pallas (Triton backend) kernel stages.
+
+Everything here is plain JAX; nothing imports ``dpjax`` (arrows point from ``dpjax.ops`` to
+``pallas_kernels`` only).
+
+* ``CHUNK``: chunk length (64) on both the interleaved sub-step axis and the token axis.
+* ``next_pow2`` / ``pad_to``: the Triton backend needs every array operation to have a power-of-2
+  size, so head dims are zero-padded to powers of two and time is padded to a multiple of ``CHUNK``
+  (zero rows leave the recurrence unchanged: ``k = v = beta = 0`` writes nothing and a zero
+  log-gate does not decay).
+* ``default_interpret``: run kernels in interpret mode unless the default backend is a GPU.
+* ``compiler_params``: Triton compiler parameters (``num_warps``, ``num_stages``).
+* ``DotMode`` / ``mm``: matrix products with an explicit operand precision; fp32 accumulation
+  always.
+* ``element_select``: one element of a 1-D value (Triton cannot slice values: mask + sum).
+* ``segment_cumsum``: within-chunk gate cumsums where ``-inf`` log-gates are document resets.
+* ``pallas_call``: ``pl.pallas_call`` with the Triton parameters and optional NaN-poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as pltriton
+
+CHUNK = 64
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (``n >= 1``)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pad ``x`` along ``axis`` to ``size`` (no copy when already that size)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def default_interpret() -> bool:
+    """Interpret mode (a jitted scan over the grid) everywhere but on a GPU backend."""
+    return jax.default_backend() != "gpu"
+
+
+def compiler_params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:
+    """Triton backend compiler parameters."""
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+class DotMode(enum.Enum):
+    """Operand precision of a matrix product inside a kernel (accumulation is always fp32).
+
+    * ``INPUT``: operands cast to the 16-bit input dtype (bf16/fp16 tensor cores).
+    * ``SPLIT_A`` / ``SPLIT_B``: the fp32 operand ``a`` (or ``b``) is split into two 16-bit parts,
+      ``hi + lo``, and multiplied twice with the other operand in the 16-bit dtype: nearly fp32
+      accuracy for that operand at twice the 16-bit cost.
+    * ``SPLIT3``: both fp32 operands split into bf16 halves, three bf16 products
+      (``hi hi + hi lo + lo hi``, about 16 mantissa bits).
+    * ``TF32``: fp32 operands as TF32 (10-bit mantissa) on tensor cores.
+    * ``IEEE``: exact fp32 products (``Precision.HIGHEST``, no tensor cores).
+    """
+
+    INPUT = "input"
+    SPLIT_A = "split_a"
+    SPLIT_B = "split_b"
+    SPLIT3 = "split3"
+    TF32 = "tf32"
+    IEEE = "ieee"
+
+
+def truncate_to_tf32(x: jax.Array) -> jax.Array:
+    """fp32 with the 13 low mantissa bits cleared: what tensor cores read of an fp32 operand in
+    TF32 mode (used to emulate TF32 products in interpret mode, pessimistically)."""
+    bits = lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-8192)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _split(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    hi = x.astype(dtype)
+    return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(dtype)
+
+
+def mm(
+    a: jax.Array,
+    b: jax.Array,
+    mode: DotMode,
+    *,
+    dtype=jnp.bfloat16,
+    interpret: bool = False,
+    trans_a: bool = False,
+    trans_b: bool = False,
+) -> jax.Array:
+    """``op(a) @ op(b)`` of two 2-D values with fp32 accumulation, returned in fp32.
+
+    ``dtype`` is the 16-bit operand dtype of ``INPUT`` / ``SPLIT_*``. ``trans_a``/``trans_b``
+    contract over the first/last axis instead (no explicit transpose). In interpret mode (CPU)
+    TF32 operands are truncated to TF32 explicitly so that CPU tests see GPU-like rounding.
+    """
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    dot = lambda x, y, precision=None: lax.dot_general(
+        x, y, dims, precision=precision, preferred_element_type=jnp.float32
+    )
+    if mode is DotMode.INPUT:
+        return dot(a.astype(dtype), b.astype(dtype))
+    if mode is DotMode.SPLIT_A:
+        hi, lo = _split(a, dtype)
+        b = b.astype(dtype)
+        return dot(hi, b) + dot(lo, b)
+    if mode is DotMode.SPLIT_B:
+        hi, lo = _split(b, dtype)
+        a = a.astype(dtype)
+        return dot(a, hi) + dot(a, lo)
+    if mode is DotMode.SPLIT3:
+        a_hi, a_lo = _split(a, jnp.bfloat16)
+        b_hi, b_lo = _split(b, jnp.bfloat16)
+        return dot(a_lo, b_hi) + dot(a_hi, b_lo) + dot(a_hi, b_hi)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    if mode is DotMode.IEEE:
+        return dot(a, b, lax.Precision.HIGHEST)
+    if interpret:  # TF32
+        return dot(truncate_to_tf32(a), truncate_to_tf32(b), lax.Precision.HIGHEST)
+    return dot(a, b, lax.Precision.DEFAULT)
+
+
+def element_select(values: jax.Array, index) -> jax.Array:
+    """Element ``index`` of a 1-D value as a scalar (mask + sum)."""
+    pos = lax.broadcasted_iota(jnp.int32, values.shape, 0)
+    return jnp.sum(jnp.where(pos == index, values, 0.0))
+
+
+def segment_cumsum(log_gate: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Inclusive within-chunk cumsum of a log-gate vector whose ``-inf`` entries mark resets.
+
+    A reset (``-inf``) at row ``r`` zeroes the state before row ``r`` is written. Instead of
+    exponentiating ``-inf`` differences (NaN-prone), resets become segment boundaries.
+
+    Args:
+      log_gate: ``[C]`` fp32 log-gates (``<= 0``), ``-inf`` where the state is reset.
+
+    Returns:
+      ``(G, seg, G_end, seg_end)``: ``G [C]`` inclusive cumsum of the finite gates, ``seg [C]``
+      number of resets at rows ``<= r`` (fp32), and their totals over the chunk (scalars).
+    """
+    reset = log_gate == -jnp.inf
+    finite = jnp.where(reset, 0.0, log_gate)
+    resets = reset.astype(jnp.float32)
+    return jnp.cumsum(finite), jnp.cumsum(resets), jnp.sum(finite), jnp.sum(resets)
+
+
+def pallas_call(
+    kernel,
+    *,
+    inputs: list[jax.Array],
+    in_specs: list,
+    out_shapes: list[jax.ShapeDtypeStruct],
+    out_specs: list,
+    grid: tuple[int, ...],
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+    name: str,
+    poison: bool = False,
+) -> list[jax.Array]:
+    """``pl.pallas_call`` with the Triton compiler parameters and optional output poisoning.
+
+    With ``poison=True`` every output buffer starts as NaN (aliased input buffers), so any element
+    the kernel fails to write shows up as NaN downstream (GPU tests). The kernel sees only its real
+    inputs and outputs.
+    """
+    from jax.experimental import pallas as pl
+
+    n_in = len(inputs)
+    aliases: dict[int, int] = {}
+    if poison:
+        fills = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
+        aliases = {n_in + i: i for i in range(len(out_shapes))}
+        inputs = [*inputs, *fills]
+        in_specs = [*in_specs, *out_specs]
+
+        def body(*refs):
+            kernel(*refs[:n_in], *refs[n_in + len(out_shapes) :])
+
+    else:
+        body = kernel
+    outs = pl.pallas_call(
+        body,
+        out_shape=out_shapes,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        input_output_aliases=aliases,
+        compiler_params=compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+    return list(outs)

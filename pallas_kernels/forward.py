@@ -1,0 +1,154 @@
+"""The chunked DeltaProduct forward composed from the three kernel stages (pure arrays in/out).
+
+``forward`` pads (head dims to powers of two >= 16, time to a multiple of 64), builds the token
+and interleaved log-gates (``-inf`` marks a reset: one mechanism for gates and document starts),
+runs ``prepare -> state_pass -> output`` and un-pads. Differentiation is wired elsewhere
+(``dpjax.ops.pallas``); this module knows nothing of ``dpjax``.
+
+Shapes (``n = n_h``, ``L = T*n``): q ``[B, T, H, K]``; k ``[B, L, H, K]``; v ``[B, L, H, V]``;
+beta ``[B, L, H]``; g ``[B, T, H]`` fp32 or None; h0 ``[B, H, K, V]`` fp32 or None; resets
+``[B, T]`` bool or None (True: the state is zeroed before that token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import CHUNK, default_interpret, next_pow2, pad_to
+from pallas_kernels.output import output
+from pallas_kernels.prepare import prepare
+from pallas_kernels.state_pass import state_pass
+
+MAX_KEY_DIM = 256  # the state tile [Kp, BV] lives in registers
+MIN_DIM = 16  # smallest tensor-core operand side
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and Triton launch parameters of the three stages (defaults: the fastest
+    variants on an H100 at K = V = 128, docs/BENCHMARKS.md; ``dpjax.ops.pallas.config_for`` adds
+    warps for wide heads)."""
+
+    state_block_v: int = 32
+    state_warps: int = 4
+    state_stages: int = 3
+    state_tf32: bool = False  # W S with TF32 operands instead of a 16-bit rounded state
+    out_block_v: int = 64
+    out_warps: int = 4
+    out_stages: int = 2
+    prep_warps: int = 4
+    prep_stages: int = 1
+
+
+class Residuals(NamedTuple):
+    """What the forward can hand to a backward: the WY inverse per interleaved chunk, the
+    log-gates it used, and the chunk-start states (all padded)."""
+
+    a: jax.Array  # [B, H, L_pad, 64] fp32
+    gate_tokens: jax.Array | None  # [B, H, T_pad] fp32
+    gate_substeps: jax.Array | None  # [B, H, L_pad] fp32
+    h: jax.Array  # [B, H, NT, Kp, Vp]
+
+
+def padded_dims(key_dim: int, value_dim: int) -> tuple[int, int]:
+    """``(Kp, Vp)``: head dims as the kernels see them."""
+    return max(MIN_DIM, next_pow2(key_dim)), max(MIN_DIM, next_pow2(value_dim))
+
+
+def log_gates(
+    g: jax.Array | None, resets: jax.Array | None, n: int, tokens_pad: int
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Token ``[B, H, T_pad]`` and interleaved ``[B, H, T_pad*n]`` fp32 log-gates, or Nones.
+
+    A reset at token ``t`` is a log-gate of ``-inf`` there; on the interleaved axis the gate sits
+    on sub-step 0 of each token (decay before the first Householder step), zeros elsewhere.
+    """
+    if g is None and resets is None:
+        return None, None
+    # without g: one gate row [B, T, 1], broadcast over heads by the caller
+    gate = jnp.zeros((*resets.shape, 1), jnp.float32) if g is None else g.astype(jnp.float32)
+    if resets is not None:
+        gate = jnp.where(resets[:, :, None], -jnp.inf, gate)
+    B, T = gate.shape[:2]
+    tokens = jnp.moveaxis(pad_to(gate, 1, tokens_pad), 1, 2)  # [B, H|1, T_pad]
+    substeps = jnp.zeros(tokens.shape + (n,), jnp.float32).at[..., 0].set(tokens)
+    substeps = substeps.reshape(B, tokens.shape[1], tokens_pad * n)
+    return tokens, substeps
+
+
+def forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None,
+    h0: jax.Array | None,
+    resets: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+    config: KernelConfig = KernelConfig(),
+    interpret: bool | None = None,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, Residuals]:
+    """DeltaProduct forward through the Pallas kernels.
+
+    Returns ``(o [B, T, H, V] q.dtype, final_state [B, H, K, V] fp32, Residuals)``.
+    ``poison=True`` starts every kernel output buffer as NaN (tests: unwritten elements show).
+    """
+    if interpret is None:
+        interpret = default_interpret()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    n = num_householder
+    Kp, Vp = padded_dims(K, V)
+    Tp = -(-T // CHUNK) * CHUNK
+    dtype = q.dtype
+    qp = pad_to(pad_to(q, 3, Kp), 1, Tp)
+    kp = pad_to(pad_to(k.astype(dtype), 3, Kp), 1, Tp * n)
+    vp = pad_to(pad_to(v.astype(dtype), 3, Vp), 1, Tp * n)
+    bp = pad_to(beta, 1, Tp * n)
+    gate_tok, gate_sub = log_gates(g, resets, n, Tp)
+    if gate_tok is not None and gate_tok.shape[1] != H:
+        gate_tok = jnp.broadcast_to(gate_tok, (B, H, Tp))
+        gate_sub = jnp.broadcast_to(gate_sub, (B, H, Tp * n))
+    h0p = None if h0 is None else pad_to(pad_to(h0.astype(jnp.float32), 2, Kp), 3, Vp)
+
+    common = dict(interpret=interpret, poison=poison)
+    prep = prepare(
+        kp, bp, gate_sub, num_warps=config.prep_warps, num_stages=config.prep_stages, **common
+    )
+    h, vnew, final = state_pass(
+        prep["a"],
+        kp,
+        vp,
+        bp,
+        prep.get("gam"),
+        prep.get("fdec"),
+        h0p,
+        num_householder=n,
+        block_v=config.state_block_v,
+        num_warps=config.state_warps,
+        num_stages=config.state_stages,
+        tf32_state=config.state_tf32,
+        **common,
+    )
+    o = output(
+        qp,
+        kp,
+        vnew,
+        h,
+        gate_tok,
+        num_householder=n,
+        scale=scale,
+        block_v=config.out_block_v,
+        num_warps=config.out_warps,
+        num_stages=config.out_stages,
+        **common,
+    )
+    res = Residuals(a=prep["a"], gate_tokens=gate_tok, gate_substeps=gate_sub, h=h)
+    return o[:, :T, :, :V], final[:, :, :K, :V], res

@@ -1,0 +1,182 @@
+"""Stage 2 of the forward: the inter-chunk state recurrence (SPEC §2.3, §2.7.3), sequential.
+
+For interleaved chunks ``c = 0 .. NC-1`` of one (batch, head, value tile)::
+
+    if c % n_h == 0: h[c / n_h] = S                        # state at the start of token chunk
+    v_new_c = A_c diag(beta_c) (V_c - diag(gam_c) K_c S)   # [64, BV] = U_c - W_c S (SPEC §2.3)
+    S      <- gam_end_c * S + K_c^T (fdec_c * v_new_c)
+
+with ``S [Kp, BV]`` fp32 carried in registers (``gam_end_c`` is ``gam`` at the chunk's last row;
+without decay all gate factors are 1). The WY factors are applied on the fly from ``A`` (stage 1),
+so they are never rounded to 16 bits nor stored. Chunk-start states are stored only at token-chunk
+boundaries (every ``n_h``-th chunk).
+
+Grid ``(Vp / BV, H, B)``: one program per value tile and (head, batch), so ``B*H = 32`` heads with
+``BV = 32`` and ``V = 128`` still give 128 programs (defaults: ``BV = 32``, 4 warps, 3 pipeline
+stages, the fastest tried on an H100; 8 warps for K = 256). Each program walks the whole (padded)
+sequence of its head, reading per chunk ``A [64, 64]`` fp32, ``K [64, Kp]``, ``V [64, BV]``,
+``beta [64]`` (and ``gam, fdec [64]``), and ``h0 [Kp, BV]`` once; it writes ``v_new [L, BV]`` and
+``h [NT, Kp, BV]`` (input dtype) and the final state ``[Kp, BV]`` fp32.
+
+Products for 16-bit inputs: ``K S`` with the state rounded to the input dtype (TF32 with
+``tf32_state``), ``A x`` in TF32, ``K^T v_new`` with ``v_new`` split into two 16-bit halves (nearly
+fp32; keys are exact in 16 bits). fp32 inputs: IEEE fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+
+
+def _kernel(
+    *refs,
+    n: int,
+    num_token_chunks: int,
+    decay: bool,
+    with_h0: bool,
+    ks_dot: DotMode,
+    ax_dot: DotMode,
+    kv_dot: DotMode,
+    dtype,
+    interpret: bool,
+):
+    a_ref, k_ref, v_ref, beta_ref = refs[:4]
+    rest = list(refs[4:])
+    gam_ref, fdec_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
+    h0_ref = rest.pop(0) if with_h0 else None
+    h_ref, vnew_ref, final_ref = rest
+
+    kp, bv = final_ref.shape
+    state = h0_ref[...].astype(jnp.float32) if with_h0 else jnp.zeros((kp, bv), jnp.float32)
+    dots = dict(dtype=dtype, interpret=interpret)
+
+    def chunk(c, state):
+        @pl.when(lax.rem(c, n) == 0)
+        def _():
+            h_ref[lax.div(c, n)] = state.astype(h_ref.dtype)
+
+        rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
+        k = k_ref[rows, :]
+        ks = mm(k, state, ks_dot, **dots)  # [64, BV]
+        if decay:
+            gam = gam_ref[rows]
+            ks = ks * gam[:, None]
+        x = beta_ref[rows].astype(jnp.float32)[:, None] * (v_ref[rows, :].astype(jnp.float32) - ks)
+        vnew = mm(a_ref[rows, :], x, ax_dot, **dots)
+        vnew_ref[rows, :] = vnew.astype(vnew_ref.dtype)
+        if decay:
+            vnew = vnew * fdec_ref[rows][:, None]
+            state = state * element_select(gam, CHUNK - 1)
+        return state + mm(k, vnew, kv_dot, trans_a=True, **dots)
+
+    final_ref[...] = lax.fori_loop(0, num_token_chunks * n, chunk, state)
+
+
+def state_pass(
+    a: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gam: jax.Array | None,
+    fdec: jax.Array | None,
+    h0: jax.Array | None,
+    *,
+    num_householder: int,
+    block_v: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    tf32_state: bool = False,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run stage 2.
+
+    Args:
+      a: ``[B, H, L, 64]`` fp32 from ``prepare``; k: ``[B, L, H, Kp]``, v: ``[B, L, H, Vp]``,
+        beta: ``[B, L, H]`` padded inputs; gam, fdec: ``[B, H, L]`` fp32 or None (no decay);
+        h0: ``[B, H, Kp, Vp]`` fp32 or None.
+      num_householder: ``n_h``; ``L = n_h * T_pad``.
+      block_v: value tile ``BV`` (power of two dividing ``Vp``).
+      tf32_state: for 16-bit inputs, multiply ``K S`` with TF32 operands instead of rounding the
+        fp32 state to the input dtype.
+
+    Returns:
+      ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``; h and v_new in
+      k.dtype, ``NT = T_pad / 64``.
+    """
+    B, L, H, Kp = k.shape
+    Vp = v.shape[-1]
+    n = num_householder
+    NT = L // (CHUNK * n)
+    bv = min(block_v, Vp)
+    dtype = k.dtype
+    precise = dtype == jnp.float32
+    decay = gam is not None
+    with_h0 = h0 is not None
+
+    seq = lambda d, tile: pl.BlockSpec(
+        (None, L, None, d), lambda i, h, b: (b, 0, h, i if tile else 0)
+    )
+    head_vec = pl.BlockSpec((None, None, L), lambda i, h, b: (b, h, 0))
+    inputs = [a, k, v, beta]
+    in_specs = [
+        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (b, h, 0, 0)),
+        seq(Kp, False),
+        seq(bv, True),
+        pl.BlockSpec((None, L, None), lambda i, h, b: (b, 0, h)),
+    ]
+    if decay:
+        inputs += [gam, fdec]
+        in_specs += [head_vec, head_vec]
+    state_spec = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
+    if with_h0:
+        inputs.append(h0)
+        in_specs.append(state_spec)
+    out_shapes = [
+        jax.ShapeDtypeStruct((B, H, NT, Kp, Vp), dtype),
+        jax.ShapeDtypeStruct((B, H, L, Vp), dtype),
+        jax.ShapeDtypeStruct((B, H, Kp, Vp), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, NT, Kp, bv), lambda i, h, b: (b, h, 0, 0, i)),
+        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
+        state_spec,
+    ]
+    if precise:
+        ks_dot = ax_dot = kv_dot = DotMode.IEEE
+    else:
+        ks_dot = DotMode.TF32 if tf32_state else DotMode.INPUT
+        ax_dot, kv_dot = DotMode.TF32, DotMode.SPLIT_B
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        num_token_chunks=NT,
+        decay=decay,
+        with_h0=with_h0,
+        ks_dot=ks_dot,
+        ax_dot=ax_dot,
+        kv_dot=kv_dot,
+        dtype=dtype,
+        interpret=interpret,
+    )
+    h, vnew, final = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(Vp // bv, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_state_pass",
+        poison=poison,
+    )
+    return h, vnew, final
