@@ -34,6 +34,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
+from dpjax.ops import sharded
 from dpjax.ops.decode import decode
 from dpjax.ops.l2norm import l2norm
 from dpjax.ops.validation import IMPLS, CallShape, validate
@@ -190,7 +191,9 @@ def delta_product(
         cu_seqlens=cu_seqlens,
         impl=impl,
     )
-    forward = _load(_select(impl, shape, jnp.result_type(q))).forward
+    name = _select(impl, shape, jnp.result_type(q))
+    # Inside ``sharded.batch_parallel(mesh, ...)`` kernels run per device under shard_map.
+    forward = sharded.wrap_forward(name, _load(name).forward)
     scale = shape.key_dim**-0.5 if scale is None else float(scale)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
