@@ -35,6 +35,7 @@ import numpy as np
 
 from dpjax.ops import chunked, reference
 from dpjax.ops import pallas as dp_pallas
+from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
 from pallas_kernels.common import default_interpret
 from pallas_kernels.output import output
@@ -218,6 +219,159 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
     }
 
 
+def backward_stage_fns(c: Case, inputs: dict) -> dict[str, tuple]:
+    """The four backward kernels alone (``pallas_kernels.backward`` stages), each on the outputs
+    of the previous ones, plus the whole backward (kernels + the JAX gate glue)."""
+    from pallas_kernels.backward_output import output_backward
+    from pallas_kernels.backward_recompute import recompute
+    from pallas_kernels.backward_state_pass import state_pass_backward
+    from pallas_kernels.backward_wy import wy_backward
+
+    n, scale = c.n, c.K**-0.5
+    cfg = dp_pallas.backward_config_for(c.K, c.V)
+    q, k, v, beta, g, do = (inputs[x] for x in ("q", "k", "v", "beta", "g", "do"))
+    _, _, res = jax.jit(lambda *a: kernels.forward(*a, None, None, num_householder=n, scale=scale))(
+        q, k, v, beta, g
+    )
+    whole = jax.jit(
+        lambda q, k, v, beta, res, do: kernel_backward.backward(
+            q, k, v, beta, res, do, None, num_householder=n, scale=scale, config=cfg
+        )
+    )
+    st = jax.jit(
+        lambda q, k, v, beta, res, do: kernel_backward.stages(
+            q, k, v, beta, res, do, None, num_householder=n, scale=scale, config=cfg
+        )
+    )(q, k, v, beta, res, do)
+    gam = fdec = gam_tok = None
+    if res.gate_substeps is not None:
+        gam, fdec = kernel_backward.chunk_gate_vectors(res.gate_substeps)
+        gam_tok = kernel_backward.chunk_gate_vectors(res.gate_tokens)[0]
+    dht = jnp.zeros((c.B, c.H, c.K, c.V), jnp.float32)
+    rc = jax.jit(
+        lambda a, k, v, b, h, q, do, gam, fdec, gt: recompute(
+            a,
+            k,
+            v,
+            b,
+            h,
+            q,
+            do,
+            gam,
+            fdec,
+            gt,
+            num_householder=n,
+            scale=scale,
+            block_v=cfg.recompute_block_v,
+            num_warps=cfg.recompute_warps,
+            num_stages=cfg.recompute_stages,
+            interpret=default_interpret(),
+        )
+    )
+    sp = jax.jit(
+        lambda a, k, b, dvo, q, do, dht, gam, fdec, gt: state_pass_backward(
+            a,
+            k,
+            b,
+            dvo,
+            q,
+            do,
+            dht,
+            gam,
+            fdec,
+            gt,
+            num_householder=n,
+            scale=scale,
+            block_v=cfg.state_block_v,
+            num_warps=cfg.state_warps,
+            num_stages=cfg.state_stages,
+            interpret=default_interpret(),
+        )
+    )
+    ob = jax.jit(
+        lambda q, do, h, k, vn, gt: output_backward(
+            q,
+            do,
+            h,
+            k,
+            vn,
+            gt,
+            num_householder=n,
+            scale=scale,
+            num_warps=cfg.output_warps,
+            num_stages=cfg.output_stages,
+            interpret=default_interpret(),
+        )
+    )
+    wy = jax.jit(
+        lambda a, k, v, b, hil, dhil, vn, dvn, dko, gs: wy_backward(
+            a,
+            k,
+            v,
+            b,
+            hil,
+            dhil,
+            vn,
+            dvn,
+            dko,
+            gs,
+            num_warps=cfg.wy_warps,
+            num_stages=cfg.wy_stages,
+            interpret=default_interpret(),
+        )
+    )
+    h_il = res.h if st["h_il"] is None else st["h_il"]
+    return {
+        "bwd_recompute": (rc, (res.a, k, v, beta, res.h, q, do, gam, fdec, res.gate_tokens)),
+        "bwd_state_pass": (
+            sp,
+            (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok),
+        ),
+        "bwd_output": (ob, (q, do, res.h, k, st["vnew"], res.gate_tokens)),
+        "bwd_wy": (
+            wy,
+            (
+                res.a,
+                k,
+                v,
+                beta,
+                h_il,
+                st["dh_il"],
+                st["vnew"],
+                st["dvnew"],
+                st["dk_out"],
+                res.gate_substeps,
+            ),
+        ),
+        "bwd_total": (whole, (q, k, v, beta, res, do)),
+    }
+
+
+def memory_report(log: Callable) -> list[dict]:
+    """Compiled memory analysis of one layer's forward+backward (grad of ``<o, do>`` w.r.t.
+    q, k, v, beta) at B=4, T=4096, H=8, K=V=128, n_h=2, bf16: pallas vs chunked."""
+    c = Case(4, 4096, 8, 128, 128, 2, False)
+    x = make_inputs(c, seed=0)
+    args = tuple(x[n] for n in ("q", "k", "v", "beta", "g", "do"))
+    records = []
+    for name, impl in (("pallas", dp_pallas.forward), ("chunked", chunked.forward)):
+        _, fb = op_fns(impl, c)
+        m = fb.lower(*args).compile().memory_analysis()
+        rec = dict(
+            kind="memory",
+            case=c.label,
+            impl=name,
+            temp_mb=m.temp_size_in_bytes / 2**20,
+            argument_mb=m.argument_size_in_bytes / 2**20,
+            output_mb=m.output_size_in_bytes / 2**20,
+            alias_mb=m.alias_size_in_bytes / 2**20,
+        )
+        rec["peak_mb"] = rec["temp_mb"] + rec["argument_mb"] + rec["output_mb"] - rec["alias_mb"]
+        records.append(rec)
+        log(json.dumps(rec))
+    return records
+
+
 TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 (ptxas, sm_90)
     "prepare": [dict(prep_warps=w) for w in (4, 8)],
     "state_pass": [
@@ -276,6 +430,12 @@ def main() -> None:
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--no-chunked", action="store_true", help="skip the chunked JAX path")
     ap.add_argument("--stages", action="store_true", help="also time each Pallas kernel alone")
+    ap.add_argument(
+        "--bwd-stages", action="store_true", help="also time each backward kernel alone"
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="compiled memory of fwd+bwd (pallas vs chunked)"
+    )
     ap.add_argument("--tune", action="store_true", help="sweep kernel tiles first, use the best")
     ap.add_argument("--peers", action="store_true", help="merge peers_*.json from --out")
     ap.add_argument("--only", type=int, nargs="*", help="indices of cases to run")
@@ -323,6 +483,9 @@ def main() -> None:
             json.dump(records, fh, indent=1)
         return
     dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c  # the op uses this config
+    if args.memory:
+        records += memory_report(log)
+        save(args, dev.device_kind, config, records, echo=False)
 
     impls = {"pallas": dp_pallas.forward}
     if not args.no_chunked:
@@ -358,6 +521,13 @@ def main() -> None:
                     ms=ms,
                     compile_s=compiles[(name, mode)],
                 )
+                records.append(rec)
+                log(json.dumps(rec))
+        if args.bwd_stages:
+            stages = backward_stage_fns(c, inputs[0])
+            fns = {s: (lambda f=f, a=a: f(*a)) for s, (f, a) in stages.items()}
+            for s, ms in time_round_robin(fns, [()], args.repeats, iters).items():
+                rec = dict(kind="stage", case=c.label, **dataclasses.asdict(c), stage=s, ms=ms)
                 records.append(rec)
                 log(json.dumps(rec))
         if args.stages:
@@ -427,6 +597,13 @@ def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Ca
         "dp_state_pass": (config.state_warps, config.state_stages),
         "dp_output": (config.out_warps, config.out_stages),
     }
+    bconf = dp_pallas.backward_config_for(cases[0].K, cases[0].V)
+    launch |= {
+        "dp_bwd_recompute": (bconf.recompute_warps, bconf.recompute_stages),
+        "dp_bwd_state_pass": (bconf.state_warps, bconf.state_stages),
+        "dp_bwd_output": (bconf.output_warps, bconf.output_stages),
+        "dp_bwd_wy": (bconf.wy_warps, bconf.wy_stages),
+    }
     device = AbstractDevice("NVIDIA H100 80GB HBM3", 1, "cuda")
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -437,9 +614,16 @@ def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Ca
             x = make_inputs(c, seed=0)
             spec = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
             args = [spec(x[n]) for n in ("q", "k", "v", "beta", "g")]
-            fn = lambda *a, c=c: kernels.forward(
-                *a, None, None, num_householder=c.n, scale=0.1, interpret=False, config=config
-            )[:2]
+
+            def fn(*a, c=c):
+                o, final, res = kernels.forward(
+                    *a, None, None, num_householder=c.n, scale=0.1, interpret=False, config=config
+                )
+                grads = kernel_backward.backward(
+                    *a[:4], res, o, final, num_householder=c.n, scale=0.1, interpret=False
+                )
+                return o, final, grads
+
             with jax.sharding.use_abstract_mesh(mesh):
                 jax.jit(fn).trace(*args).lower()
             for text in modules:
@@ -518,12 +702,21 @@ def markdown(records: list[dict], peers: list[dict], device: str, config) -> str
         lines.append(f"| {label} | {p['peer']} | {p['fwd_ms']:.3f} | {p['fwdbwd_ms']:.3f} | — |")
     stages = [r for r in records if r["kind"] == "stage"]
     if stages:
-        lines += ["", "| case | prepare ms | state pass ms | output ms |", "|---|---|---|---|"]
+        names = list(dict.fromkeys(r["stage"] for r in stages))
+        lines += ["", "| case | " + " | ".join(f"{x} ms" for x in names) + " |"]
+        lines.append("|---" * (len(names) + 1) + "|")
         for case in dict.fromkeys(r["case"] for r in stages):
             ms = {r["stage"]: r["ms"] for r in stages if r["case"] == case}
+            cells = " | ".join(f"{ms[x]:.3f}" if x in ms else "—" for x in names)
+            lines.append(f"| {case} | {cells} |")
+    mem = [r for r in records if r["kind"] == "memory"]
+    if mem:
+        lines += ["", "| memory case | impl | peak MB | temp MB | args MB | out MB |"]
+        lines.append("|---|---|---|---|---|---|")
+        for r in mem:
             lines.append(
-                f"| {case} | {ms.get('prepare', 0):.3f} | {ms.get('state_pass', 0):.3f}"
-                f" | {ms.get('output', 0):.3f} |"
+                f"| {r['case']} | {r['impl']} | {r['peak_mb']:.0f} | {r['temp_mb']:.0f} | "
+                f"{r['argument_mb']:.0f} | {r['output_mb']:.0f} |"
             )
     floors = [r for r in records if r["kind"] == "floor"]
     if floors:

@@ -156,3 +156,60 @@ def test_vmapped_forward_lowers():
         q, k, v, b, g, None, None, num_householder=n, scale=0.1, interpret=False
     )[:2]
     assert lower_text(jax.vmap(f), *args).count(TRITON_CALL) == 3
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("gated", [False, True])
+def test_backward_lowers(n, gated):
+    """Forward + every backward kernel (recompute, reverse state pass, output adjoint, WY
+    adjoint) at a realistic shape, with initial state, resets and a final-state cotangent."""
+    from pallas_kernels import backward as kernel_backward
+
+    K = V = 128
+    args = (
+        sds((B, T, H, K)),
+        sds((B, T * n, H, K)),
+        sds((B, T * n, H, V)),
+        sds((B, T * n, H)),
+        sds((B, T, H), jnp.float32) if gated else None,
+        sds((B, H, K, V), jnp.float32),
+        sds((B, T), jnp.bool_),
+    )
+
+    def fwd_bwd(q, k, v, beta, g, h0, resets):
+        o, final, res = kernels.forward(
+            q, k, v, beta, g, h0, resets, num_householder=n, scale=0.1, interpret=False
+        )
+        return kernel_backward.backward(
+            q, k, v, beta, res, o, final, num_householder=n, scale=0.1, interpret=False
+        )
+
+    text = lower_text(fwd_bwd, *args)
+    assert text.count(TRITON_CALL) == 7
+    for name in ("dp_bwd_recompute", "dp_bwd_state_pass", "dp_bwd_output", "dp_bwd_wy"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (100, 60)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
+    from pallas_kernels import backward as kernel_backward
+
+    n = 3
+    args = (
+        sds((B, 100, H, K), dtype),
+        sds((B, 300, H, K), dtype),
+        sds((B, 300, H, V), dtype),
+        sds((B, 300, H), dtype),
+        sds((B, 100, H), jnp.float32),
+    )
+
+    def fwd_bwd(q, k, v, beta, g):
+        o, final, res = kernels.forward(
+            q, k, v, beta, g, None, None, num_householder=n, scale=0.1, interpret=False
+        )
+        return kernel_backward.backward(
+            q, k, v, beta, res, o, None, num_householder=n, scale=0.1, interpret=False
+        )
+
+    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 7

@@ -1,9 +1,12 @@
 """DeltaProduct through the Pallas (Triton backend) kernels of ``pallas_kernels``, differentiable.
 
 Forward: ``pallas_kernels.forward`` (prepare -> state pass -> output kernels; interpret mode when
-the default backend is not a GPU). Backward (for now): ``jax.vjp`` of the chunked JAX
-implementation (``dpjax.ops.chunked.forward``) on the saved inputs, so training works end to end
-while the backward kernels are written; it recomputes the forward in fp32.
+the default backend is not a GPU). Backward: ``pallas_kernels.backward`` (recompute -> reverse
+state pass -> output adjoint -> WY adjoint kernels, then the reverse gate cumsum in JAX), a
+dedicated DeltaProduct backward on token-level q/do. Residuals: the inputs, ``A`` (fp32, 64 per
+sub-step row), the log-gates and the token-chunk start states ``h`` (written by the forward
+anyway); no per-token and no per-interleaved-chunk state is saved. The plain-JAX twin of every
+backward stage is ``dpjax.ops.chunked_backward`` (the tests compare the kernels against it).
 
 Dtypes: the kernels compute in ``q.dtype`` (bf16/fp16: 16-bit tensor-core products with fp32
 accumulation and fp32 states; fp32: exact fp32 products); k and v are cast to ``q.dtype``.
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from dpjax.ops import chunked
 from dpjax.ops.validation import CallShape
+from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -40,6 +44,21 @@ def supports(*, shape: CallShape, dtype) -> str | None:
     return None
 
 
+def backward_config_for(key_dim: int, value_dim: int) -> kernel_backward.BackwardConfig:
+    """Backward launch parameters for the head dims."""
+    del key_dim, value_dim
+    return kernel_backward.BackwardConfig()
+
+
+MAX_BACKWARD_DIM = 128  # stage 4 holds [Kp, Vp] state tiles whole; wider heads use the fallback
+
+
+def kernel_backward_supports(key_dim: int, value_dim: int) -> bool:
+    """Whether the backward kernels serve these head dims (else: ``jax.vjp`` of ``chunked``)."""
+    kp, vp = kernels.padded_dims(key_dim, value_dim)
+    return kp <= MAX_BACKWARD_DIM and vp <= MAX_BACKWARD_DIM
+
+
 def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
     """Launch parameters for the head dims: more warps where a 4-warp program would spill
     registers (checked offline with ptxas for sm_90: K = 256 state pass, wide prepare/output)."""
@@ -52,9 +71,8 @@ def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _pallas(q, k, v, beta, g, h0, resets, n: int, scale: float):
-    o, final, _ = kernels.forward(
+def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float):
+    return kernels.forward(
         q,
         k,
         v,
@@ -66,16 +84,51 @@ def _pallas(q, k, v, beta, g, h0, resets, n: int, scale: float):
         scale=scale,
         config=config_for(q.shape[-1], v.shape[-1]),
     )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas(q, k, v, beta, g, h0, resets, n: int, scale: float):
+    o, final, _ = _kernel_forward(q, k, v, beta, g, h0, resets, n, scale)
     return o, final
 
 
 def _pallas_fwd(q, k, v, beta, g, h0, resets, n: int, scale: float):
-    out = _pallas(q, k, v, beta, g, h0, resets, n, scale)
-    return out, (q, k, v, beta, g, h0, resets)
+    o, final, res = _kernel_forward(q, k, v, beta, g, h0, resets, n, scale)
+    # residuals: the inputs, A, the log-gates and the token-chunk start states (no others)
+    return (o, final), (q, k, v, beta, g, h0, resets, res)
 
 
 def _pallas_bwd(n: int, scale: float, saved, cotangents):
-    q, k, v, beta, g, h0, resets = saved
+    q, k, v, beta, g, h0, resets, res = saved
+    if not kernel_backward_supports(q.shape[-1], v.shape[-1]):
+        return _fallback_bwd(n, scale, saved, cotangents)
+    do, dht = cotangents
+    dq, dk, dv, dbeta, dg, dh0 = kernel_backward.backward(
+        q,
+        k,
+        v,
+        beta,
+        res,
+        do,
+        dht,
+        num_householder=n,
+        scale=scale,
+        config=backward_config_for(q.shape[-1], v.shape[-1]),
+    )
+    return (
+        dq,
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        dbeta.astype(beta.dtype),
+        None if g is None else dg,
+        None if h0 is None else dh0,
+        None,
+    )
+
+
+def _fallback_bwd(n: int, scale: float, saved, cotangents):
+    """``jax.vjp`` of the chunked JAX path (head dims above ``MAX_BACKWARD_DIM``)."""
+    q, k, v, beta, g, h0, resets, _ = saved
 
     def primal(q, k, v, beta, g, h0):
         return chunked.forward(q, k, v, beta, g, h0, resets, num_householder=n, scale=scale)
@@ -114,6 +167,11 @@ def forward(
         resets = jnp.asarray(resets, bool)
     if g is not None:
         g = jnp.asarray(g, jnp.float32)
+        # a gate with exp(g) == 0 zeroes the state like a document start: make it one (-inf is
+        # the kernels' reset), so that huge finite gates never enter the local cumsums; its
+        # gradient is 0, as in the recurrence
+        dead = jax.lax.stop_gradient(jnp.exp(g)) == 0
+        g = jnp.where(dead, -jnp.inf, g)
     if h0 is not None:
         h0 = jnp.asarray(h0, jnp.float32)
     return _pallas(q, k, v, beta, g, h0, resets, num_householder, float(scale))

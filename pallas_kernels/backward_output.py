@@ -1,0 +1,153 @@
+"""Backward stage 3: the output's adjoint for q and k, and its token gate terms.
+
+Chunk-parallel over token chunks (mirror: ``chunked_backward.output_backward``; the ``dv_new``
+part of that function is in stage 1 because the reverse state pass needs it). For token chunk
+``J`` (64 tokens ``r``) of one (batch, head), with ``Gam`` / ``gam`` the token decays (as in
+``output.py``)::
+
+    dOh     = dO h[J]^T                                        [64, Kp]
+    dq      = scale * gam * dOh
+    p_start = scale * gam * rowsum(dOh * Q)
+    for j in 0..n-1 (strided sub-step slices, rows t*n + j):
+        D_j   = dO V_new_j^T                                   [64, 64]
+        dq   += scale (D_j * Gam) K_j
+        dk_j  = scale (D_j * Gam)^T Q                          (the output's part of dk)
+        P    += scale (Q K_j^T) * Gam * D_j                    (products pair * d pair)
+    dG_tok  = rowsum(P) - colsum(P) + p_start                  (gradient w.r.t. the token cumsum)
+
+``dq`` is complete here and written in q.dtype. Queries and ``dO`` stay at token level (64 rows),
+never zero-padded to the interleaved axis.
+
+Grid ``(NT, H, B)``; the whole value dimension in one program (``dO [64, Vp]``,
+``h[J] [Kp, Vp]``, ``V_new_j [64, Vp]``), so no cross-program reduction.
+Reads ``q [B, T, H, Kp]``, ``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``k`` viewed as
+``[B, T, n, H, Kp]``, ``v_new`` viewed as ``[B, H, T, n, Vp]`` and, with decay, the token log-gate
+``[B, H, T]`` fp32. Writes ``dq [B, T, H, Kp]`` (q.dtype), ``dk_out`` as ``[B, T, n, H, Kp]``
+fp32 and, with decay, ``dG_tok [B, H, T]`` fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backward_recompute import token_decay
+from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call
+
+
+def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
+    q_ref, do_ref, h_ref, k_ref, vnew_ref = refs[:5]
+    rest = list(refs[5:])
+    gate_ref = rest.pop(0) if decay else None
+    dq_ref, dk_ref = rest[:2]
+    dg_ref = rest[2] if decay else None
+
+    gam_mat, gam = token_decay(gate_ref[...] if decay else None)
+    q = q_ref[...]
+    do = do_ref[...]
+    do_h = mm(do, h_ref[...], mode["in"], trans_b=True, **dots)  # [64, Kp]
+    if decay:
+        do_h = do_h * gam[:, None]
+        p_pair = jnp.zeros((CHUNK, CHUNK), jnp.float32)
+    dq = do_h
+    for j in range(n):
+        k = k_ref[:, j, :]
+        d_scores = mm(do, vnew_ref[:, j, :], mode["in"], trans_b=True, **dots) * gam_mat
+        dq = dq + mm(d_scores, k, mode["split_a"], **dots)
+        dk_ref[:, j, :] = (scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)).astype(
+            dk_ref.dtype
+        )
+        if decay:
+            p_pair = p_pair + mm(q, k, mode["in"], trans_b=True, **dots) * d_scores
+    dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
+    if decay:
+        p_start = jnp.sum(do_h * q.astype(jnp.float32), axis=1)
+        dg_ref[...] = scale * (jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + p_start)
+
+
+def output_backward(
+    q: jax.Array,
+    do: jax.Array,
+    h: jax.Array,
+    k: jax.Array,
+    vnew: jax.Array,
+    gate_tok: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Run backward stage 3.
+
+    Args:
+      q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``; h: ``[B, H, NT, Kp, Vp]``;
+        k: ``[B, L, H, Kp]``; vnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 or None.
+
+    Returns:
+      ``dq [B, T, H, Kp]`` (q.dtype), the output's ``dk [B, L, H, Kp]`` fp32 and
+      ``dG_tok [B, H, T]`` fp32 (None without decay).
+    """
+    B, T, H, Kp = q.shape
+    Vp = do.shape[-1]
+    n = num_householder
+    L = T * n
+    NT = T // CHUNK
+    dtype = q.dtype
+    decay = gate_tok is not None
+
+    inputs = [q, do, h, k.reshape(B, T, n, H, Kp), vnew.reshape(B, H, T, n, Vp)]
+    in_specs = [
+        pl.BlockSpec((None, CHUNK, None, Kp), lambda t, hh, b: (b, t, hh, 0)),
+        pl.BlockSpec((None, CHUNK, None, Vp), lambda t, hh, b: (b, t, hh, 0)),
+        pl.BlockSpec((None, None, None, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
+        pl.BlockSpec((None, CHUNK, n, None, Kp), lambda t, hh, b: (b, t, 0, hh, 0)),
+        pl.BlockSpec((None, None, CHUNK, n, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
+    ]
+    vec = pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t))
+    if decay:
+        inputs.append(gate_tok)
+        in_specs.append(vec)
+    out_shapes = [
+        jax.ShapeDtypeStruct((B, T, H, Kp), dtype),
+        jax.ShapeDtypeStruct((B, T, n, H, Kp), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, CHUNK, None, Kp), lambda t, hh, b: (b, t, hh, 0)),
+        pl.BlockSpec((None, CHUNK, n, None, Kp), lambda t, hh, b: (b, t, 0, hh, 0)),
+    ]
+    if decay:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+        out_specs.append(vec)
+    if dtype == jnp.float32:
+        modes = {"in": DotMode.IEEE, "split_a": DotMode.IEEE}
+    else:
+        modes = {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        scale=float(scale),
+        decay=decay,
+        mode=modes,
+        dots=dict(dtype=dtype, interpret=interpret),
+    )
+    outs = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(NT, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_output",
+        poison=poison,
+    )
+    dq, dk = outs[0], outs[1].reshape(B, L, H, Kp)
+    return dq, dk, (outs[2] if decay else None)

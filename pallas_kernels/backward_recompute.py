@@ -1,0 +1,194 @@
+"""Backward stage 1: recompute ``v_new`` and the interleaved chunk-start states; ``dv_out``.
+
+Chunk-parallel over token chunks (mirror: ``chunked_backward.recompute`` and the ``dv_new`` part
+of ``chunked_backward.output_backward``). For token chunk ``J`` (interleaved sub-chunks
+``c = J*n + i``, ``i < n``) of one (batch, head, value tile), starting from the saved state
+``h[J]`` (input dtype, written by the forward)::
+
+    S = h[J]                                                     [Kp, BV] fp32
+    for i in 0..n-1:
+        h_il[c] = S                                              (only when n > 1)
+        v_new_c = A_c diag(beta_c) (V_c - diag(gam_c) K_c S)     [64, BV]  (forward's formula)
+        S      <- gam_end_c S + K_c^T (fdec_c * v_new_c)
+    for j in 0..n-1:                                             (output's adjoint, V part)
+        dv_out_j = scale ((Q K_j^T) * Gam)^T dO                  [64, BV]
+
+``K_j`` / ``dv_out_j`` are the strided slices (rows ``t*n + j``) of the token chunk, ``Gam`` the
+token-level causal decay matrix (as in ``output.py``). Nothing here is sequential beyond the
+``n`` sub-chunks of one token chunk, so the per-interleaved-chunk states exist only for the
+backward's lifetime (never saved by the forward).
+
+Grid ``(Vp / BV, NT, H, B)``. Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]`` (contiguous and
+strided views), ``v [B, L, H, Vp]``, ``beta [B, L, H]``, ``h [B, H, NT, Kp, Vp]``,
+``q [B, T, H, Kp]``, ``do [B, T, H, Vp]`` and, with decay, ``gam, fdec [B, H, L]`` fp32 and the
+token log-gate ``[B, H, T]`` fp32. Writes ``v_new [B, H, L, Vp]``, ``h_il [B, H, NI, Kp, Vp]``
+(``n > 1``) and ``dv_out [B, H, L, Vp]``, all in the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
+
+
+def token_decay(gate: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """``(Gam [64, 64], gam [64])`` of a token chunk from its log-gate (``None``: no decay, then
+    ``Gam`` is the causal mask as fp32 and ``gam`` is None)."""
+    c = CHUNK
+    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    causal = rows >= cols
+    if gate is None:
+        return jnp.where(causal, 1.0, 0.0), None
+    g_cum, seg, _, _ = segment_cumsum(gate)
+    visible = causal & (seg[:, None] == seg[None, :])
+    diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
+    return jnp.where(visible, jnp.exp(diff), 0.0), jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
+
+
+def _kernel(*refs, n: int, scale: float, decay: bool, store_states: bool, mode: dict, dots: dict):
+    a_ref, k_ref, ks_ref, v_ref, beta_ref, h_ref, q_ref, do_ref = refs[:8]
+    rest = list(refs[8:])
+    gam_ref, fdec_ref, gate_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if decay else (None,) * 3
+    vnew_ref = rest.pop(0)
+    hil_ref = rest.pop(0) if store_states else None
+    dvout_ref = rest.pop(0)
+
+    state = h_ref[...].astype(jnp.float32)
+    for i in range(n):
+        rows = pl.ds(i * CHUNK, CHUNK)
+        if store_states:
+            hil_ref[i] = state.astype(hil_ref.dtype)
+        k = k_ref[rows, :]
+        ks = mm(k, state, mode["ks"], **dots)
+        if decay:
+            gam = gam_ref[rows]
+            ks = ks * gam[:, None]
+        x = beta_ref[rows].astype(jnp.float32)[:, None] * (v_ref[rows, :].astype(jnp.float32) - ks)
+        vnew = mm(a_ref[rows, :], x, mode["ax"], **dots)
+        vnew_ref[rows, :] = vnew.astype(vnew_ref.dtype)
+        if i + 1 < n:
+            if decay:
+                vnew = vnew * fdec_ref[rows][:, None]
+                state = state * element_select(gam, CHUNK - 1)
+            state = state + mm(k, vnew, mode["kv"], trans_a=True, **dots)
+
+    gam_mat, _ = token_decay(gate_ref[...] if decay else None)
+    q = q_ref[...]
+    do = do_ref[...]
+    for j in range(n):
+        scores = mm(q, ks_ref[:, j, :], mode["in"], trans_b=True, **dots) * (gam_mat * scale)
+        dvout_ref[:, j, :] = mm(scores, do, mode["split_a"], trans_a=True, **dots).astype(
+            dvout_ref.dtype
+        )
+
+
+def recompute(
+    a: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    h: jax.Array,
+    q: jax.Array,
+    do: jax.Array,
+    gam: jax.Array | None,
+    fdec: jax.Array | None,
+    gate_tok: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+    block_v: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """Run backward stage 1 on padded inputs.
+
+    Args:
+      a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; v: ``[B, L, H, Vp]``; beta: ``[B, L, H]``;
+        h: ``[B, H, NT, Kp, Vp]`` token-chunk start states; q: ``[B, T, H, Kp]``;
+        do: ``[B, T, H, Vp]``; gam, fdec: ``[B, H, L]`` fp32 or None; gate_tok: ``[B, H, T]``
+        fp32 (``-inf`` = reset) or None. ``L = n*T``, ``T % 64 == 0``.
+
+    Returns:
+      ``(v_new [B, H, L, Vp], h_il [B, H, NI, Kp, Vp] or None when n == 1 (then h_il = h),
+      dv_out [B, H, L, Vp])`` in k.dtype.
+    """
+    B, L, H, Kp = k.shape
+    Vp = v.shape[-1]
+    n = num_householder
+    T = L // n
+    NT = T // CHUNK
+    bv = min(block_v, Vp)
+    dtype = k.dtype
+    decay = gam is not None
+    store_states = n > 1
+    rows_il = n * CHUNK
+
+    inputs = [a, k, k.reshape(B, T, n, H, Kp), v, beta, h, q, do]
+    in_specs = [
+        pl.BlockSpec((None, None, rows_il, CHUNK), lambda i, t, hh, b: (b, hh, t, 0)),
+        pl.BlockSpec((None, rows_il, None, Kp), lambda i, t, hh, b: (b, t, hh, 0)),
+        pl.BlockSpec((None, CHUNK, n, None, Kp), lambda i, t, hh, b: (b, t, 0, hh, 0)),
+        pl.BlockSpec((None, rows_il, None, bv), lambda i, t, hh, b: (b, t, hh, i)),
+        pl.BlockSpec((None, rows_il, None), lambda i, t, hh, b: (b, t, hh)),
+        pl.BlockSpec((None, None, None, Kp, bv), lambda i, t, hh, b: (b, hh, t, 0, i)),
+        pl.BlockSpec((None, CHUNK, None, Kp), lambda i, t, hh, b: (b, t, hh, 0)),
+        pl.BlockSpec((None, CHUNK, None, bv), lambda i, t, hh, b: (b, t, hh, i)),
+    ]
+    if decay:
+        vec = pl.BlockSpec((None, None, rows_il), lambda i, t, hh, b: (b, hh, t))
+        inputs += [gam, fdec, gate_tok]
+        in_specs += [vec, vec, pl.BlockSpec((None, None, CHUNK), lambda i, t, hh, b: (b, hh, t))]
+    out_shapes = [jax.ShapeDtypeStruct((B, H, L, Vp), dtype)]
+    out_specs = [pl.BlockSpec((None, None, rows_il, bv), lambda i, t, hh, b: (b, hh, t, i))]
+    if store_states:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, NT * n, Kp, Vp), dtype))
+        out_specs.append(
+            pl.BlockSpec((None, None, n, Kp, bv), lambda i, t, hh, b: (b, hh, t, 0, i))
+        )
+    out_shapes.append(jax.ShapeDtypeStruct((B, H, T, n, Vp), dtype))
+    out_specs.append(pl.BlockSpec((None, None, CHUNK, n, bv), lambda i, t, hh, b: (b, hh, t, 0, i)))
+    if dtype == jnp.float32:
+        modes = dict.fromkeys(("ks", "ax", "kv", "in", "split_a"), DotMode.IEEE)
+    else:
+        modes = dict(
+            ks=DotMode.INPUT,
+            ax=DotMode.TF32,
+            kv=DotMode.SPLIT_B,
+            **{"in": DotMode.INPUT},
+            split_a=DotMode.SPLIT_A,
+        )
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        scale=float(scale),
+        decay=decay,
+        store_states=store_states,
+        mode=modes,
+        dots=dict(dtype=dtype, interpret=interpret),
+    )
+    outs = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(Vp // bv, NT, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_recompute",
+        poison=poison,
+    )
+    vnew = outs[0]
+    h_il = outs[1] if store_states else None
+    dv_out = outs[-1].reshape(B, H, L, Vp)
+    return vnew, h_il, dv_out

@@ -1,0 +1,173 @@
+"""Backward stage 2: the reverse state pass (mirror: ``chunked_backward.state_pass_backward``).
+
+Sequential over interleaved chunks, last to first, for one (batch, head, value tile). ``dE`` is
+the gradient w.r.t. the state at the *end* of the current interleaved chunk ``c`` (starts as the
+final-state cotangent ``dht``)::
+
+    for c = NI-1 .. 0 (c = J*n + i, i = c mod n):
+        dh_il[c] = dE                                             (stored for stage 4)
+        dv_new_c = dv_out_c + fdec_c * (K_c dE)                   complete dv_new  [64, BV]
+        y        = A_c^T dv_new_c                                 (= dX_u of the WY backward)
+        dE      <- gam_end_c dE - K_c^T (beta_c gam_c * y)        (= gam_end dE - W_c^T dv_new)
+        if i == 0: dE += scale (diag(gam_tok) Q_J)^T dO_J         (the output reads h[J])
+    dh0 = dE
+
+with ``dE [Kp, BV]`` fp32 in registers. ``W_c`` is never formed (``W^T x = K^T diag(beta gam)
+A^T x``). Without decay every gate factor is 1.
+
+Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
+``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]``, ``dv_out [L, BV]``, ``Q [T, Kp]``,
+``dO [T, BV]`` and, with decay, ``gam, fdec [L]`` and the token ``gam_tok [T]`` fp32, plus
+``dht [Kp, BV]`` fp32. Writes ``dv_new [L, BV]`` and ``dh_il [NI, Kp, BV]`` (input dtype) and
+``dh0 [Kp, BV]`` fp32.
+
+Products for 16-bit inputs as in the forward pass: ``K dE`` with ``dE`` rounded to the input
+dtype, ``A^T dv_new`` in TF32, ``K^T x`` with ``x`` split into two 16-bit halves; fp32 inputs:
+IEEE.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+
+
+def _kernel(
+    *refs, n: int, num_token_chunks: int, scale: float, decay: bool, mode: dict, dots: dict
+):
+    a_ref, k_ref, beta_ref, dvout_ref, q_ref, do_ref, dht_ref = refs[:7]
+    rest = list(refs[7:])
+    gam_ref, fdec_ref, gtok_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if decay else (None,) * 3
+    dvnew_ref, dhil_ref, dh0_ref = rest
+
+    def chunk(step, d_state):
+        c = num_token_chunks * n - 1 - step
+        dhil_ref[c] = d_state.astype(dhil_ref.dtype)
+        rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
+        k = k_ref[rows, :]
+        k_ds = mm(k, d_state, mode["ks"], **dots)  # [64, BV]
+        coef = beta_ref[rows].astype(jnp.float32)
+        if decay:
+            gam = gam_ref[rows]
+            k_ds = k_ds * fdec_ref[rows][:, None]
+            coef = coef * gam
+            d_state = d_state * element_select(gam, CHUNK - 1)
+        dvnew = dvout_ref[rows, :].astype(jnp.float32) + k_ds
+        dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
+        y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
+        d_state = d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
+
+        def read_term(d_state):  # first sub-chunk of a token chunk: the output reads h[J]
+            tok = pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)
+            q = q_ref[tok, :]
+            if decay:
+                q = q.astype(jnp.float32) * gtok_ref[tok][:, None]
+            return d_state + scale * mm(q, do_ref[tok, :], mode["in"], trans_a=True, **dots)
+
+        if n == 1:
+            return read_term(d_state)
+        return lax.cond(lax.rem(c, n) == 0, read_term, lambda x: x, d_state)
+
+    dh0_ref[...] = lax.fori_loop(0, num_token_chunks * n, chunk, dht_ref[...].astype(jnp.float32))
+
+
+def state_pass_backward(
+    a: jax.Array,
+    k: jax.Array,
+    beta: jax.Array,
+    dv_out: jax.Array,
+    q: jax.Array,
+    do: jax.Array,
+    dht: jax.Array,
+    gam: jax.Array | None,
+    fdec: jax.Array | None,
+    gam_tok: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+    block_v: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run backward stage 2.
+
+    Args:
+      a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; beta: ``[B, L, H]``;
+        dv_out: ``[B, H, L, Vp]`` (stage 1); q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``;
+        dht: ``[B, H, Kp, Vp]`` fp32 final-state cotangent; gam, fdec: ``[B, H, L]`` fp32 or
+        None; gam_tok: ``[B, H, T]`` fp32 decay of the token-chunk start state to each token
+        (0 after a reset) or None.
+
+    Returns:
+      ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
+      w.r.t. the state at the end of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
+    """
+    B, L, H, Kp = k.shape
+    Vp = dv_out.shape[-1]
+    n = num_householder
+    T = L // n
+    NT = T // CHUNK
+    bv = min(block_v, Vp)
+    dtype = k.dtype
+    decay = gam is not None
+
+    head_vec = lambda size: pl.BlockSpec((None, None, size), lambda i, h, b: (b, h, 0))
+    state_spec = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
+    inputs = [a, k, beta, dv_out, q, do, dht]
+    in_specs = [
+        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (b, h, 0, 0)),
+        pl.BlockSpec((None, L, None, Kp), lambda i, h, b: (b, 0, h, 0)),
+        pl.BlockSpec((None, L, None), lambda i, h, b: (b, 0, h)),
+        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
+        pl.BlockSpec((None, T, None, Kp), lambda i, h, b: (b, 0, h, 0)),
+        pl.BlockSpec((None, T, None, bv), lambda i, h, b: (b, 0, h, i)),
+        state_spec,
+    ]
+    if decay:
+        inputs += [gam, fdec, gam_tok]
+        in_specs += [head_vec(L), head_vec(L), head_vec(T)]
+    out_shapes = [
+        jax.ShapeDtypeStruct((B, H, L, Vp), dtype),
+        jax.ShapeDtypeStruct((B, H, NT * n, Kp, Vp), dtype),
+        jax.ShapeDtypeStruct((B, H, Kp, Vp), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
+        pl.BlockSpec((None, None, NT * n, Kp, bv), lambda i, h, b: (b, h, 0, 0, i)),
+        state_spec,
+    ]
+    if dtype == jnp.float32:
+        modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.IEEE)
+    else:
+        modes = dict(ks=DotMode.INPUT, ax=DotMode.TF32, kv=DotMode.SPLIT_B, **{"in": DotMode.INPUT})
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        num_token_chunks=NT,
+        scale=float(scale),
+        decay=decay,
+        mode=modes,
+        dots=dict(dtype=dtype, interpret=interpret),
+    )
+    dvnew, dh_il, dh0 = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(Vp // bv, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_state_pass",
+        poison=poison,
+    )
+    return dvnew, dh_il, dh0

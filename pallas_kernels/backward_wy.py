@@ -1,0 +1,198 @@
+"""Backward stage 4: per interleaved chunk, the state update's and the WY transform's adjoints.
+
+Chunk-parallel over interleaved chunks (mirror: ``chunked_backward.chunk_state_step_backward``'s
+``dw``/``dk``/gate terms, then ``chunked_backward.wy_backward`` and ``gate_grad``). For chunk
+``c`` (64 sub-step rows) of one (batch, head), with ``S = h_il[c]`` its start state and
+``dE = dh_il[c]`` the gradient at its end (stage 2), ``G, seg`` the within-chunk gate cumsum and
+segment index, ``gam, fdec, E = pair decay`` as in ``prepare.py``::
+
+    dW      = -dV_new S^T                                   [64, Kp]
+    dk_st   = fdec * (V_new dE^T)                           state update's part of dk
+    p_end   = rowsum(dk_st * K) ;  p_carry = gam_end <S, dE>
+    X_w     = diag(beta gam) K ;  X_u = diag(beta) V
+    dA      = dW X_w^T + dV_new X_u^T ; dX_w = A^T dW ; dX_u = A^T dV_new
+    dM      = StrictLower(-A^T dA A^T) ;  D = dM * E ;  M = StrictLower(diag(beta) K K^T * E)
+    dk      = dk_out + dk_st + beta gam dX_w + beta (D K) + (diag(beta) D)^T K
+    dv      = beta dX_u
+    dbeta   = gam rowsum(dX_w * K) + rowsum(dX_u * V) + rowsum(D * K K^T)
+    dG      = rowsum(dM * M) - colsum(dM * M) + rowsum(dX_w * X_w) - p_end
+    dG[63] += sum(p_end) + p_carry
+
+``dk`` and ``dv`` are complete here (written in the input dtype); ``dG`` is the gradient w.r.t.
+the interleaved local gate cumsum (the reverse cumsum to ``dg`` happens outside, in JAX).
+
+Grid ``(NI, H, B)``; whole head dims per program (``S``, ``dE`` are ``[Kp, Vp]`` tiles).
+Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]``, ``v [B, L, H, Vp]``, ``beta [B, L, H]``,
+``h_il, dh_il [B, H, NI, Kp, Vp]``, ``v_new, dv_new [B, H, L, Vp]``, ``dk_out [B, L, H, Kp]`` fp32
+and, with decay, the interleaved log-gate ``[B, H, L]`` fp32 (``-inf`` = reset).
+Writes ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (input dtype), ``dbeta [B, L, H]`` fp32 and,
+with decay, ``dG [B, H, L]`` fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
+
+
+def _kernel(*refs, decay: bool, mode: dict, dots: dict):
+    a_ref, k_ref, v_ref, beta_ref, s_ref, ds_ref, vnew_ref, dvnew_ref, dkout_ref = refs[:9]
+    rest = list(refs[9:])
+    gate_ref = rest.pop(0) if decay else None
+    dk_ref, dv_ref, dbeta_ref = rest[:3]
+    dg_ref = rest[3] if decay else None
+
+    c = CHUNK
+    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    lower = rows > cols
+    a = a_ref[...]
+    k = k_ref[...]
+    v = v_ref[...]
+    beta = beta_ref[...].astype(jnp.float32)
+    dvnew = dvnew_ref[...]
+    if decay:
+        g_cum, seg, g_end, seg_end = segment_cumsum(gate_ref[...])
+        visible = lower & (seg[:, None] == seg[None, :])
+        diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
+        pair = jnp.where(visible, jnp.exp(diff), 0.0)
+        gam = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
+        fdec = jnp.where(seg == seg_end, jnp.exp(g_end - g_cum), 0.0)
+        coef = beta * gam
+    else:
+        pair = jnp.where(lower, 1.0, 0.0)
+        coef = beta
+
+    # ordered so that each [64, Kp|Vp] fp32 value dies early (register pressure)
+    kf = k.astype(jnp.float32)
+    x_w = coef[:, None] * kf
+    d_w = -mm(dvnew, s_ref[...], mode["in"], trans_b=True, **dots)  # [64, Kp]
+    d_a = mm(d_w, x_w, mode["tf"], trans_b=True, **dots)
+    dx_w = mm(a, d_w, mode["tf"], trans_a=True, **dots)  # [64, Kp]
+    dk = dkout_ref[...] + coef[:, None] * dx_w
+    wk = jnp.sum(dx_w * kf, axis=1)
+    dbeta = wk * gam if decay else wk
+    if decay:
+        p_start = wk * coef
+    vf = v.astype(jnp.float32)
+    d_a = d_a + mm(dvnew, beta[:, None] * vf, mode["tf"], trans_b=True, **dots)
+    dx_u = mm(a, dvnew, mode["tf"], trans_a=True, **dots)  # [64, Vp]
+    dv_ref[...] = (beta[:, None] * dx_u).astype(dv_ref.dtype)
+    dbeta = dbeta + jnp.sum(dx_u * vf, axis=1)
+
+    # the state update's adjoint: dk_st = fdec (V_new dE^T), p_end, p_carry
+    dk_st = mm(vnew_ref[...], ds_ref[...], mode["in"], trans_b=True, **dots)
+    if decay:
+        dk_st = dk_st * fdec[:, None]
+        p_end = jnp.sum(dk_st * kf, axis=1)
+        s_ds = s_ref[...].astype(jnp.float32) * ds_ref[...].astype(jnp.float32)
+        p_carry = jnp.sum(jnp.sum(s_ds, axis=1)) * element_select(gam, c - 1)
+    dk = dk + dk_st
+
+    # through A = (I + M)^-1 and M = StrictLower(diag(beta) K K^T * E)
+    at_da = mm(a, d_a, mode["tf"], trans_a=True, **dots)
+    d_m = jnp.where(lower, -mm(at_da, a, mode["tf"], trans_b=True, **dots), 0.0)
+    d_kk = d_m * pair
+    kk = mm(k, k, mode["in"], trans_b=True, **dots)
+    dk = dk + beta[:, None] * mm(d_kk, k, mode["split_a"], **dots)
+    dk = dk + mm(beta[:, None] * d_kk, k, mode["split_a"], trans_a=True, **dots)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dbeta_ref[...] = dbeta + jnp.sum(d_kk * kk, axis=1)
+    if decay:
+        p_pair = d_m * (beta[:, None] * kk * pair)
+        d_g = jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + p_start
+        last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+        dg_ref[...] = d_g - p_end + jnp.where(last, jnp.sum(p_end) + p_carry, 0.0)
+
+
+def wy_backward(
+    a: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    h_il: jax.Array,
+    dh_il: jax.Array,
+    vnew: jax.Array,
+    dvnew: jax.Array,
+    dk_out: jax.Array,
+    gate_sub: jax.Array | None,
+    *,
+    num_warps: int = 8,
+    num_stages: int = 1,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Run backward stage 4.
+
+    Args:
+      a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; v: ``[B, L, H, Vp]``; beta: ``[B, L, H]``;
+        h_il, dh_il: ``[B, H, NI, Kp, Vp]`` chunk-start states and chunk-end state gradients;
+        vnew, dvnew: ``[B, H, L, Vp]``; dk_out: ``[B, L, H, Kp]`` fp32 (stage 3);
+        gate_sub: ``[B, H, L]`` fp32 interleaved log-gate or None.
+
+    Returns:
+      ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (k.dtype), ``dbeta [B, L, H]`` fp32 and
+      ``dG [B, H, L]`` fp32 (None without decay).
+    """
+    B, L, H, Kp = k.shape
+    Vp = v.shape[-1]
+    NI = L // CHUNK
+    dtype = k.dtype
+    decay = gate_sub is not None
+
+    rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, hh, b: (b, c, hh, 0))
+    head_rows = lambda d: pl.BlockSpec((None, None, CHUNK, d), lambda c, hh, b: (b, hh, c, 0))
+    state = pl.BlockSpec((None, None, None, Kp, Vp), lambda c, hh, b: (b, hh, c, 0, 0))
+    vec = pl.BlockSpec((None, None, CHUNK), lambda c, hh, b: (b, hh, c))
+    beta_spec = pl.BlockSpec((None, CHUNK, None), lambda c, hh, b: (b, c, hh))
+    inputs = [a, k, v, beta, h_il, dh_il, vnew, dvnew, dk_out]
+    in_specs = [
+        head_rows(CHUNK),
+        rows(Kp),
+        rows(Vp),
+        beta_spec,
+        state,
+        state,
+        head_rows(Vp),
+        head_rows(Vp),
+        rows(Kp),
+    ]
+    if decay:
+        inputs.append(gate_sub)
+        in_specs.append(vec)
+    out_shapes = [
+        jax.ShapeDtypeStruct((B, L, H, Kp), dtype),
+        jax.ShapeDtypeStruct((B, L, H, Vp), dtype),
+        jax.ShapeDtypeStruct((B, L, H), jnp.float32),
+    ]
+    out_specs = [rows(Kp), rows(Vp), beta_spec]
+    if decay:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+        out_specs.append(vec)
+    if dtype == jnp.float32:
+        modes = dict.fromkeys(("in", "tf", "split_a"), DotMode.IEEE)
+    else:
+        modes = {"in": DotMode.INPUT, "tf": DotMode.TF32, "split_a": DotMode.SPLIT_A}
+    kernel = functools.partial(
+        _kernel, decay=decay, mode=modes, dots=dict(dtype=dtype, interpret=interpret)
+    )
+    outs = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(NI, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_wy",
+        poison=poison,
+    )
+    return outs[0], outs[1], outs[2], (outs[3] if decay else None)

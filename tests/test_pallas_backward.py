@@ -1,0 +1,313 @@
+"""Pallas backward kernels: gradients (interpret mode on CPU) against the chunked path's
+hand-written backward and the reference's autodiff, each kernel stage against its plain-JAX twin
+in ``dpjax.ops.chunked_backward``, and (marker ``gpu``) the compiled kernels at real sizes.
+
+Every check draws fresh random inputs (unit-norm keys, beta in (0, 2), log gates <= 0) and random
+cotangents for both outputs (o and the final state).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_problem, random_segments, starts_from_segments
+from oracle import rel_rmse
+
+import dpjax
+import dpjax.ops
+from dpjax.ops import chunked, chunked_backward, reference
+from dpjax.ops import pallas as dp_pallas
+from dpjax.ops.chunked_forward import CHUNK
+from pallas_kernels import backward as kernel_backward
+from pallas_kernels import forward as kernels
+
+NAMES = ("dq", "dk", "dv", "dbeta", "dg", "dh0")
+FP32_TOL = 1e-4
+LOW_TOL = {"dq": 8e-3, "dk": 8e-3, "dv": 8e-3, "dh0": 8e-3, "dbeta": 2e-2, "dg": 2e-2}
+
+
+@pytest.fixture
+def rng(request):
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+def random_resets(rng, B: int, T: int, first: bool = False) -> np.ndarray:
+    resets = starts_from_segments(random_segments(rng, B, T))
+    resets[:, 0] = first
+    return resets
+
+
+def inputs(p, dtype):
+    args = [jnp.asarray(p[x], dtype) for x in ("q", "k", "v", "beta")]
+    g = None if p["g"] is None else jnp.asarray(p["g"], jnp.float32)
+    h0 = None if p["initial_state"] is None else jnp.asarray(p["initial_state"], jnp.float32)
+    return [*args, g, h0]
+
+
+def grads(impl, args, resets, cot_o, cot_s, n, scale):
+    """Gradients of ``<o, cot_o> + <final, cot_s>`` w.r.t. every differentiable input given."""
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+
+    def loss(*a):
+        o, final = impl(*a, resets, num_householder=n, scale=scale)
+        return jnp.sum(o.astype(jnp.float32) * cot_o) + jnp.sum(final * cot_s)
+
+    got = jax.grad(loss, argnums)(*args)
+    return {NAMES[i]: np.asarray(x.astype(jnp.float32)) for i, x in zip(argnums, got, strict=True)}
+
+
+def cotangents(rng, B, T, H, K, V):
+    return (
+        jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32),
+        jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32),
+    )
+
+
+# (n_h, T, K, V, gated, initial_state, resets)
+FP32_CASES = [
+    (1, 70, 20, 36, False, True, False),
+    (1, 65, 16, 16, True, True, True),
+    (2, 63, 20, 12, True, True, True),
+    (2, 100, 32, 20, False, False, True),
+    (3, 65, 16, 36, True, True, False),
+    (4, 40, 8, 20, True, True, True),
+    (4, 20, 20, 8, False, True, False),
+]
+
+
+@pytest.mark.parametrize("n,T,K,V,gated,h0,resets", FP32_CASES)
+def test_fp32_grads_match_chunked(rng, n, T, K, V, gated, h0, resets):
+    B, H = 2, 2
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
+    starts = jnp.asarray(random_resets(rng, B, T)) if resets else None
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    scale = float(rng.uniform(0.2, 1.0))
+    got = grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, scale)
+    want = grads(chunked.forward, args, starts, cot_o, cot_s, n, scale)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert np.isfinite(got[name]).all(), name
+        assert rel_rmse(want[name], got[name]) < FP32_TOL, (name, rel_rmse(want[name], got[name]))
+
+
+def test_fp32_grads_match_reference(rng):
+    """Against JAX autodiff of the token-by-token reference (independent of the chunked form)."""
+    B, T, H, K, V, n = 1, 70, 2, 12, 20, 3
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    got = grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.5)
+    want = grads(reference.forward, args, starts, cot_o, cot_s, n, 0.5)
+    for name in NAMES:
+        assert rel_rmse(want[name], got[name]) < FP32_TOL, (name, rel_rmse(want[name], got[name]))
+
+
+@pytest.mark.parametrize("n,gated", [(2, True), (3, False)])
+def test_bf16_grads_spec_tolerances(rng, n, gated):
+    """SPEC §9: bf16 kernels vs the fp32 chunked path on the same (rounded) inputs."""
+    B, T, H, K, V = 1, 100, 2, 32, 32
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    low = inputs(p, jnp.bfloat16)
+    got = grads(dp_pallas.forward, low, starts, cot_o, cot_s, n, K**-0.5)
+    rounded = [None if a is None else a.astype(jnp.float32) for a in low]
+    want = grads(chunked.forward, rounded, starts, cot_o, cot_s, n, K**-0.5)
+    for name in got:
+        err = rel_rmse(want[name], got[name])
+        assert np.isfinite(got[name]).all() and err < LOW_TOL[name], (name, err)
+
+
+def test_segment_ids_and_cu_seqlens(rng):
+    """Packed documents through the public API: gradients equal the chunked path's."""
+    T, H, K, V, n = 70, 2, 16, 12, 2
+    p = random_problem(rng, B=1, T=T, H=H, K=K, V=V, n_h=n, gated=True)
+    args = inputs(p, jnp.float32)[:5]
+    cot = jnp.asarray(rng.normal(size=(1, T, H, V)), jnp.float32)
+    cu = jnp.asarray([0, 30, 31, 70])
+    seg = jnp.asarray(random_segments(rng, 1, T))
+
+    def g(impl, **kw):
+        loss = lambda *a: jnp.sum(dpjax.delta_product(*a, impl=impl, **kw)[0] * cot)
+        return jax.grad(loss, (0, 1, 2, 3, 4))(*args)
+
+    for kw in (dict(cu_seqlens=cu), dict(segment_ids=seg)):
+        for a, b in zip(g("pallas", **kw), g("chunked", **kw), strict=True):
+            assert rel_rmse(b, a) < FP32_TOL, kw
+
+
+def test_dead_gates_have_zero_gradient(rng):
+    """Gates with exp(g) == 0 act as resets; their gradient is exactly 0, all others finite."""
+    B, T, H, K, V, n = 1, 80, 2, 16, 16, 2
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    p["g"][:, 10] = -np.inf
+    p["g"][:, 50] = -1e4
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    got = grads(dp_pallas.forward, args, None, cot_o, cot_s, n, 0.3)
+    want = grads(chunked.forward, args, None, cot_o, cot_s, n, 0.3)
+    assert np.all(got["dg"][:, [10, 50]] == 0)
+    for name in NAMES:
+        assert np.isfinite(got[name]).all()
+        assert rel_rmse(want[name], got[name]) < FP32_TOL, name
+
+
+def _il_chunks(x, n_chunks, D):
+    """Pallas ``[B, H, N*64, Dp]`` -> chunk layout ``[B, H, N, 64, D]``."""
+    B, H = x.shape[:2]
+    return x.reshape(B, H, n_chunks, CHUNK, -1)[..., :D]
+
+
+def _rows_chunks(x, n_chunks, D):
+    """Pallas ``[B, N*64, H, Dp]`` -> chunk layout ``[B, H, N, 64, D]``."""
+    x = jnp.moveaxis(x, 2, 1)
+    return _il_chunks(x, n_chunks, D)
+
+
+def test_each_stage_matches_its_plain_jax_twin(rng):
+    """Every kernel stage's outputs against ``chunked_backward``'s stage functions (fp32)."""
+    B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
+    scale = 0.4
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    q, k, v, beta, g, h0 = inputs(p, jnp.float32)
+    do = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
+    dht = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32)
+
+    _, _, res = kernels.forward(q, k, v, beta, g, h0, starts, num_householder=n, scale=scale)
+    out = kernel_backward.stages(
+        q, k, v, beta, res, do, dht, num_householder=n, scale=scale, interpret=True
+    )
+
+    # the plain-JAX twin on chunk-layout inputs
+    NT = -(-T // CHUNK)
+    pad = NT * CHUNK - T
+    NI = NT * n
+    f32 = jnp.float32
+    gc, rc = chunked.dead_gates_as_resets(g, starts, (B, T, H), f32)
+    q_c, do_c = chunked.to_chunks(q, pad, NT, f32), chunked.to_chunks(do, pad, NT, f32)
+    k_c = chunked.to_chunks(k, pad * n, NI, f32)
+    _, _, cres = chunked._primal(
+        q_c,
+        k_c,
+        chunked.to_chunks(v, pad * n, NI, f32),
+        chunked.to_chunks(beta, pad * n, NI, f32),
+        chunked.to_chunks(gc, pad, NT, f32),
+        h0,
+        chunked.to_chunks(rc, pad, NT, bool),
+        n,
+        scale,
+    )
+    rec = chunked_backward.recompute(cres, n)
+    dq, dk_out, dvn_out, _, _ = chunked_backward.output_backward(
+        q_c, k_c, rec.v_new, rec.h, do_c, rec.decay_tok, scale, n
+    )
+    st = chunked_backward.state_pass_backward(
+        q_c, do_c, k_c, rec.w, rec.v_new, rec.h, dvn_out, dht, rec.decay_il, rec.decay_tok, scale, n
+    )
+    wy = chunked_backward.wy_backward(
+        cres.a, k_c, cres.v, cres.beta, rec.decay_il, st.dw, st.dv_new
+    )
+    dG_il = chunked_backward.gate_grad(wy.p_pair, wy.p_from_start, st.p_to_end, st.p_carry)
+    check = lambda want, got, what: (
+        rel_rmse(np.asarray(want), np.asarray(got)) < FP32_TOL or pytest.fail(what)
+    )
+    # stage 1: recompute + the output's dv_new part
+    check(rec.v_new, _il_chunks(out["vnew"], NI, V), "v_new")
+    check(dvn_out, _il_chunks(out["dv_out"], NI, V), "dv_out")
+    # stage 2: reverse state pass
+    check(st.dv_new, _il_chunks(out["dvnew"], NI, V), "dv_new")
+    check(st.dh0, out["dh0"][:, :, :K, :V], "dh0")
+    # stage 3: output adjoint
+    check(dq, _rows_chunks(out["dq"], NT, K), "dq")
+    check(dk_out, _rows_chunks(out["dk_out"], NI, K), "dk_out")
+    # stage 4: state update + WY adjoints (dk complete), dbeta, dv, interleaved gate terms
+    check(dk_out + st.dk + wy.dk, _rows_chunks(out["dk"], NI, K), "dk")
+    check(wy.dv, _rows_chunks(out["dv"], NI, V), "dv")
+    check(wy.dbeta, _rows_chunks(out["dbeta"][..., None], NI, 1)[..., 0], "dbeta")
+    check(dG_il, _il_chunks(out["dG_il"][..., None], NI, 1)[..., 0], "dG_il")
+
+
+def test_poisoned_buffers_are_all_written(rng):
+    """With every backward kernel output starting as NaN, all gradients come back finite."""
+    B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    q, k, v, beta, g, h0 = inputs(p, jnp.bfloat16)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    o, final, res = kernels.forward(q, k, v, beta, g, h0, starts, num_householder=n, scale=0.3)
+    out = kernel_backward.backward(
+        q, k, v, beta, res, o, final, num_householder=n, scale=0.3, poison=True
+    )
+    for name, x in zip(NAMES, out, strict=True):
+        assert bool(jnp.isfinite(x.astype(jnp.float32)).all()), name
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: compiled kernels at real sizes, bf16, against the chunked path in fp32 on the GPU
+
+GPU_CASES = [
+    # B, T, H, K, V, n_h, gated, h0+resets
+    (2, 2048, 8, 128, 128, 1, False, False),
+    (2, 2048, 8, 128, 128, 2, True, True),
+    (2, 2048, 8, 128, 128, 3, False, True),
+    (2, 1500, 4, 100, 60, 3, True, True),
+    (1, 1024, 16, 64, 64, 4, True, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,K,V,n,gated,extras", GPU_CASES)
+def test_gpu_bf16_grads(rng, B, T, H, K, V, n, gated, extras):
+    from test_pallas_forward import record
+
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=extras)
+    starts = jnp.asarray(random_resets(rng, B, T, first=False)) if extras else None
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    low = inputs(p, jnp.bfloat16)
+    argnums = tuple(i for i, a in enumerate(low) if a is not None)
+
+    def grad_fn(impl):
+        def loss(*a):
+            o, final = impl(*a, starts, num_householder=n, scale=K**-0.5)
+            return jnp.sum(o.astype(jnp.float32) * cot_o) + jnp.sum(final * cot_s)
+
+        return jax.jit(jax.grad(loss, argnums))
+
+    got = grad_fn(dp_pallas.forward)(*low)
+    rounded = [None if a is None else a.astype(jnp.float32) for a in low]
+    want = grad_fn(chunked.forward)(*rounded)
+    errs = {}
+    for i, a, b in zip(argnums, got, want, strict=True):
+        a = np.asarray(a.astype(jnp.float32))
+        assert np.isfinite(a).all(), NAMES[i]
+        errs[NAMES[i]] = rel_rmse(np.asarray(b), a)
+    record(case=[B, T, H, K, V, n, gated, extras, "bf16"], backward=True, **errs)
+    for name, err in errs.items():
+        assert err < LOW_TOL[name], (name, err)
+
+
+@pytest.mark.gpu
+def test_gpu_poisoned_backward(rng):
+    B, T, H, K, V, n = 2, 1000, 4, 128, 128, 2
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    q, k, v, beta, g, h0 = inputs(p, jnp.bfloat16)
+    starts = jnp.asarray(random_resets(rng, B, T))
+
+    @jax.jit
+    def run(q, k, v, beta, g, h0, starts):
+        o, final, res = kernels.forward(
+            q, k, v, beta, g, h0, starts, num_householder=n, scale=0.1, poison=True
+        )
+        return kernel_backward.backward(
+            q, k, v, beta, res, o, final, num_householder=n, scale=0.1, poison=True
+        )
+
+    for name, x in zip(NAMES, run(q, k, v, beta, g, h0, starts), strict=True):
+        assert bool(jnp.isfinite(x.astype(jnp.float32)).all()), name
