@@ -176,7 +176,9 @@ def hook_installed(impl: str = "chunked") -> bool:
     """
     from dpjax.ops import delta_product
 
-    mesh = jax.make_mesh((1,), ("batch",), devices=jax.devices()[:1])
+    mesh = jax.make_mesh(
+        (1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1]
+    )
     q = jnp.zeros((1, 2, 1, 4), jnp.float32)
     beta = jnp.zeros((1, 2, 1), jnp.float32)
     with batch_parallel(mesh, ("batch",), impls=(impl,)):

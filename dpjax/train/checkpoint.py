@@ -22,7 +22,9 @@ Example::
 
 from __future__ import annotations
 
+import glob
 import importlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -117,10 +119,24 @@ class Checkpointer:
         target: Mapping[str, Any],
         data_iter: grain.DatasetIterator | None = None,
         step: int | None = None,
+        *,
+        portable_data: bool = False,
     ) -> dict[str, Any]:
         """Restore the train state into ``target`` (abstract, with shardings) and, in place,
-        the data iterator. Returns the train state dict."""
+        the data iterator. Returns the train state dict.
+
+        ``portable_data``: the iterator's state is the same in every process and means the same
+        for any process count (``dpjax.train.lm_data``); a checkpoint written by another number
+        of processes then restores process 0's state into every process (Grain alone would look
+        for ``process_<i>-of-<n>.json`` of the current count and fail).
+        """
         step = self._step(step)
+        if data_iter is not None and portable_data:
+            foreign = self._foreign_data_state(step)
+            if foreign is not None:
+                with open(foreign) as f:
+                    data_iter.set_state(json.load(f))
+                data_iter = None
         items = {
             "model": ocp.args.StandardRestore({"params": target["params"], "rest": target["rest"]}),
             "train": ocp.args.StandardRestore(
@@ -136,6 +152,15 @@ class Checkpointer:
             "rest": r["model"]["rest"],
             "opt_state": r["train"]["opt_state"],
         }
+
+    def _foreign_data_state(self, step: int) -> str | None:
+        """Process 0's data-state file when none matches this run's process count."""
+        data_dir = os.path.join(self.directory, str(step), "data")
+        pi, pc = jax.process_index(), jax.process_count()
+        if os.path.exists(os.path.join(data_dir, f"process_{pi}-of-{pc}.json")):
+            return None
+        found = sorted(glob.glob(os.path.join(data_dir, "process_0-of-*.json")))
+        return found[0] if found else None
 
     def restore_model(self, params, rest, step: int | None = None) -> tuple[Any, Any]:
         """Restore only ``(params, rest)`` into abstract targets."""

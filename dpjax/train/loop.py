@@ -341,6 +341,7 @@ def train(
     token_fn: TokenFn = logits_token_fn,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
+    portable_data_state: bool = False,
 ) -> TrainResult:
     """Train ``build_model()`` on ``train_data``; see the module docstring.
 
@@ -356,6 +357,8 @@ def train(
         steps (``dpjax.train.step.logits_token_fn`` by default).
       flops_per_token, peak_flops: model FLOPs per trained token and the peak FLOP/s of one
         device, for the MFU in the logs (``perf/mfu``) and ``TrainResult.throughput``.
+      portable_data_state: the data iterator's state means the same for any process count
+        (``dpjax.train.lm_data``), so a checkpoint resumes with another number of processes.
     """
     t0 = time.time()
     eval_sets = dict(eval_sets or {})
@@ -401,7 +404,7 @@ def train(
     bar_total = cfg.total_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.total_steps)
     logger = MetricsLogger(cfg.out_dir, tensorboard=cfg.tensorboard, enabled=is_main)
     if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract_like(state), data_iter)
+        state = ckpt.restore(abstract_like(state), data_iter, portable_data=portable_data_state)
         start = int(jax.device_get(state["step"]))
     progress = Progress(bar_total, initial=start, enabled=cfg.progress and is_main)
     if start:
