@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli_types import float_or_none, int_or_none, str2bool
+
 RUN_CONFIG = "config.json"
 MODEL_FACTORY = "dpjax.train.checkpoint:build_delta_product_lm"
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
@@ -46,36 +48,6 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float3
 
 # --------------------------------------------------------------------------------------------
 # argument types
-
-
-def str2bool(value: str | bool) -> bool:
-    """argparse type for ``True/False`` (also ``1/0``, ``yes/no``, any case)."""
-    if isinstance(value, bool):
-        return value
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "y", "t"):
-        return True
-    if v in ("false", "0", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def int_or_none(value: str) -> int | None:
-    if value.strip().lower() in ("none", "off", ""):
-        return None
-    try:
-        return int(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from err
-
-
-def float_or_none(value: str) -> float | None:
-    if value.strip().lower() in ("none", "off", ""):
-        return None
-    try:
-        return float(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or None, got {value!r}") from err
 
 
 # --------------------------------------------------------------------------------------------
