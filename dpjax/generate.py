@@ -93,13 +93,25 @@ def _choose(logits, key, done, sampling, eos, pad):
     return token, done
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("cache_size", "sampling", "eos", "pad"))
-def _prefill(graphdef, state, input_ids, attention_mask, key, *, cache_size, sampling, eos, pad):
-    model = nnx.merge(graphdef, state)
+def _first_token(model, input_ids, attention_mask, key, cache_size, sampling, eos, pad):
+    """Prefill, then choose the first new token: ``(token, done, cache)``."""
     logits, cache = model.prefill(input_ids, attention_mask=attention_mask, cache_size=cache_size)
     done = jnp.zeros((input_ids.shape[0],), bool)
     token, done = _choose(logits[:, -1], key, done, sampling, eos, pad)
     return token, done, cache
+
+
+def _next_token(model, cache, token, done, key, sampling, eos, pad):
+    """Feed ``token`` and choose the next one: ``(token, done, cache)``."""
+    logits, cache = model.decode_step(token, cache)
+    token, done = _choose(logits, key, done, sampling, eos, pad)
+    return token, done, cache
+
+
+@partial(jax.jit, static_argnums=(0,), static_argnames=("cache_size", "sampling", "eos", "pad"))
+def _prefill(graphdef, state, input_ids, attention_mask, key, *, cache_size, sampling, eos, pad):
+    model = nnx.merge(graphdef, state)
+    return _first_token(model, input_ids, attention_mask, key, cache_size, sampling, eos, pad)
 
 
 @partial(
@@ -110,9 +122,7 @@ def _prefill(graphdef, state, input_ids, attention_mask, key, *, cache_size, sam
 )
 def _step(graphdef, state, cache, token, done, key, *, sampling, eos, pad):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.decode_step(token, cache)
-    token, done = _choose(logits, key, done, sampling, eos, pad)
-    return token, done, cache
+    return _next_token(model, cache, token, done, key, sampling, eos, pad)
 
 
 @partial(
@@ -124,14 +134,13 @@ def _generate_scan(
     graphdef, state, input_ids, attention_mask, keys, *, cache_size, sampling, eos, pad
 ):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(input_ids, attention_mask=attention_mask, cache_size=cache_size)
-    done = jnp.zeros((input_ids.shape[0],), bool)
-    first, done = _choose(logits[:, -1], keys[0], done, sampling, eos, pad)
+    first, done, cache = _first_token(
+        model, input_ids, attention_mask, keys[0], cache_size, sampling, eos, pad
+    )
 
     def body(carry, key):
         token, done, cache = carry
-        logits, cache = model.decode_step(token, cache)
-        token, done = _choose(logits, key, done, sampling, eos, pad)
+        token, done, cache = _next_token(model, cache, token, done, key, sampling, eos, pad)
         return (token, done, cache), token
 
     _, rest = jax.lax.scan(body, (first, done, cache), keys[1:])

@@ -31,8 +31,8 @@ from pallas_kernels.backward_output import output_backward
 from pallas_kernels.backward_recompute import recompute
 from pallas_kernels.backward_state_pass import state_pass_backward
 from pallas_kernels.backward_wy import wy_backward
-from pallas_kernels.common import CHUNK, default_interpret, pad_to
-from pallas_kernels.forward import Residuals, padded_dims
+from pallas_kernels.common import CHUNK, default_interpret, pad_to, padded_length
+from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims
 
 
 @dataclass(frozen=True)
@@ -97,17 +97,9 @@ def stages(
     V = v.shape[-1]
     n = num_householder
     Kp, Vp = padded_dims(K, V)
-    Tp = -(-T // CHUNK) * CHUNK
-    dtype = q.dtype
-    qp = pad_to(pad_to(q, 3, Kp), 1, Tp)
-    kp = pad_to(pad_to(k.astype(dtype), 3, Kp), 1, Tp * n)
-    vp = pad_to(pad_to(v.astype(dtype), 3, Vp), 1, Tp * n)
-    bp = pad_to(beta, 1, Tp * n)
-    dop = pad_to(pad_to(do.astype(dtype), 3, Vp), 1, Tp)
-    if dht is None:
-        dhtp = jnp.zeros((B, H, Kp, Vp), jnp.float32)
-    else:
-        dhtp = pad_to(pad_to(dht.astype(jnp.float32), 2, Kp), 3, Vp)
+    qp, kp, vp, bp = pad_inputs(q, k, v, beta, n)
+    dop = pad_to(pad_to(do.astype(q.dtype), 3, Vp), 1, padded_length(T))
+    dhtp = jnp.zeros((B, H, Kp, Vp), jnp.float32) if dht is None else pad_state(dht, Kp, Vp)
     gate_tok, gate_sub = res.gate_tokens, res.gate_substeps
     decay = gate_sub is not None
     gam, fdec = chunk_gate_vectors(gate_sub) if decay else (None, None)
@@ -225,7 +217,7 @@ def backward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     n = num_householder
-    Tp = -(-T // CHUNK) * CHUNK
+    Tp = padded_length(T)
     out = stages(
         q,
         k,

@@ -4,10 +4,10 @@ Everything here is plain JAX; nothing imports ``dpjax`` (arrows point from ``dpj
 ``pallas_kernels`` only).
 
 * ``CHUNK``: chunk length (64) on both the interleaved sub-step axis and the token axis.
-* ``next_pow2`` / ``pad_to``: the Triton backend needs every array operation to have a power-of-2
-  size, so head dims are zero-padded to powers of two and time is padded to a multiple of ``CHUNK``
-  (zero rows leave the recurrence unchanged: ``k = v = beta = 0`` writes nothing and a zero
-  log-gate does not decay).
+* ``next_pow2`` / ``padded_length`` / ``pad_to``: the Triton backend needs every array operation
+  to have a power-of-2 size, so head dims are zero-padded to powers of two and time is padded to a
+  multiple of ``CHUNK`` (zero rows leave the recurrence unchanged: ``k = v = beta = 0`` writes
+  nothing and a zero log-gate does not decay).
 * ``default_interpret``: run kernels in interpret mode unless the default backend is a GPU.
 * ``compiler_params``: Triton compiler parameters (``num_warps``, ``num_stages``).
 * ``DotMode`` / ``mm``: matrix products with an explicit operand precision; fp32 accumulation
@@ -32,6 +32,11 @@ CHUNK = 64
 def next_pow2(n: int) -> int:
     """Smallest power of two ``>= n`` (``n >= 1``)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded_length(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of ``CHUNK``."""
+    return -(-tokens // CHUNK) * CHUNK
 
 
 def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import CHUNK, default_interpret, next_pow2, pad_to
+from pallas_kernels.common import default_interpret, next_pow2, pad_to, padded_length
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -57,6 +57,26 @@ class Residuals(NamedTuple):
 def padded_dims(key_dim: int, value_dim: int) -> tuple[int, int]:
     """``(Kp, Vp)``: head dims as the kernels see them."""
     return max(MIN_DIM, next_pow2(key_dim)), max(MIN_DIM, next_pow2(value_dim))
+
+
+def pad_inputs(
+    q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, n: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """q ``[B, Tp, H, Kp]``, k ``[B, Tp*n, H, Kp]``, v ``[B, Tp*n, H, Vp]`` (k, v cast to
+    ``q.dtype``) and beta ``[B, Tp*n, H]``, zero-padded as the kernels take them."""
+    Kp, Vp = padded_dims(q.shape[-1], v.shape[-1])
+    Tp = padded_length(q.shape[1])
+    return (
+        pad_to(pad_to(q, 3, Kp), 1, Tp),
+        pad_to(pad_to(k.astype(q.dtype), 3, Kp), 1, Tp * n),
+        pad_to(pad_to(v.astype(q.dtype), 3, Vp), 1, Tp * n),
+        pad_to(beta, 1, Tp * n),
+    )
+
+
+def pad_state(x: jax.Array, key_pad: int, value_pad: int) -> jax.Array:
+    """``[B, H, K, V]`` -> fp32 ``[B, H, Kp, Vp]`` (zero-padded head dims)."""
+    return pad_to(pad_to(x.astype(jnp.float32), 2, key_pad), 3, value_pad)
 
 
 def log_gates(
@@ -106,17 +126,13 @@ def forward(
     V = v.shape[-1]
     n = num_householder
     Kp, Vp = padded_dims(K, V)
-    Tp = -(-T // CHUNK) * CHUNK
-    dtype = q.dtype
-    qp = pad_to(pad_to(q, 3, Kp), 1, Tp)
-    kp = pad_to(pad_to(k.astype(dtype), 3, Kp), 1, Tp * n)
-    vp = pad_to(pad_to(v.astype(dtype), 3, Vp), 1, Tp * n)
-    bp = pad_to(beta, 1, Tp * n)
+    Tp = padded_length(T)
+    qp, kp, vp, bp = pad_inputs(q, k, v, beta, n)
     gate_tok, gate_sub = log_gates(g, resets, n, Tp)
     if gate_tok is not None and gate_tok.shape[1] != H:
         gate_tok = jnp.broadcast_to(gate_tok, (B, H, Tp))
         gate_sub = jnp.broadcast_to(gate_sub, (B, H, Tp * n))
-    h0p = None if h0 is None else pad_to(pad_to(h0.astype(jnp.float32), 2, Kp), 3, Vp)
+    h0p = None if h0 is None else pad_state(h0, Kp, Vp)
 
     common = dict(interpret=interpret, poison=poison)
     prep = prepare(

@@ -32,6 +32,23 @@ def sds(shape, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def forward_args(
+    n, K, V, *, tokens=T, dtype=jnp.bfloat16, gated=False, h0=False, resets=False, lead=()
+):
+    """Abstract ``kernels.forward`` inputs ``(q, k, v, beta, g, h0, resets)``; ``lead``: extra
+    leading (vmapped) axes."""
+    L = tokens * n
+    return (
+        sds((*lead, B, tokens, H, K), dtype),
+        sds((*lead, B, L, H, K), dtype),
+        sds((*lead, B, L, H, V), dtype),
+        sds((*lead, B, L, H), dtype),
+        sds((*lead, B, tokens, H), jnp.float32) if gated else None,
+        sds((*lead, B, H, K, V), jnp.float32) if h0 else None,
+        sds((*lead, B, tokens), jnp.bool_) if resets else None,
+    )
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("decay", [False, True])
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -80,15 +97,7 @@ def test_each_stage_lowers(n, decay, dtype):
 def test_forward_lowers(n, gated):
     """The composed forward at a realistic shape, with state, resets and poisoned buffers."""
     K = V = 128
-    args = (
-        sds((B, T, H, K)),
-        sds((B, T * n, H, K)),
-        sds((B, T * n, H, V)),
-        sds((B, T * n, H)),
-        sds((B, T, H), jnp.float32) if gated else None,
-        sds((B, H, K, V), jnp.float32),
-        sds((B, T), jnp.bool_),
-    )
+    args = forward_args(n, K, V, gated=gated, h0=True, resets=True)
     text = lower_text(
         lambda *a: kernels.forward(
             *a, num_householder=n, scale=K**-0.5, interpret=False, poison=True
@@ -101,15 +110,7 @@ def test_forward_lowers(n, gated):
 @pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (256, 256), (100, 60)])
 def test_forward_lowers_other_head_dims(K, V):
     n = 2
-    args = (
-        sds((B, 100, H, K)),
-        sds((B, 200, H, K)),
-        sds((B, 200, H, V)),
-        sds((B, 200, H)),
-        sds((B, 100, H), jnp.float32),
-        None,
-        None,
-    )
+    args = forward_args(n, K, V, tokens=100, gated=True)
     text = lower_text(
         lambda *a: kernels.forward(*a, num_householder=n, scale=0.1, interpret=False)[:2], *args
     )
@@ -125,15 +126,7 @@ def test_forward_lowers_other_head_dims(K, V):
 )
 def test_forward_lowers_other_tiles(config):
     n, K, V = 2, 128, 128
-    args = (
-        sds((B, T, H, K)),
-        sds((B, T * n, H, K)),
-        sds((B, T * n, H, V)),
-        sds((B, T * n, H)),
-        None,
-        None,
-        None,
-    )
+    args = forward_args(n, K, V)
     text = lower_text(
         lambda *a: kernels.forward(
             *a, num_householder=n, scale=0.1, interpret=False, config=config
@@ -145,13 +138,7 @@ def test_forward_lowers_other_tiles(config):
 
 def test_vmapped_forward_lowers():
     n, K, V = 2, 64, 64
-    args = (
-        sds((3, B, T, H, K)),
-        sds((3, B, T * n, H, K)),
-        sds((3, B, T * n, H, V)),
-        sds((3, B, T * n, H)),
-        sds((3, B, T, H), jnp.float32),
-    )
+    args = forward_args(n, K, V, gated=True, lead=(3,))[:5]
     f = lambda q, k, v, b, g: kernels.forward(
         q, k, v, b, g, None, None, num_householder=n, scale=0.1, interpret=False
     )[:2]
@@ -166,15 +153,7 @@ def test_backward_lowers(n, gated):
     from pallas_kernels import backward as kernel_backward
 
     K = V = 128
-    args = (
-        sds((B, T, H, K)),
-        sds((B, T * n, H, K)),
-        sds((B, T * n, H, V)),
-        sds((B, T * n, H)),
-        sds((B, T, H), jnp.float32) if gated else None,
-        sds((B, H, K, V), jnp.float32),
-        sds((B, T), jnp.bool_),
-    )
+    args = forward_args(n, K, V, gated=gated, h0=True, resets=True)
 
     def fwd_bwd(q, k, v, beta, g, h0, resets):
         o, final, res = kernels.forward(
@@ -196,13 +175,7 @@ def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
     from pallas_kernels import backward as kernel_backward
 
     n = 3
-    args = (
-        sds((B, 100, H, K), dtype),
-        sds((B, 300, H, K), dtype),
-        sds((B, 300, H, V), dtype),
-        sds((B, 300, H), dtype),
-        sds((B, 100, H), jnp.float32),
-    )
+    args = forward_args(n, K, V, tokens=100, dtype=dtype, gated=True)[:5]
 
     def fwd_bwd(q, k, v, beta, g):
         o, final, res = kernels.forward(

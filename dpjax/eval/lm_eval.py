@@ -12,7 +12,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -24,7 +23,7 @@ from flax import nnx
 
 from dpjax.data.shards import PackedRows
 from dpjax.data.text_pipeline import row_to_example
-from dpjax.ops import sharded
+from dpjax.eval._mesh import batch_sharding, op_sharding
 
 __all__ = ["perplexity"]
 
@@ -60,12 +59,7 @@ def perplexity(
     n = len(rows) if max_rows is None else min(len(rows), max_rows)
     if n == 0:
         raise ValueError(f"split {split!r} of {str(shard_dir)!r} has no rows")
-    sharding = None
-    if mesh is not None and mesh.size > 1:
-        batch_size = math.ceil(batch_size / mesh.size) * mesh.size
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
-    else:
-        batch_size = min(batch_size, n)
+    batch_size, sharding = batch_sharding(mesh, batch_size, n)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -87,7 +81,7 @@ def perplexity(
                 batch["segment_ids"] if segment_resets else None, weights]  # fmt: skip
         if sharding is not None:
             args = [None if a is None else jax.device_put(a, sharding) for a in args]
-        with _op_sharding(mesh):
+        with op_sharding(mesh):
             s, t = jax.device_get(sums(state, *args))
         loss_sum += float(s)
         tokens += float(t)
@@ -99,10 +93,3 @@ def perplexity(
         "tokens": int(tokens),
         "rows": n,
     }
-
-
-def _op_sharding(mesh: jax.sharding.Mesh | None):
-    """Pallas kernels run per device over the batch-split mesh (``dpjax.ops.sharded``)."""
-    if mesh is None or mesh.size == 1:
-        return contextlib.nullcontext()
-    return sharded.batch_parallel(mesh, mesh.axis_names)

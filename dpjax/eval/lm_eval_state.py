@@ -5,10 +5,9 @@ record the mixer's ``(k, v, beta, g)`` for one sequence at every layer, replay t
 fp32 and take the effective rank ``exp(H(sigma / sum sigma))`` of the ``d_k x d_v`` state after
 each token (``dpjax.eval.state_rank``).
 
-``mixer_inputs`` recomputes the op inputs of a ``DeltaProductMixer`` from its own submodules
-(projections, short convs, ``_beta``, ``_gate``) without touching ``dpjax.nn``; the tests check
-that feeding them to ``delta_product`` + ``mixer._output`` reproduces ``mixer(x)`` exactly, so a
-change of the mixer that this file misses fails loudly.
+``mixer_inputs`` returns the op inputs of a ``DeltaProductMixer`` (``DeltaProductMixer.op_inputs``,
+the same code its ``__call__`` feeds to ``delta_product``); the tests check that feeding them to
+``delta_product`` + ``mixer._output`` reproduces ``mixer(x)``.
 
 Example::
 
@@ -38,38 +37,9 @@ __all__ = ["StateRanks", "capture_mixer_inputs", "mixer_inputs", "state_rank_by_
 def mixer_inputs(
     mixer: DeltaProductMixer, x: jax.Array, seq: SequenceInfo | None = None
 ) -> dict[str, jax.Array | None]:
-    """The ``delta_product`` inputs a ``DeltaProductMixer`` computes from ``x [B, T, D]``.
-
-    Returns:
-      ``{"q": [B,T,H,d_k], "k": [B,T*n_h,H,d_k], "v": [B,T*n_h,H,d_v], "beta": [B,T*n_h,H],
-      "g": [B,T,H] fp32 or None, "segment_ids": [B,T] or None}`` (q and k before the op's
-      L2 normalisation, exactly as the mixer passes them with ``use_qk_l2norm=True``).
-    """
-    c = mixer.config
-    B, T, _ = x.shape
-    H, n, dk, dv = c.num_heads, c.num_householder, c.head_dim, c.value_head_dim
-    seg = None if seq is None else seq.segment_ids
-    mask = None if seq is None else seq.mask
-    q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
-    if c.use_short_conv:
-        q = mixer.q_conv(q, segment_ids=seg, mask=mask)
-        k = mixer.k_conv(k, segment_ids=seg, mask=mask)
-        v = mixer.v_conv(v, segment_ids=seg, mask=mask)
-    else:
-        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-    beta = mixer._beta(x)
-    g = mixer._gate(x) if c.use_forget_gate else None
-    if mask is not None:
-        beta = jnp.where(mask[..., None], beta, 0)
-        g = None if g is None else jnp.where(mask[..., None], g, 0.0)
-    return {
-        "q": q.reshape(B, T, H, dk),
-        "k": k.reshape(B, T * n, H, dk),
-        "v": v.reshape(B, T * n, H, dv),
-        "beta": beta.reshape(B, T * n, H),
-        "g": g,
-        "segment_ids": seg,
-    }
+    """The ``delta_product`` inputs a ``DeltaProductMixer`` computes from ``x [B, T, D]``
+    (``DeltaProductMixer.op_inputs``: ``q``, ``k``, ``v``, ``beta``, ``g``, ``segment_ids``)."""
+    return mixer.op_inputs(x, seq)
 
 
 def capture_mixer_inputs(
@@ -148,8 +118,7 @@ class StateRanks:
             if self.train_length:
                 ax.axvline(self.train_length, color="gray", ls="--", lw=1)
             if self.bos_positions:
-                ymin = 0.0
-                ax.plot(self.bos_positions, [ymin] * len(self.bos_positions), "|", color="k",
+                ax.plot(self.bos_positions, [0.0] * len(self.bos_positions), "|", color="k",
                         ms=6, alpha=0.6)  # fmt: skip
             ax.set_title(f"layer {layer}", fontsize=9)
             ax.set_xlabel("position", fontsize=8)
@@ -209,13 +178,12 @@ def state_rank_by_layer(
     def run(state, ids, seg):
         m = nnx.merge(graphdef, state)
         captured = capture_mixer_inputs(m, ids, segment_ids=seg)
+        if seg is not None:  # a document start acts as a gate of -inf (state -> 0)
+            starts = jnp.concatenate([jnp.zeros((1, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
         ranks = {}
         for layer, inp in captured.items():
             g = inp["g"]
-            if seg is not None:  # a document start acts as a gate of -inf (state -> 0)
-                starts = jnp.concatenate(
-                    [jnp.zeros((1, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1
-                )
+            if seg is not None:
                 g0 = jnp.zeros(starts.shape + (c.num_heads,), jnp.float32) if g is None else g
                 g = jnp.where(starts[..., None], -jnp.inf, g0)
             ranks[layer] = state_rank_trace(

@@ -19,9 +19,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ import optax
 from flax import nnx
 
 from dpjax.data.shards import PackedRows
-from dpjax.ops import sharded
+from dpjax.eval._mesh import batch_sharding, op_sharding
 
 __all__ = [
     "PerPositionLoss",
@@ -234,11 +232,7 @@ def per_position_loss(
     if segment_resets and bos_id is None:
         raise ValueError("segment_resets=True needs bos_id (the tokenizer's BOS id)")
     n = seqs.shape[0]
-    sharding = None
-    if mesh is not None and mesh.size > 1:
-        batch_size = math.ceil(batch_size / mesh.size) * mesh.size
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
-    batch_size = min(batch_size, max(n, 1)) if sharding is None else batch_size
+    batch_size, sharding = batch_sharding(mesh, batch_size, n)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -260,7 +254,7 @@ def per_position_loss(
         args = (ids, labels, seg, weights)
         if sharding is not None:
             args = tuple(None if a is None else jax.device_put(a, sharding) for a in args)
-        with _op_sharding(mesh if sharding is not None else None):
+        with op_sharding(mesh):
             total += np.asarray(jax.device_get(losses(state, *args)), np.float64)
     return PerPositionLoss((total / n).astype(np.float32), n, train_length, bool(segment_resets))
 
@@ -297,10 +291,3 @@ def plot_per_position(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _op_sharding(mesh: jax.sharding.Mesh | None):
-    """Pallas kernels run per device over the batch-split mesh (``dpjax.ops.sharded``)."""
-    if mesh is None or mesh.size == 1:
-        return contextlib.nullcontext()
-    return sharded.batch_parallel(mesh, mesh.axis_names)

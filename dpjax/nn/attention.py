@@ -63,17 +63,14 @@ class Attention(nnx.Module):
         self.rope_theta = a["rope_theta"]
         kw = dict(dtype=config.compute_dtype, param_dtype=config.parameter_dtype, rngs=rngs)
         init_in = initializer(config, "attn_in")
-        bias = a["qkv_bias"]
         hd = self.head_dim
-        self.q_proj = Linear(
-            D, self.num_heads * hd, names=IN_PROJ, init=init_in, use_bias=bias, **kw
-        )
-        self.k_proj = Linear(
-            D, self.num_kv_heads * hd, names=IN_PROJ, init=init_in, use_bias=bias, **kw
-        )
-        self.v_proj = Linear(
-            D, self.num_kv_heads * hd, names=IN_PROJ, init=init_in, use_bias=bias, **kw
-        )
+
+        def proj(heads):
+            return Linear(D, heads * hd, names=IN_PROJ, init=init_in, use_bias=a["qkv_bias"], **kw)
+
+        self.q_proj = proj(self.num_heads)
+        self.k_proj = proj(self.num_kv_heads)
+        self.v_proj = proj(self.num_kv_heads)
         self.o_proj = Linear(
             self.num_heads * hd, D, names=OUT_PROJ, init=initializer(config, "attn_out"), **kw
         )

@@ -108,6 +108,58 @@ class DeltaProductMixer(nnx.Module):
             o = self.o_norm(o)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
+    def op_inputs(
+        self, x: jax.Array, seq: SequenceInfo | None = None
+    ) -> dict[str, jax.Array | None]:
+        """The ``delta_product`` inputs this mixer computes from ``x [B, T, D]``.
+
+        Returns:
+          ``{"q": [B,T,H,d_k], "k": [B,T*n_h,H,d_k], "v": [B,T*n_h,H,d_v], "beta": [B,T*n_h,H],
+          "g": [B,T,H] fp32 or None, "segment_ids": [B,T] or None}`` (q and k before the op's
+          L2 normalisation, as ``__call__`` passes them with ``use_qk_l2norm=True``).
+        """
+        return self._op_inputs(x, seq)[0]
+
+    def _op_inputs(
+        self, x: jax.Array, seq: SequenceInfo | None, *, windows: bool = False
+    ) -> tuple[dict[str, jax.Array | None], MixerCache]:
+        """``op_inputs`` and, with ``windows``, the short-conv decoding windows after the last
+        token (``{"conv_q", "conv_k", "conv_v"}``; empty otherwise)."""
+        c = self.config
+        B, T, _ = x.shape
+        H, n, dk, dv = c.num_heads, c.num_householder, c.head_dim, c.value_head_dim
+        seg = None if seq is None else seq.segment_ids
+        mask = None if seq is None else seq.mask
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        cache: MixerCache = {}
+        if c.use_short_conv:
+            if windows:
+                for name, conv, inp in (
+                    ("q", self.q_conv, q),
+                    ("k", self.k_conv, k),
+                    ("v", self.v_conv, v),
+                ):
+                    cache[f"conv_{name}"] = conv.window(inp, segment_ids=seg, mask=mask)
+            q = self.q_conv(q, segment_ids=seg, mask=mask)
+            k = self.k_conv(k, segment_ids=seg, mask=mask)
+            v = self.v_conv(v, segment_ids=seg, mask=mask)
+        else:
+            q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+        beta = self._beta(x)
+        g = self._gate(x) if c.use_forget_gate else None
+        if mask is not None:
+            beta = jnp.where(mask[..., None], beta, 0)
+            g = None if g is None else jnp.where(mask[..., None], g, 0.0)
+        inputs = {
+            "q": q.reshape(B, T, H, dk),
+            "k": k.reshape(B, T * n, H, dk),
+            "v": v.reshape(B, T * n, H, dv),
+            "beta": beta.reshape(B, T * n, H),
+            "g": g,
+            "segment_ids": seg,
+        }
+        return inputs, cache
+
     def __call__(
         self,
         x: jax.Array,
@@ -128,46 +180,18 @@ class DeltaProductMixer(nnx.Module):
           ``[B, T, D]`` in the compute dtype (and the cache ``{"state": [B,H,d_k,d_v] fp32,
           "conv_q"/"conv_k"/"conv_v": [B, W-1, C] fp32}`` with ``return_cache``).
         """
-        c = self.config
-        B, T, _ = x.shape
-        H, n, dk, dv = c.num_heads, c.num_householder, c.head_dim, c.value_head_dim
-        seg = None if seq is None else seq.segment_ids
-        mask = None if seq is None else seq.mask
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        cache: MixerCache = {}
-        if c.use_short_conv:
-            if return_cache:
-                for name, conv, inp in (
-                    ("q", self.q_conv, q),
-                    ("k", self.k_conv, k),
-                    ("v", self.v_conv, v),
-                ):
-                    cache[f"conv_{name}"] = conv.window(inp, segment_ids=seg, mask=mask)
-            q = self.q_conv(q, segment_ids=seg, mask=mask)
-            k = self.k_conv(k, segment_ids=seg, mask=mask)
-            v = self.v_conv(v, segment_ids=seg, mask=mask)
-        else:
-            q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-        q = q.reshape(B, T, H, dk)
-        k = k.reshape(B, T * n, H, dk)
-        v = v.reshape(B, T * n, H, dv)
-        beta = self._beta(x)
-        g = self._gate(x) if c.use_forget_gate else None
-        if mask is not None:
-            beta = jnp.where(mask[..., None], beta, 0)
-            g = None if g is None else jnp.where(mask[..., None], g, 0.0)
-        beta = beta.reshape(B, T * n, H)
+        inp, cache = self._op_inputs(x, seq, windows=return_cache)
         o, state = delta_product(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            num_householder=n,
-            segment_ids=seg,
+            inp["q"],
+            inp["k"],
+            inp["v"],
+            inp["beta"],
+            inp["g"],
+            num_householder=self.config.num_householder,
+            segment_ids=inp["segment_ids"],
             output_final_state=return_cache,
             use_qk_l2norm=True,
-            impl=c.impl,
+            impl=self.config.impl,
         )
         out = self._output(o, x)
         if not return_cache:

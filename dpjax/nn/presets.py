@@ -68,24 +68,16 @@ _PRESETS: dict[str, dict[str, Any]] = {
     for name, d, h, n, ctx in _PAPER_TABLE
 }
 _PRESETS["tiny"] = dict(
+    _PAPER_COMMON,  # the paper's architecture, shrunk
     vocab_size=256,
     hidden_size=128,
     num_hidden_layers=2,
     num_heads=2,
     head_dim=32,
-    expand_v=1,
     num_householder=2,
-    allow_neg_eigval=True,
-    use_short_conv=True,
-    use_forget_gate=False,
-    use_output_gate=False,
-    hidden_ratio=4,
-    norm_eps=1e-6,
     initializer_range=0.02,
-    tie_word_embeddings=True,
     max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
+    use_cache=True,
 )
 _PRESETS["tiny-hybrid"] = dict(
     _PRESETS["tiny"],

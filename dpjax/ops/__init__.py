@@ -74,17 +74,21 @@ def _auto_reasons(shape: CallShape, dtype) -> dict[str, str | None]:
     return reasons
 
 
-def _select(impl: str, shape: CallShape, dtype) -> str:
+def _reasons(impl: str, shape: CallShape, dtype) -> dict[str, str | None]:
+    """``{candidate: None if supported else reason}``: the auto candidates, or ``impl`` alone."""
     if impl == "auto":
-        reasons = _auto_reasons(shape, dtype)
-        for name in _AUTO_ORDER:
-            if reasons[name] is None:
-                return name
+        return _auto_reasons(shape, dtype)
+    return {impl: _reason_unsupported(impl, shape, dtype)}
+
+
+def _select(impl: str, reasons: dict[str, str | None]) -> str:
+    """The first supported candidate of ``_reasons(impl, ...)`` (ordered), else ``ValueError``."""
+    for name, reason in reasons.items():
+        if reason is None:
+            return name
+    if impl == "auto":
         raise ValueError(f"impl='auto': no implementation supports this call: {reasons}")
-    reason = _reason_unsupported(impl, shape, dtype)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} does not support this call: {reason}")
-    return impl
+    raise ValueError(f"impl={impl!r} does not support this call: {reasons[impl]}")
 
 
 def explain_impl(q, k, v, beta, g=None, **kwargs) -> tuple[str, dict[str, str | None]]:
@@ -94,12 +98,8 @@ def explain_impl(q, k, v, beta, g=None, **kwargs) -> tuple[str, dict[str, str | 
     """
     impl = kwargs.get("impl", "auto")
     shape = _validate_call(q, k, v, beta, g, **kwargs)
-    reasons = (
-        _auto_reasons(shape, jnp.result_type(q))
-        if impl == "auto"
-        else {impl: _reason_unsupported(impl, shape, jnp.result_type(q))}
-    )
-    return _select(impl, shape, jnp.result_type(q)), reasons
+    reasons = _reasons(impl, shape, jnp.result_type(q))
+    return _select(impl, reasons), reasons
 
 
 def _validate_call(
@@ -191,7 +191,7 @@ def delta_product(
         cu_seqlens=cu_seqlens,
         impl=impl,
     )
-    name = _select(impl, shape, jnp.result_type(q))
+    name = _select(impl, _reasons(impl, shape, jnp.result_type(q)))
     # Inside ``sharded.batch_parallel(mesh, ...)`` kernels run per device under shard_map.
     forward = sharded.wrap_forward(name, _load(name).forward)
     scale = shape.key_dim**-0.5 if scale is None else float(scale)

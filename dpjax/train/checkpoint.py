@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import json
@@ -240,14 +241,10 @@ def restore_from_dir(
         if "model" not in config:
             raise ValueError(f"checkpoint config in {ckpt_dir} has no 'model' entry: {config}")
         factory = config.get("model_factory", DEFAULT_MODEL_FACTORY)
-        if build_model is None:
+        make = build_model or functools.partial(build_from_factory, factory)
 
-            def build():
-                return build_from_factory(factory, config["model"])
-        else:
-
-            def build():
-                return build_model(config["model"])
+        def build():
+            return make(config["model"])
 
         mesh = mesh or mesh_lib.make_mesh()
         rules = rules or mesh_lib.default_rules()

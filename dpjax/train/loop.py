@@ -423,7 +423,7 @@ def train(
             )
             for name, arrays in eval_sets.items()
         }
-        flat = {k: v for name, r in res.items() for k, v in r.scalars(name).items()}
+        flat = _flat_scalars(res)
         logger.write(step, flat)
         if flat:
             progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in flat.items()))
@@ -523,10 +523,15 @@ def op_batch_parallel(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextMana
     return sharded.batch_parallel(mesh, mesh_lib.BATCH_AXES)
 
 
+def _flat_scalars(results: Mapping[str, EvalResult]) -> dict[str, float]:
+    """``{"<set>/<metric>": value}`` over every eval set's scalars."""
+    return {k: v for name, r in results.items() for k, v in r.scalars(name).items()}
+
+
 def _reached(cfg: TrainConfig, results: Mapping[str, EvalResult]) -> bool:
     if cfg.early_stop_metric is None:
         return False
-    flat = {k: v for name, r in results.items() for k, v in r.scalars(name).items()}
+    flat = _flat_scalars(results)
     if cfg.early_stop_metric not in flat:
         raise ValueError(
             f"early_stop_metric {cfg.early_stop_metric!r} is not an eval metric; "
