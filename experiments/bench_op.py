@@ -222,11 +222,6 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
 def backward_stage_fns(c: Case, inputs: dict) -> dict[str, tuple]:
     """The four backward kernels alone (``pallas_kernels.backward`` stages), each on the outputs
     of the previous ones, plus the whole backward (kernels + the JAX gate glue)."""
-    from pallas_kernels.backward_output import output_backward
-    from pallas_kernels.backward_recompute import recompute
-    from pallas_kernels.backward_state_pass import state_pass_backward
-    from pallas_kernels.backward_wy import wy_backward
-
     n, scale = c.n, c.K**-0.5
     cfg = dp_pallas.backward_config_for(c.K, c.V)
     q, k, v, beta, g, do = (inputs[x] for x in ("q", "k", "v", "beta", "g", "do"))
@@ -243,83 +238,12 @@ def backward_stage_fns(c: Case, inputs: dict) -> dict[str, tuple]:
             q, k, v, beta, res, do, None, num_householder=n, scale=scale, config=cfg
         )
     )(q, k, v, beta, res, do)
-    gam = fdec = gam_tok = None
-    if res.gate_substeps is not None:
-        gam, fdec = kernel_backward.chunk_gate_vectors(res.gate_substeps)
-        gam_tok = kernel_backward.chunk_gate_vectors(res.gate_tokens)[0]
+    gam, fdec, gam_tok = kernel_backward.gate_vectors(res)
     dht = jnp.zeros((c.B, c.H, c.K, c.V), jnp.float32)
-    rc = jax.jit(
-        lambda a, k, v, b, h, q, do, gam, fdec, gt: recompute(
-            a,
-            k,
-            v,
-            b,
-            h,
-            q,
-            do,
-            gam,
-            fdec,
-            gt,
-            num_householder=n,
-            scale=scale,
-            block_v=cfg.recompute_block_v,
-            num_warps=cfg.recompute_warps,
-            num_stages=cfg.recompute_stages,
-            interpret=default_interpret(),
-        )
+    kern = kernel_backward.stage_kernels(
+        cfg, num_householder=n, scale=scale, interpret=default_interpret()
     )
-    sp = jax.jit(
-        lambda a, k, b, dvo, q, do, dht, gam, fdec, gt: state_pass_backward(
-            a,
-            k,
-            b,
-            dvo,
-            q,
-            do,
-            dht,
-            gam,
-            fdec,
-            gt,
-            num_householder=n,
-            scale=scale,
-            block_v=cfg.state_block_v,
-            num_warps=cfg.state_warps,
-            num_stages=cfg.state_stages,
-            interpret=default_interpret(),
-        )
-    )
-    ob = jax.jit(
-        lambda q, do, h, k, vn, gt: output_backward(
-            q,
-            do,
-            h,
-            k,
-            vn,
-            gt,
-            num_householder=n,
-            scale=scale,
-            num_warps=cfg.output_warps,
-            num_stages=cfg.output_stages,
-            interpret=default_interpret(),
-        )
-    )
-    wy = jax.jit(
-        lambda a, k, v, b, hil, dhil, vn, dvn, dko, gs: wy_backward(
-            a,
-            k,
-            v,
-            b,
-            hil,
-            dhil,
-            vn,
-            dvn,
-            dko,
-            gs,
-            num_warps=cfg.wy_warps,
-            num_stages=cfg.wy_stages,
-            interpret=default_interpret(),
-        )
-    )
+    rc, sp, ob, wy = (jax.jit(kern[name]) for name in ("recompute", "state_pass", "output", "wy"))
     h_il = res.h if st["h_il"] is None else st["h_il"]
     return {
         "bwd_recompute": (rc, (res.a, k, v, beta, res.h, q, do, gam, fdec, res.gate_tokens)),

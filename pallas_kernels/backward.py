@@ -22,7 +22,9 @@ inside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,56 @@ def reverse_local_cumsum(x: jax.Array) -> jax.Array:
     return (total - jnp.cumsum(x, axis=-1) + x).reshape(shape)
 
 
+def stage_kernels(
+    config: BackwardConfig,
+    *,
+    num_householder: int,
+    scale: float,
+    interpret: bool,
+    poison: bool = False,
+) -> dict[str, Callable]:
+    """The four backward kernels with their launch parameters bound (one place for the mapping
+    from ``config`` to each stage; ``stages`` and the benchmark both call through it)."""
+    common = dict(interpret=interpret, poison=poison)
+    op = dict(num_householder=num_householder, scale=scale)
+    return {
+        "recompute": partial(
+            recompute,
+            **op,
+            block_v=config.recompute_block_v,
+            num_warps=config.recompute_warps,
+            num_stages=config.recompute_stages,
+            **common,
+        ),
+        "state_pass": partial(
+            state_pass_backward,
+            **op,
+            block_v=config.state_block_v,
+            num_warps=config.state_warps,
+            num_stages=config.state_stages,
+            **common,
+        ),
+        "output": partial(
+            output_backward,
+            **op,
+            num_warps=config.output_warps,
+            num_stages=config.output_stages,
+            **common,
+        ),
+        "wy": partial(
+            wy_backward, num_warps=config.wy_warps, num_stages=config.wy_stages, **common
+        ),
+    }
+
+
+def gate_vectors(res: Residuals) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+    """``(gam, fdec, gam_tok)`` per-chunk decay vectors of the saved log-gates (Nones ungated)."""
+    if res.gate_substeps is None:
+        return None, None, None
+    gam, fdec = chunk_gate_vectors(res.gate_substeps)
+    return gam, fdec, chunk_gate_vectors(res.gate_tokens)[0]
+
+
 def stages(
     q: jax.Array,
     k: jax.Array,
@@ -101,74 +153,13 @@ def stages(
     dop = pad_to(pad_to(do.astype(q.dtype), 3, Vp), 1, padded_length(T))
     dhtp = jnp.zeros((B, H, Kp, Vp), jnp.float32) if dht is None else pad_state(dht, Kp, Vp)
     gate_tok, gate_sub = res.gate_tokens, res.gate_substeps
-    decay = gate_sub is not None
-    gam, fdec = chunk_gate_vectors(gate_sub) if decay else (None, None)
-    gam_tok = chunk_gate_vectors(gate_tok)[0] if decay else None
-    common = dict(interpret=interpret, poison=poison)
-
-    vnew, h_il, dv_out = recompute(
-        res.a,
-        kp,
-        vp,
-        bp,
-        res.h,
-        qp,
-        dop,
-        gam,
-        fdec,
-        gate_tok,
-        num_householder=n,
-        scale=scale,
-        block_v=config.recompute_block_v,
-        num_warps=config.recompute_warps,
-        num_stages=config.recompute_stages,
-        **common,
-    )
-    dvnew, dh_il, dh0 = state_pass_backward(
-        res.a,
-        kp,
-        bp,
-        dv_out,
-        qp,
-        dop,
-        dhtp,
-        gam,
-        fdec,
-        gam_tok,
-        num_householder=n,
-        scale=scale,
-        block_v=config.state_block_v,
-        num_warps=config.state_warps,
-        num_stages=config.state_stages,
-        **common,
-    )
-    dq, dk_out, dG_tok = output_backward(
-        qp,
-        dop,
-        res.h,
-        kp,
-        vnew,
-        gate_tok,
-        num_householder=n,
-        scale=scale,
-        num_warps=config.output_warps,
-        num_stages=config.output_stages,
-        **common,
-    )
-    dk, dv, dbeta, dG_il = wy_backward(
-        res.a,
-        kp,
-        vp,
-        bp,
-        res.h if h_il is None else h_il,
-        dh_il,
-        vnew,
-        dvnew,
-        dk_out,
-        gate_sub,
-        num_warps=config.wy_warps,
-        num_stages=config.wy_stages,
-        **common,
+    gam, fdec, gam_tok = gate_vectors(res)
+    kern = stage_kernels(config, num_householder=n, scale=scale, interpret=interpret, poison=poison)
+    vnew, h_il, dv_out = kern["recompute"](res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok)
+    dvnew, dh_il, dh0 = kern["state_pass"](res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok)
+    dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
+    dk, dv, dbeta, dG_il = kern["wy"](
+        res.a, kp, vp, bp, res.h if h_il is None else h_il, dh_il, vnew, dvnew, dk_out, gate_sub
     )
     return dict(
         vnew=vnew,
