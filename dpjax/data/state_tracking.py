@@ -11,8 +11,8 @@ Two kinds of training data, both deterministic functions of ``seed``:
 * fixed (the paper): ``train_samples`` distinct length-``k`` sequences, split
   ``1-val_fraction`` / ``val_fraction`` into train and validation, plus ``test_samples`` distinct
   length-``k_test`` sequences for the extrapolation test. Training batches come from
-  ``MapDataset.shuffle().repeat(epochs).batch(drop_remainder=True)`` — reshuffled every epoch
-  (batches may straddle an epoch boundary; ``steps_per_epoch`` is ``n_train / batch_size``).
+  one gather per batch from a permutation drawn per epoch — reshuffled every epoch (batches may
+  straddle an epoch boundary; ``steps_per_epoch`` is ``n_train / batch_size``).
 * stream: fresh i.i.d. length-``k`` sequences forever; batch ``i`` is drawn from
   ``np.random.default_rng([seed, 2, i])`` (validation and test sets stay fixed).
 
@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ NUM_SPECIAL_TOKENS = 7
 _SPECIALS = ("[PAD]", "[BOS]", "[UNK]", "[EOS]", "[SEP]", "[CLS]", "[MASK]")
 
 # Sub-seeds: one independent random stream per purpose, all derived from the user's seed.
-_TRAIN_FILE, _TEST_FILE, _STREAM, _SPLIT = 0, 1, 2, 3
+_TRAIN_FILE, _TEST_FILE, _STREAM, _SPLIT, _SHUFFLE = 0, 1, 2, 3, 4
 
 
 def absl_flags_workaround() -> None:
@@ -232,15 +233,31 @@ def make_fixed_splits(
     return train, val, test
 
 
-class _Gather:
-    """Grain map: a batch of row indices -> the rows of the fixed arrays (picklable)."""
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(n)
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
 
-    def __call__(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        idx = np.asarray(idx)
-        return {name: a[idx] for name, a in self.arrays.items()}
+class _ShuffledBatch:
+    """Grain map: global batch index -> this process's rows of it (picklable, random access).
+
+    The training rows are read as one stream, reshuffled every epoch; global batch ``i`` is
+    stream positions ``[i B, (i+1) B)`` (a batch may straddle two epochs) and process ``s`` of
+    ``S`` takes every ``S``-th of them. Vectorised: one gather per batch, no per-row Python.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int, shard: slice):
+        self.arrays, self.batch_size, self.seed, self.shard = arrays, batch_size, seed, shard
+        self.n = len(next(iter(arrays.values())))
+
+    def __call__(self, i) -> dict[str, np.ndarray]:
+        pos = np.arange(int(i) * self.batch_size, (int(i) + 1) * self.batch_size)[self.shard]
+        epoch, offset = np.divmod(pos, self.n)
+        rows = np.empty_like(pos)
+        for e in np.unique(epoch):
+            here = epoch == e
+            rows[here] = _epoch_permutation(self.n, self.seed, int(e))[offset[here]]
+        return {name: a[rows] for name, a in self.arrays.items()}
 
 
 class _StreamBatch:
@@ -295,10 +312,11 @@ def train_dataset(
         if train is None:
             raise ValueError("train_dataset: the fixed training split is required (stream=False)")
         n = len(train["input_ids"])
-        ds = grain.MapDataset.range(n).seed(cfg.seed).shuffle().repeat(cfg.epochs)
-        if shard_count > 1:
-            ds = ds[shard_index::shard_count]
-        ds = ds.batch(local_bs, drop_remainder=True).map(_Gather(train))
+        n_batches = 2**62 if cfg.epochs is None else (n * cfg.epochs) // cfg.batch_size
+        shard = slice(shard_index, None, shard_count)
+        ds = grain.MapDataset.range(n_batches).map(
+            _ShuffledBatch(train, cfg.batch_size, cfg.seed, shard)
+        )
     options = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     return ds.to_iter_dataset(read_options=options)
 
