@@ -34,3 +34,8 @@ def int_or_none(value: str) -> int | None:
         return int(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected an integer or None, got {value!r}") from err
+
+
+def str_or_none(value: str) -> str | None:
+    """argparse type: a string, or ``None``/``none``/``off`` to disable."""
+    return None if value.strip().lower() in ("none", "off", "") else value

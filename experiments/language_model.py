@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cli_types import float_or_none, int_or_none, str2bool
+from cli_types import float_or_none, int_or_none, str2bool, str_or_none
 
 RUN_CONFIG = "config.json"
 MODEL_FACTORY = "dpjax.train.checkpoint:build_delta_product_lm"
@@ -287,7 +287,20 @@ def _add_train(sub) -> None:
     )
     r.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
     r.add_argument("--tensorboard", type=str2bool, default=True, help="write TensorBoard events")
+    _add_compilation_cache(r)
     _add_distributed(p)
+
+
+def _add_compilation_cache(p: argparse.ArgumentParser) -> None:
+    from dpjax.train.compile_cache import DEFAULT_DIR
+
+    p.add_argument(
+        "--compilation_cache",
+        type=str_or_none,
+        default=DEFAULT_DIR,
+        help="directory of JAX's persistent compilation cache: a rerun with the same model and "
+        "shapes skips the minutes-long GPU compile (None: off)",
+    )
 
 
 def _add_load(p: argparse.ArgumentParser) -> None:
@@ -321,6 +334,7 @@ def _add_eval(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_load(p)
+    _add_compilation_cache(p)
     p.add_argument("--data", default=None, help="shard directory (default: the run's)")
     p.add_argument("--split", default="validation", help="split to evaluate")
     p.add_argument("--out", default=None, help="output directory (default <run>/eval)")
@@ -368,6 +382,7 @@ def _add_generate(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_load(p)
+    _add_compilation_cache(p)
     p.add_argument("--prompt", default="", help="prompt text (a BOS is prepended)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this file instead")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate")
@@ -911,6 +926,10 @@ def main(argv: list[str] | None = None) -> Any:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "compilation_cache", None):
+            from dpjax.train.compile_cache import enable_compilation_cache
+
+            enable_compilation_cache(args.compilation_cache)
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")

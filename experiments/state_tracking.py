@@ -24,11 +24,12 @@ import time
 from typing import Any
 
 import jax
-from cli_types import float_or_none, int_or_none, str2bool
+from cli_types import float_or_none, int_or_none, str2bool, str_or_none
 from flax import nnx
 
 from dpjax.data.state_tracking import StateTrackingDataConfig, build, make_fixed_splits
 from dpjax.eval.accuracy import AccuracyCurve, default_table_lengths, format_table, plot_curves
+from dpjax.train import compile_cache
 from dpjax.train import mesh as mesh_lib
 from dpjax.train.checkpoint import restore_from_dir
 from dpjax.train.loop import TrainConfig, evaluate, op_batch_parallel, train
@@ -201,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter-sharding mesh axis size (1: pure data parallel)",
     )
     run.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
+    run.add_argument(
+        "--compilation_cache",
+        type=str_or_none,
+        default=compile_cache.DEFAULT_DIR,
+        help="directory of JAX's persistent compilation cache: later runs of the same model and "
+        "shapes (a sweep's seeds) skip the minutes-long GPU compile (None: off)",
+    )
     return p
 
 
@@ -332,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or evaluate) one configuration; returns the summary also saved as results.json."""
     out_dir = args.out_dir or default_out_dir(args)
     os.makedirs(out_dir, exist_ok=True)
+    compile_cache.enable_compilation_cache(args.compilation_cache)
     label = model_label(args.num_householder, args.allow_neg_eigval, args.n_layers)
     if args.eval_only:
         return _eval_only(args, out_dir)

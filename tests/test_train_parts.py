@@ -1,6 +1,9 @@
 """Pieces of the training code: accuracy-vs-length curves on hand-made predictions, the loss and
 metrics, the optimizer's schedule and weight-decay mask, mesh sharding rules."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,7 @@ from dpjax.eval.accuracy import (
     prefix_correct_counts,
 )
 from dpjax.train import mesh as mesh_lib
+from dpjax.train.compile_cache import enable_compilation_cache
 from dpjax.train.logging import MetricsLogger, scalars
 from dpjax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer, make_schedule
 from dpjax.train.step import token_loss_and_metrics
@@ -209,3 +213,26 @@ def test_metrics_logger(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     assert '"step": 3' in line and '"a": 1.5' in line and "vec" not in line
     assert scalars({"x": np.array([4.0])}) == {"x": 4.0}
+
+
+def test_compilation_cache_stores_and_reuses_programs(tmp_path):
+    # in a subprocess: the cache directory is process-global JAX configuration
+    script = f"""
+import jax, jax.numpy as jnp
+from dpjax.train.compile_cache import enable_compilation_cache
+enable_compilation_cache({str(tmp_path / "cache")!r}, min_compile_seconds=0.0)
+f = jax.jit(lambda x: jnp.sin(x) @ x.T)
+print(float(f(jnp.ones((8, 8))).sum()))
+"""
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    first = run()
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert any("jit__lambda" in e for e in entries), entries
+    second = run()
+    assert second.stdout == first.stdout
+    assert (
+        sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
+    )  # reused, not rewritten
+    assert enable_compilation_cache(None) is None
