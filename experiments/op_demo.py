@@ -6,6 +6,7 @@ python experiments/op_demo.py --batch 2 --tokens 512 --heads 4 --dim 64 --househ
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jax
@@ -27,6 +28,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--impls", default="reference,chunked", help="comma-separated implementations to run"
     )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="q/k/v/beta dtype"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after the first (median)")
     return p.parse_args()
 
 
@@ -38,26 +43,32 @@ def main() -> None:
     k = dpjax.ops.l2norm(jax.random.normal(ks[1], (B, T * n, H, D)))
     v = jax.random.normal(ks[2], (B, T * n, H, D))
     beta = 2 * jax.nn.sigmoid(jax.random.normal(ks[3], (B, T * n, H)))
+    q, k, v, beta = (x.astype(a.dtype) for x in (q, k, v, beta))
     g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H))) if a.gated else None
-    print(f"backend={jax.default_backend()} B={B} T={T} H={H} K=V={D} n_h={n} gated={a.gated}")
+    print(
+        f"backend={jax.default_backend()} B={B} T={T} H={H} K=V={D} n_h={n} gated={a.gated} "
+        f"dtype={a.dtype}"
+    )
     outputs = {}
     for impl in a.impls.split(","):
 
         def loss(q, k, v, beta, impl=impl):
             o, _ = dpjax.delta_product(q, k, v, beta, g, impl=impl)
-            return jnp.sum(o * o), o
+            return jnp.sum(jnp.square(o.astype(jnp.float32))), o
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
         t0 = time.perf_counter()
         jax.block_until_ready(step(q, k, v, beta))
         compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        (_, o), grads = jax.block_until_ready(step(q, k, v, beta))
-        run_s = time.perf_counter() - t0
-        outputs[impl] = o
+        times = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            (_, o), grads = jax.block_until_ready(step(q, k, v, beta))
+            times.append(time.perf_counter() - t0)
+        outputs[impl] = o.astype(jnp.float32)
         print(
-            f"{impl:>10}: forward+gradient {1e3 * run_s:8.1f} ms "
-            f"(first call incl. compile {compile_s:.1f} s)"
+            f"{impl:>10}: forward+gradient {1e3 * statistics.median(times):8.1f} ms median of "
+            f"{a.repeats} (first call incl. compile {compile_s:.1f} s)"
         )
     names = list(outputs)
     for other in names[1:]:
