@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -219,15 +220,20 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
     }
 
 
-def backward_stage_fns(c: Case, inputs: dict) -> dict[str, tuple]:
-    """The four backward kernels alone (``pallas_kernels.backward`` stages), each on the outputs
-    of the previous ones, plus the whole backward (kernels + the JAX gate glue)."""
+def backward_stage_fns(
+    c: Case, inputs: dict, cfg: kernel_backward.BackwardConfig | None = None
+) -> dict[str, tuple]:
+    """The backward kernels alone (``pallas_kernels.backward`` stages, as ``cfg`` selects them),
+    each on the outputs of the previous ones, plus the whole backward (kernels + the JAX gate
+    glue)."""
     n, scale = c.n, c.K**-0.5
-    cfg = dp_pallas.backward_config_for(c.K, c.V)
+    cfg = cfg or dp_pallas.backward_config_for(c.K, c.V)
     q, k, v, beta, g, do = (inputs[x] for x in ("q", "k", "v", "beta", "g", "do"))
-    _, _, res = jax.jit(lambda *a: kernels.forward(*a, None, None, num_householder=n, scale=scale))(
-        q, k, v, beta, g
-    )
+    _, _, res = jax.jit(
+        lambda *a: kernels.forward(
+            *a, None, None, num_householder=n, scale=scale, save_states=cfg.save_states
+        )
+    )(q, k, v, beta, g)
     whole = jax.jit(
         lambda q, k, v, beta, res, do: kernel_backward.backward(
             q, k, v, beta, res, do, None, num_householder=n, scale=scale, config=cfg
@@ -243,17 +249,28 @@ def backward_stage_fns(c: Case, inputs: dict) -> dict[str, tuple]:
     kern = kernel_backward.stage_kernels(
         cfg, num_householder=n, scale=scale, interpret=default_interpret()
     )
-    rc, sp, ob, wy = (jax.jit(kern[name]) for name in ("recompute", "state_pass", "output", "wy"))
-    h_il = res.h if st["h_il"] is None else st["h_il"]
-    return {
-        "bwd_recompute": (rc, (res.a, k, v, beta, res.h, q, do, gam, fdec, res.gate_tokens)),
-        "bwd_state_pass": (
-            sp,
-            (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok),
-        ),
-        "bwd_output": (ob, (q, do, res.h, k, st["vnew"], res.gate_tokens)),
-        "bwd_wy": (
-            wy,
+    jit = lambda name, **kw: jax.jit(functools.partial(kern[name], **kw))
+    out = {}
+    if res.v_new is None:
+        out["bwd_recompute"] = (
+            jit("recompute"),
+            (res.a, k, v, beta, res.h, q, do, gam, fdec, res.gate_tokens),
+        )
+    elif not cfg.output_dv:
+        out["bwd_dv_out"] = (jit("dv_out"), (k, q, do, res.gate_tokens))
+    output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
+    if res.v_new is not None and cfg.output_dv:
+        out["bwd_output"] = (jit("output", with_dv_out=True), output_args)
+    else:
+        out["bwd_output"] = (jit("output"), output_args)
+    out["bwd_state_pass"] = (
+        jit("state_pass"),
+        (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok),
+    )
+    if cfg.wy_fused:
+        h_il = kernel_backward.interleaved_states(res.h, st["h_mid"], n)
+        out["bwd_wy_fused"] = (
+            jit("wy_fused"),
             (
                 res.a,
                 k,
@@ -266,19 +283,109 @@ def backward_stage_fns(c: Case, inputs: dict) -> dict[str, tuple]:
                 st["dk_out"],
                 res.gate_substeps,
             ),
-        ),
-        "bwd_total": (whole, (q, k, v, beta, res, do)),
-    }
+        )
+    else:
+        out["bwd_state_adjoint"] = (
+            jit("state_adjoint"),
+            (res.h, st["h_mid"], st["dh_il"], st["vnew"], st["dvnew"], st["dk_out"], k, gam, fdec),
+        )
+        out["bwd_wy"] = (
+            jit("wy"),
+            (res.a, k, v, beta, st["dw"], st["dvnew"], st["dkp"], res.gate_substeps, st["dG_st"]),
+        )
+    out["bwd_total"] = (whole, (q, k, v, beta, res, do))
+    return out
 
 
-def memory_report(log: Callable) -> list[dict]:
+# the previous backward (before 2026-11-23 later): recompute stage, output adjoint at 8 warps,
+# the fused stage 3 + 4 kernel at 8 warps
+OLD_BACKWARD = kernel_backward.BackwardConfig(save_states=False, wy_fused=True, output_warps=8)
+
+BWD_TUNE_SPACE = {  # stage -> variants (BackwardConfig fields); the first is the default
+    "bwd_state_pass": [
+        dict(state_block_v=bv, state_warps=w, state_stages=s)
+        for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2))
+    ],
+    "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4)],
+    "bwd_wy": [
+        dict(wy_warps=w, wy_block=b, wy_split=sp)
+        for w, b, sp in ((4, 64, False), (8, 64, False), (8, 128, False), (4, 64, True))
+    ],
+    "bwd_output": [dict(output_warps=w) for w in (8, 4)],
+    "bwd_dv_out": [dict(dv_block_v=bv, dv_warps=w) for bv, w in ((64, 4), (128, 4))],
+}
+STAGE_KERNEL = {
+    "bwd_state_pass": "state_pass",
+    "bwd_state_adjoint": "state_adjoint",
+    "bwd_wy": "wy",
+    "bwd_output": "output",
+    "bwd_dv_out": "dv_out",
+}
+
+
+def bwd_tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list[dict]]:
+    """Time every backward stage variant alone, side by side, on the same stage inputs (plus the
+    previous fused stage 3 + 4 kernel, the output adjoint computing ``dv_out`` and the recompute
+    stage); return the fastest fields and all records. Variants that fail to compile are
+    reported and skipped."""
+    records = []
+    totals: dict[str, dict[int, float]] = {s: {} for s in BWD_TUNE_SPACE}
+    base = kernel_backward.BackwardConfig()
+    for c in cases:
+        inputs = make_inputs(c, seed=1)
+        base_fns = backward_stage_fns(c, inputs, base)
+        fns, labels = {}, {}
+        for stage, variants in BWD_TUNE_SPACE.items():
+            args = base_fns[stage][1]
+            for i, fields in enumerate(variants):
+                try:
+                    cfg = dataclasses.replace(base, **fields)
+                    kern = kernel_backward.stage_kernels(
+                        cfg, num_householder=c.n, scale=c.K**-0.5, interpret=default_interpret()
+                    )
+                    f = jax.jit(kern[STAGE_KERNEL[stage]])
+                    jax.block_until_ready(f(*args))
+                    fns[(stage, i)] = lambda f=f, a=args: f(*a)
+                    labels[(stage, i)] = fields
+                except Exception as err:
+                    log(f"bwd tune {stage} {fields} failed: {err!r:.300}")
+        extra = {
+            ("bwd_wy_fused", 0): (dict(wy_fused=True), "bwd_wy_fused"),
+            ("bwd_output_dv", 0): (dict(output_dv=True), "bwd_output"),
+            ("bwd_recompute", 0): (dict(save_states=False), "bwd_recompute"),
+        }
+        for key, (fields, stage) in extra.items():
+            try:
+                f, a = backward_stage_fns(c, inputs, dataclasses.replace(base, **fields))[stage]
+                fns[key] = lambda f=f, a=a: f(*a)
+                labels[key] = fields
+            except Exception as err:
+                log(f"bwd tune {key} failed: {err!r:.300}")
+        times = time_round_robin(fns, [()], repeats, iters_for(c))
+        for (stage, i), t in times.items():
+            if stage in totals:
+                totals[stage][i] = totals[stage].get(i, 0.0) + t
+            rec = dict(kind="bwd_tune", case=c.label, stage=stage, **labels[(stage, i)], ms=t)
+            records.append(rec)
+            log(json.dumps(rec))
+    best = {}
+    for stage, by_variant in totals.items():
+        if by_variant:
+            best.update(BWD_TUNE_SPACE[stage][min(by_variant, key=by_variant.get)])
+    return best, records
+
+
+def memory_report(log: Callable, with_chunked: bool = True) -> list[dict]:
     """Compiled memory analysis of one layer's forward+backward (grad of ``<o, do>`` w.r.t.
-    q, k, v, beta) at B=4, T=4096, H=8, K=V=128, n_h=2, bf16: pallas vs chunked."""
+    q, k, v, beta) at B=4, T=4096, H=8, K=V=128, n_h=2, bf16: pallas (vs chunked)."""
     c = Case(4, 4096, 8, 128, 128, 2, False)
     x = make_inputs(c, seed=0)
     args = tuple(x[n] for n in ("q", "k", "v", "beta", "g", "do"))
     records = []
-    for name, impl in (("pallas", dp_pallas.forward), ("chunked", chunked.forward)):
+    impls = [("pallas", dp_pallas.forward)]
+    if with_chunked:
+        impls.append(("chunked", chunked.forward))
+    for name, impl in impls:
         _, fb = op_fns(impl, c)
         m = fb.lower(*args).compile().memory_analysis()
         rec = dict(
@@ -358,6 +465,16 @@ def main() -> None:
         "--bwd-stages", action="store_true", help="also time each backward kernel alone"
     )
     ap.add_argument(
+        "--bwd-tune",
+        action="store_true",
+        help="time backward stage variants alone first (n_h = 1, 2), use the best",
+    )
+    ap.add_argument(
+        "--bwd-old",
+        action="store_true",
+        help="also time the op with the previous backward (recompute + fused stage 3 + 4)",
+    )
+    ap.add_argument(
         "--memory", action="store_true", help="compiled memory of fwd+bwd (pallas vs chunked)"
     )
     ap.add_argument("--tune", action="store_true", help="sweep kernel tiles first, use the best")
@@ -407,11 +524,22 @@ def main() -> None:
             json.dump(records, fh, indent=1)
         return
     dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c  # the op uses this config
+    bconfig = kernel_backward.BackwardConfig()
+    if args.bwd_tune:
+        tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[1]]
+        best, tune_records = bwd_tune(tune_cases, args.repeats, log)
+        records += tune_records
+        bconfig = dataclasses.replace(bconfig, **best)
+        log(f"tuned backward config: {bconfig}")
+        save(args, dev.device_kind, config, records, echo=False)
+    dp_pallas.backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c
     if args.memory:
-        records += memory_report(log)
+        records += memory_report(log, with_chunked=not args.no_chunked)
         save(args, dev.device_kind, config, records, echo=False)
 
     impls = {"pallas": dp_pallas.forward}
+    if args.bwd_old:
+        impls["pallas_old_bwd"] = dp_pallas.forward  # traced with OLD_BACKWARD (below)
     if not args.no_chunked:
         impls["chunked"] = chunked.forward
     for index, c in enumerate(cases):
@@ -423,13 +551,19 @@ def main() -> None:
             case_impls["reference"] = reference.forward
         fwd_fns, bwd_fns, compiles = {}, {}, {}
         for name, impl in case_impls.items():
+            if name == "pallas_old_bwd":  # same forward kernels; timed for fwd+bwd only
+                if not with_bwd:
+                    continue
+                dp_pallas.backward_config_for = lambda key_dim, value_dim: OLD_BACKWARD
             f, fb = op_fns(impl, c)
             try:
-                fwd_fns[name], compiles[(name, "fwd")] = compile_time(f, arg_sets[0])
+                if name != "pallas_old_bwd":
+                    fwd_fns[name], compiles[(name, "fwd")] = compile_time(f, arg_sets[0])
                 if with_bwd:
                     bwd_fns[name], compiles[(name, "fwdbwd")] = compile_time(fb, arg_sets[0])
             except Exception as err:
                 log(f"{c.label} {name} failed: {err!r:.500}")
+            dp_pallas.backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c
         iters = iters_for(c)
         for mode, fns in (("fwd", fwd_fns), ("fwdbwd", bwd_fns)):
             if not fns:
@@ -448,7 +582,7 @@ def main() -> None:
                 records.append(rec)
                 log(json.dumps(rec))
         if args.bwd_stages:
-            stages = backward_stage_fns(c, inputs[0])
+            stages = backward_stage_fns(c, inputs[0], bconfig)
             fns = {s: (lambda f=f, a=a: f(*a)) for s, (f, a) in stages.items()}
             for s, ms in time_round_robin(fns, [()], args.repeats, iters).items():
                 rec = dict(kind="stage", case=c.label, **dataclasses.asdict(c), stage=s, ms=ms)
@@ -526,7 +660,10 @@ def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Ca
         "dp_bwd_recompute": (bconf.recompute_warps, bconf.recompute_stages),
         "dp_bwd_state_pass": (bconf.state_warps, bconf.state_stages),
         "dp_bwd_output": (bconf.output_warps, bconf.output_stages),
+        "dp_bwd_state_adjoint": (bconf.adjoint_warps, bconf.adjoint_stages),
+        "dp_bwd_dv_out": (bconf.dv_warps, bconf.dv_stages),
         "dp_bwd_wy": (bconf.wy_warps, bconf.wy_stages),
+        "dp_bwd_wy_fused": (bconf.fused_warps, 1),
     }
     device = AbstractDevice("NVIDIA H100 80GB HBM3", 1, "cuda")
     mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
@@ -541,7 +678,14 @@ def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Ca
 
             def fn(*a, c=c):
                 o, final, res = kernels.forward(
-                    *a, None, None, num_householder=c.n, scale=0.1, interpret=False, config=config
+                    *a,
+                    None,
+                    None,
+                    num_householder=c.n,
+                    scale=0.1,
+                    interpret=False,
+                    config=config,
+                    save_states=True,
                 )
                 grads = kernel_backward.backward(
                     *a[:4], res, o, final, num_householder=c.n, scale=0.1, interpret=False
@@ -654,6 +798,12 @@ def markdown(records: list[dict], peers: list[dict], device: str, config) -> str
                 f"| {r['case']} | {r['gflop']:.3g} | {r['mbytes']:.3g} | "
                 f"{r['flop_ms']:.3f} | {r['byte_ms']:.3f} |"
             )
+    btunes = [r for r in records if r["kind"] == "bwd_tune"]
+    if btunes:
+        lines += ["", "| bwd tune case | stage | variant | ms |", "|---|---|---|---|"]
+        for r in btunes:
+            variant = {k: v for k, v in r.items() if k not in ("kind", "case", "stage", "ms")}
+            lines.append(f"| {r['case']} | {r['stage']} | {variant} | {r['ms']:.3f} |")
     tunes = [r for r in records if r["kind"] == "tune"]
     if tunes:
         lines += ["", "| tune case | stage | variant | ms |", "|---|---|---|---|"]

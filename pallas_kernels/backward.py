@@ -1,19 +1,24 @@
-"""The DeltaProduct backward composed from the four backward kernel stages (plain arrays).
+"""The DeltaProduct backward composed from the backward kernel stages (plain arrays).
 
 Mirror of ``dpjax.ops.chunked_backward.backward`` (same stage split; this module knows nothing of
 ``dpjax``). From the forward's residuals (``A``, the log-gates, the token-chunk start states
-``h``) and the padded inputs::
+``h`` and, when the forward ran with ``save_states``, ``v_new`` and the other interleaved
+chunk-start states ``h_mid``) and the padded inputs::
 
-    1. backward_recompute   v_new, interleaved chunk-start states h_il (n > 1), dv_out
-    2. backward_state_pass  reverse scan: complete dv_new, chunk-end state gradients dh_il, dh0
-    3. backward_output      dq (complete), the output's dk, token gate terms dG_tok
-    4. backward_wy          dk, dv (complete), dbeta, interleaved gate terms dG_il
+    0. backward_recompute      without saved states: v_new, h_mid, dv_out; else dv_out alone
+                               (or, with ``output_dv``, the output adjoint computes dv_out)
+    1. backward_output         dq (complete), the output's dk, token gate terms dG_tok
+    2. backward_state_pass     reverse scan: complete dv_new, chunk-end state gradients dh_il, dh0
+    3. backward_state_adjoint  dW, dk so far (output + state update), its gate terms
+    4. backward_wy             dk, dv (complete), dbeta, interleaved gate terms dG_il
     5. (JAX) dg = reverse local cumsum of dG_tok + that of dG_il at sub-step 0 of each token
 
-Memory: besides the residuals, the backward holds ``v_new``, ``dv_out``, ``dv_new``
-(``[B, H, L, Vp]``, input dtype), the output's ``dk`` (``[B, L, H, Kp]`` fp32) and the
-per-interleaved-chunk states and state gradients ``h_il``, ``dh_il`` (``[B, H, L/64, Kp, Vp]``,
-input dtype; ``h_il`` is ``h`` itself when ``n_h = 1``). Nothing per token is ``K x V``.
+(``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous single kernel instead.)
+
+Memory: besides the residuals, the backward holds ``dv_out``, ``dv_new`` (``[B, H, L, Vp]``,
+input dtype), the chunk-end state gradients ``dh_il`` (``[B, H, L/64, Kp, Vp]``, input dtype),
+the output's ``dk`` and stage 3's ``dW``, ``dkp`` (``[B, L, H, Kp]``-sized, fp32); without saved
+states also ``v_new`` and ``h_mid``. Nothing per token is ``K x V``.
 
 The per-row gate vectors of the reverse scan (``gam``, ``fdec`` and the token ``gam``) are
 computed here in JAX from the log-gates (``-inf`` = reset), exactly as the forward kernels do
@@ -30,16 +35,24 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backward_output import output_backward
+from pallas_kernels.backward_recompute import dv_out as dv_out_only
 from pallas_kernels.backward_recompute import recompute
+from pallas_kernels.backward_state_adjoint import state_adjoint
 from pallas_kernels.backward_state_pass import state_pass_backward
-from pallas_kernels.backward_wy import wy_backward
+from pallas_kernels.backward_wy import wy_backward, wy_backward_fused
 from pallas_kernels.common import CHUNK, default_interpret, pad_to, padded_length
 from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims
 
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """Tile sizes and Triton launch parameters of the backward stages."""
+    """Tile sizes and Triton launch parameters of the backward stages (defaults: the fastest
+    variants of ``experiments/bench_op.py --bwd-tune`` on an H100 at K = V = 128, n_h = 1, 2;
+    docs/BENCHMARKS.md), and whether the forward
+    keeps ``v_new`` and every chunk-start state for it (``save_states``, read by
+    ``dpjax.ops.pallas``; without them the recompute stage runs first)."""
+
+    save_states: bool = True
 
     recompute_block_v: int = 64
     recompute_warps: int = 8
@@ -47,10 +60,20 @@ class BackwardConfig:
     state_block_v: int = 32
     state_warps: int = 4
     state_stages: int = 3
-    output_warps: int = 8
+    output_warps: int = 4
     output_stages: int = 1
-    wy_warps: int = 8
+    output_dv: bool = False  # the output adjoint computes dv_out (else its own small kernel)
+    dv_block_v: int = 128
+    dv_warps: int = 4
+    dv_stages: int = 2
+    adjoint_warps: int = 4
+    adjoint_stages: int = 1
+    wy_warps: int = 4
     wy_stages: int = 1
+    wy_block: int = 64  # column tile of the WY kernel's [64, K|V] operands
+    wy_split: bool = False  # its fp32-operand products as two 16-bit products (else TF32)
+    wy_fused: bool = False  # stages 3 + 4 as the previous single kernel (for comparison)
+    fused_warps: int = 8  # launch parameters of that kernel
 
 
 def chunk_gate_vectors(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -83,7 +106,7 @@ def stage_kernels(
     interpret: bool,
     poison: bool = False,
 ) -> dict[str, Callable]:
-    """The four backward kernels with their launch parameters bound (one place for the mapping
+    """The backward kernels with their launch parameters bound (one place for the mapping
     from ``config`` to each stage; ``stages`` and the benchmark both call through it)."""
     common = dict(interpret=interpret, poison=poison)
     op = dict(num_householder=num_householder, scale=scale)
@@ -94,6 +117,14 @@ def stage_kernels(
             block_v=config.recompute_block_v,
             num_warps=config.recompute_warps,
             num_stages=config.recompute_stages,
+            **common,
+        ),
+        "dv_out": partial(
+            dv_out_only,
+            **op,
+            block_v=config.dv_block_v,
+            num_warps=config.dv_warps,
+            num_stages=config.dv_stages,
             **common,
         ),
         "state_pass": partial(
@@ -111,10 +142,36 @@ def stage_kernels(
             num_stages=config.output_stages,
             **common,
         ),
+        "state_adjoint": partial(
+            state_adjoint,
+            num_householder=num_householder,
+            num_warps=config.adjoint_warps,
+            num_stages=config.adjoint_stages,
+            **common,
+        ),
         "wy": partial(
-            wy_backward, num_warps=config.wy_warps, num_stages=config.wy_stages, **common
+            wy_backward,
+            block=config.wy_block,
+            split=config.wy_split,
+            num_warps=config.wy_warps,
+            num_stages=config.wy_stages,
+            **common,
+        ),
+        "wy_fused": partial(
+            wy_backward_fused, num_warps=config.fused_warps, num_stages=1, **common
         ),
     }
+
+
+def interleaved_states(h: jax.Array, h_mid: jax.Array | None, n: int) -> jax.Array:
+    """Every interleaved chunk-start state ``[B, H, NT*n, Kp, Vp]`` from the token-chunk starts
+    ``h [B, H, NT, Kp, Vp]`` and ``h_mid [B, H, NT*(n-1), Kp, Vp]`` (a copy; only the fused
+    stage 3 + 4 kernel needs it)."""
+    if n == 1:
+        return h
+    B, H, NT, Kp, Vp = h.shape
+    mid = h_mid.reshape(B, H, NT, n - 1, Kp, Vp)
+    return jnp.concatenate([h[:, :, :, None], mid], axis=3).reshape(B, H, NT * n, Kp, Vp)
 
 
 def gate_vectors(res: Residuals) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
@@ -140,9 +197,10 @@ def stages(
     interpret: bool | None = None,
     poison: bool = False,
 ) -> dict[str, jax.Array | None]:
-    """Run the four backward kernels; returns every stage output (padded layouts, as each
-    stage module documents): ``vnew, h_il, dv_out`` (1), ``dvnew, dh_il, dh0`` (2),
-    ``dq, dk_out, dG_tok`` (3), ``dk, dv, dbeta, dG_il`` (4). Arguments as ``backward``."""
+    """Run the backward kernels; returns every stage output (padded layouts, as each stage
+    module documents): ``vnew, h_mid, dv_out`` (0, or the saved residuals), ``dq, dk_out, dG_tok``
+    (1), ``dvnew, dh_il, dh0`` (2), ``dw, dkp, dG_st`` (3; None with ``wy_fused``),
+    ``dk, dv, dbeta, dG_il`` (4). Arguments as ``backward``."""
     if interpret is None:
         interpret = default_interpret()
     B, T, H, K = q.shape
@@ -155,15 +213,35 @@ def stages(
     gate_tok, gate_sub = res.gate_tokens, res.gate_substeps
     gam, fdec, gam_tok = gate_vectors(res)
     kern = stage_kernels(config, num_householder=n, scale=scale, interpret=interpret, poison=poison)
-    vnew, h_il, dv_out = kern["recompute"](res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok)
+    if res.v_new is None:  # the forward kept no states: recompute them
+        vnew, h_mid, dv_out = kern["recompute"](
+            res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
+        )
+        dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
+    elif config.output_dv:
+        vnew, h_mid = res.v_new, res.h_mid
+        dq, dk_out, dG_tok, dv_out = kern["output"](
+            qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True
+        )
+    else:
+        vnew, h_mid = res.v_new, res.h_mid
+        dv_out = kern["dv_out"](kp, qp, dop, gate_tok)
+        dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
     dvnew, dh_il, dh0 = kern["state_pass"](res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok)
-    dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
-    dk, dv, dbeta, dG_il = kern["wy"](
-        res.a, kp, vp, bp, res.h if h_il is None else h_il, dh_il, vnew, dvnew, dk_out, gate_sub
-    )
+    if config.wy_fused:
+        h_il = interleaved_states(res.h, h_mid, n)
+        dk, dv, dbeta, dG_il = kern["wy_fused"](
+            res.a, kp, vp, bp, h_il, dh_il, vnew, dvnew, dk_out, gate_sub
+        )
+        dw = dkp = dG_st = None
+    else:
+        dw, dkp, dG_st = kern["state_adjoint"](
+            res.h, h_mid, dh_il, vnew, dvnew, dk_out, kp, gam, fdec
+        )
+        dk, dv, dbeta, dG_il = kern["wy"](res.a, kp, vp, bp, dw, dvnew, dkp, gate_sub, dG_st)
     return dict(
         vnew=vnew,
-        h_il=h_il,
+        h_mid=h_mid,
         dv_out=dv_out,
         dvnew=dvnew,
         dh_il=dh_il,
@@ -171,6 +249,9 @@ def stages(
         dq=dq,
         dk_out=dk_out,
         dG_tok=dG_tok,
+        dw=dw,
+        dkp=dkp,
+        dG_st=dG_st,
         dk=dk,
         dv=dv,
         dbeta=dbeta,

@@ -13,17 +13,21 @@ part of that function is in stage 1 because the reverse state pass needs it). Fo
         dq   += scale (D_j * Gam) K_j
         dk_j  = scale (D_j * Gam)^T Q                          (the output's part of dk)
         P    += scale (Q K_j^T) * Gam * D_j                    (products pair * d pair)
+        dv_out_j = scale ((Q K_j^T) * Gam)^T dO                (with ``with_dv_out``)
     dG_tok  = rowsum(P) - colsum(P) + p_start                  (gradient w.r.t. the token cumsum)
 
 ``dq`` is complete here and written in q.dtype. Queries and ``dO`` stay at token level (64 rows),
-never zero-padded to the interleaved axis.
+never zero-padded to the interleaved axis. ``dv_out`` (the output's part of ``dv_new``, input
+dtype) is needed by the reverse state pass; it is computed here when the forward saved ``v_new``
+(else the recompute stage computes it), so this stage then runs first.
 
 Grid ``(NT, H, B)``; the whole value dimension in one program (``dO [64, Vp]``,
 ``h[J] [Kp, Vp]``, ``V_new_j [64, Vp]``), so no cross-program reduction.
 Reads ``q [B, T, H, Kp]``, ``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``k`` viewed as
 ``[B, T, n, H, Kp]``, ``v_new`` viewed as ``[B, H, T, n, Vp]`` and, with decay, the token log-gate
 ``[B, H, T]`` fp32. Writes ``dq [B, T, H, Kp]`` (q.dtype), ``dk_out`` as ``[B, T, n, H, Kp]``
-fp32 and, with decay, ``dG_tok [B, H, T]`` fp32.
+fp32, with decay ``dG_tok [B, H, T]`` fp32 and, with ``with_dv_out``, ``dv_out`` as
+``[B, H, T, n, Vp]`` (input dtype).
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ from pallas_kernels.backward_recompute import token_decay
 from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call
 
 
-def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
+def _kernel(*refs, n: int, scale: float, decay: bool, with_dv_out: bool, mode: dict, dots: dict):
     q_ref, do_ref, h_ref, k_ref, vnew_ref = refs[:5]
     rest = list(refs[5:])
     gate_ref = rest.pop(0) if decay else None
-    dq_ref, dk_ref = rest[:2]
-    dg_ref = rest[2] if decay else None
+    dq_ref, dk_ref = rest.pop(0), rest.pop(0)
+    dg_ref = rest.pop(0) if decay else None
+    dvout_ref = rest.pop(0) if with_dv_out else None
 
     gam_mat, gam = token_decay(gate_ref[...] if decay else None)
     q = q_ref[...]
@@ -60,8 +65,15 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
         dk_ref[:, j, :] = (scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)).astype(
             dk_ref.dtype
         )
+        if decay or with_dv_out:
+            qk = mm(q, k, mode["in"], trans_b=True, **dots)
         if decay:
-            p_pair = p_pair + mm(q, k, mode["in"], trans_b=True, **dots) * d_scores
+            p_pair = p_pair + qk * d_scores
+        if with_dv_out:
+            scores = qk * (gam_mat * scale)
+            dvout_ref[:, j, :] = mm(scores, do, mode["split_a"], trans_a=True, **dots).astype(
+                dvout_ref.dtype
+            )
     dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
     if decay:
         p_start = jnp.sum(do_h * q.astype(jnp.float32), axis=1)
@@ -78,6 +90,7 @@ def output_backward(
     *,
     num_householder: int,
     scale: float,
+    with_dv_out: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -90,8 +103,9 @@ def output_backward(
         k: ``[B, L, H, Kp]``; vnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 or None.
 
     Returns:
-      ``dq [B, T, H, Kp]`` (q.dtype), the output's ``dk [B, L, H, Kp]`` fp32 and
-      ``dG_tok [B, H, T]`` fp32 (None without decay).
+      ``dq [B, T, H, Kp]`` (q.dtype), the output's ``dk [B, L, H, Kp]`` fp32,
+      ``dG_tok [B, H, T]`` fp32 (None without decay) and, with ``with_dv_out``, the output's
+      ``dv_new`` part ``dv_out [B, H, L, Vp]`` in q.dtype.
     """
     B, T, H, Kp = q.shape
     Vp = do.shape[-1]
@@ -124,6 +138,11 @@ def output_backward(
     if decay:
         out_shapes.append(jax.ShapeDtypeStruct((B, H, T), jnp.float32))
         out_specs.append(vec)
+    if with_dv_out:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, T, n, Vp), dtype))
+        out_specs.append(
+            pl.BlockSpec((None, None, CHUNK, n, Vp), lambda t, hh, b: (b, hh, t, 0, 0))
+        )
     if dtype == jnp.float32:
         modes = {"in": DotMode.IEEE, "split_a": DotMode.IEEE}
     else:
@@ -133,6 +152,7 @@ def output_backward(
         n=n,
         scale=float(scale),
         decay=decay,
+        with_dv_out=with_dv_out,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
     )
@@ -149,5 +169,8 @@ def output_backward(
         name="dp_bwd_output",
         poison=poison,
     )
-    dq, dk = outs[0], outs[1].reshape(B, L, H, Kp)
-    return dq, dk, (outs[2] if decay else None)
+    dq, dk = outs.pop(0), outs.pop(0).reshape(B, L, H, Kp)
+    dg = outs.pop(0) if decay else None
+    if with_dv_out:
+        return dq, dk, dg, outs.pop(0).reshape(B, H, L, Vp)
+    return dq, dk, dg

@@ -7,7 +7,7 @@ of ``chunked_backward.output_backward``). For token chunk ``J`` (interleaved sub
 
     S = h[J]                                                     [Kp, BV] fp32
     for i in 0..n-1:
-        h_il[c] = S                                              (only when n > 1)
+        h_mid[J, i-1] = S                                        (only when i > 0)
         v_new_c = A_c diag(beta_c) (V_c - diag(gam_c) K_c S)     [64, BV]  (forward's formula)
         S      <- gam_end_c S + K_c^T (fdec_c * v_new_c)
     for j in 0..n-1:                                             (output's adjoint, V part)
@@ -15,14 +15,17 @@ of ``chunked_backward.output_backward``). For token chunk ``J`` (interleaved sub
 
 ``K_j`` / ``dv_out_j`` are the strided slices (rows ``t*n + j``) of the token chunk, ``Gam`` the
 token-level causal decay matrix (as in ``output.py``). Nothing here is sequential beyond the
-``n`` sub-chunks of one token chunk, so the per-interleaved-chunk states exist only for the
-backward's lifetime (never saved by the forward).
+``n`` sub-chunks of one token chunk. This stage runs only when the forward did not keep ``v_new``
+and ``h_mid`` (``Residuals`` without ``save_states``); otherwise ``dv_out`` alone comes from
+``dv_out`` here (same grid, no state) or from the output adjoint.
 
 Grid ``(Vp / BV, NT, H, B)``. Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]`` (contiguous and
 strided views), ``v [B, L, H, Vp]``, ``beta [B, L, H]``, ``h [B, H, NT, Kp, Vp]``,
 ``q [B, T, H, Kp]``, ``do [B, T, H, Vp]`` and, with decay, ``gam, fdec [B, H, L]`` fp32 and the
-token log-gate ``[B, H, T]`` fp32. Writes ``v_new [B, H, L, Vp]``, ``h_il [B, H, NI, Kp, Vp]``
-(``n > 1``) and ``dv_out [B, H, L, Vp]``, all in the input dtype.
+token log-gate ``[B, H, T]`` fp32. Writes ``v_new [B, H, L, Vp]``,
+``h_mid [B, H, NT*(n-1), Kp, Vp]`` (``n > 1``; the start states of the interleaved chunks that do
+not start a token chunk, as ``state_pass`` with ``mid_states``) and ``dv_out [B, H, L, Vp]``, all
+in the input dtype.
 """
 
 from __future__ import annotations
@@ -57,14 +60,14 @@ def _kernel(*refs, n: int, scale: float, decay: bool, store_states: bool, mode: 
     rest = list(refs[8:])
     gam_ref, fdec_ref, gate_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if decay else (None,) * 3
     vnew_ref = rest.pop(0)
-    hil_ref = rest.pop(0) if store_states else None
+    hmid_ref = rest.pop(0) if store_states else None
     dvout_ref = rest.pop(0)
 
     state = h_ref[...].astype(jnp.float32)
     for i in range(n):
         rows = pl.ds(i * CHUNK, CHUNK)
-        if store_states:
-            hil_ref[i] = state.astype(hil_ref.dtype)
+        if store_states and i > 0:
+            hmid_ref[i - 1] = state.astype(hmid_ref.dtype)
         k = k_ref[rows, :]
         ks = mm(k, state, mode["ks"], **dots)
         if decay:
@@ -87,6 +90,89 @@ def _kernel(*refs, n: int, scale: float, decay: bool, store_states: bool, mode: 
         dvout_ref[:, j, :] = mm(scores, do, mode["split_a"], trans_a=True, **dots).astype(
             dvout_ref.dtype
         )
+
+
+def _dv_out_kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
+    ks_ref, q_ref, do_ref = refs[:3]
+    gate_ref = refs[3] if decay else None
+    dvout_ref = refs[-1]
+    gam_mat, _ = token_decay(gate_ref[...] if decay else None)
+    q = q_ref[...]
+    do = do_ref[...]
+    for j in range(n):
+        scores = mm(q, ks_ref[:, j, :], mode["in"], trans_b=True, **dots) * (gam_mat * scale)
+        dvout_ref[:, j, :] = mm(scores, do, mode["split_a"], trans_a=True, **dots).astype(
+            dvout_ref.dtype
+        )
+
+
+def dv_out(
+    k: jax.Array,
+    q: jax.Array,
+    do: jax.Array,
+    gate_tok: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+    block_v: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+    poison: bool = False,
+) -> jax.Array:
+    """Only the ``dv_out`` part of this stage (when the forward saved ``v_new`` and the states,
+    and the output adjoint does not compute ``dv_out`` itself).
+
+    Args:
+      k: ``[B, L, H, Kp]``; q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``; gate_tok: ``[B, H, T]``
+        fp32 or None.
+
+    Returns:
+      ``dv_out [B, H, L, Vp]`` in k.dtype.
+    """
+    B, L, H, Kp = k.shape
+    Vp = do.shape[-1]
+    n = num_householder
+    T = L // n
+    NT = T // CHUNK
+    bv = min(block_v, Vp)
+    dtype = k.dtype
+    decay = gate_tok is not None
+    inputs = [k.reshape(B, T, n, H, Kp), q, do]
+    in_specs = [
+        pl.BlockSpec((None, CHUNK, n, None, Kp), lambda i, t, hh, b: (b, t, 0, hh, 0)),
+        pl.BlockSpec((None, CHUNK, None, Kp), lambda i, t, hh, b: (b, t, hh, 0)),
+        pl.BlockSpec((None, CHUNK, None, bv), lambda i, t, hh, b: (b, t, hh, i)),
+    ]
+    if decay:
+        inputs.append(gate_tok)
+        in_specs.append(pl.BlockSpec((None, None, CHUNK), lambda i, t, hh, b: (b, hh, t)))
+    if dtype == jnp.float32:
+        modes = dict.fromkeys(("in", "split_a"), DotMode.IEEE)
+    else:
+        modes = {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+    kernel = functools.partial(
+        _dv_out_kernel,
+        n=n,
+        scale=float(scale),
+        decay=decay,
+        mode=modes,
+        dots=dict(dtype=dtype, interpret=interpret),
+    )
+    (out,) = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=[jax.ShapeDtypeStruct((B, H, T, n, Vp), dtype)],
+        out_specs=[pl.BlockSpec((None, None, CHUNK, n, bv), lambda i, t, hh, b: (b, hh, t, 0, i))],
+        grid=(Vp // bv, NT, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_dv_out",
+        poison=poison,
+    )
+    return out.reshape(B, H, L, Vp)
 
 
 def recompute(
@@ -118,7 +204,7 @@ def recompute(
         fp32 (``-inf`` = reset) or None. ``L = n*T``, ``T % 64 == 0``.
 
     Returns:
-      ``(v_new [B, H, L, Vp], h_il [B, H, NI, Kp, Vp] or None when n == 1 (then h_il = h),
+      ``(v_new [B, H, L, Vp], h_mid [B, H, NT*(n-1), Kp, Vp] or None when n == 1,
       dv_out [B, H, L, Vp])`` in k.dtype.
     """
     B, L, H, Kp = k.shape
@@ -150,9 +236,9 @@ def recompute(
     out_shapes = [jax.ShapeDtypeStruct((B, H, L, Vp), dtype)]
     out_specs = [pl.BlockSpec((None, None, rows_il, bv), lambda i, t, hh, b: (b, hh, t, i))]
     if store_states:
-        out_shapes.append(jax.ShapeDtypeStruct((B, H, NT * n, Kp, Vp), dtype))
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, NT * (n - 1), Kp, Vp), dtype))
         out_specs.append(
-            pl.BlockSpec((None, None, n, Kp, bv), lambda i, t, hh, b: (b, hh, t, 0, i))
+            pl.BlockSpec((None, None, n - 1, Kp, bv), lambda i, t, hh, b: (b, hh, t, 0, i))
         )
     out_shapes.append(jax.ShapeDtypeStruct((B, H, T, n, Vp), dtype))
     out_specs.append(pl.BlockSpec((None, None, CHUNK, n, bv), lambda i, t, hh, b: (b, hh, t, 0, i)))
@@ -189,6 +275,6 @@ def recompute(
         poison=poison,
     )
     vnew = outs[0]
-    h_il = outs[1] if store_states else None
+    h_mid = outs[1] if store_states else None
     dv_out = outs[-1].reshape(B, H, L, Vp)
-    return vnew, h_il, dv_out
+    return vnew, h_mid, dv_out

@@ -1,32 +1,43 @@
-"""Backward stage 4: per interleaved chunk, the state update's and the WY transform's adjoints.
+"""Backward stage 4: per interleaved chunk, the WY transform's adjoint (dk, dv, dbeta complete).
 
-Chunk-parallel over interleaved chunks (mirror: ``chunked_backward.chunk_state_step_backward``'s
-``dw``/``dk``/gate terms, then ``chunked_backward.wy_backward`` and ``gate_grad``). For chunk
-``c`` (64 sub-step rows) of one (batch, head), with ``S = h_il[c]`` its start state and
-``dE = dh_il[c]`` the gradient at its end (stage 2), ``G, seg`` the within-chunk gate cumsum and
-segment index, ``gam, fdec, E = pair decay`` as in ``prepare.py``::
+Chunk-parallel over interleaved chunks (mirror: ``chunked_backward.wy_backward`` and
+``gate_grad``). For chunk ``c`` (64 sub-step rows) of one (batch, head), with ``dW`` and
+``dkp = dk_out + dk_st`` from the state adjoint (stage 3), ``G, seg`` the within-chunk gate cumsum
+and segment index, ``gam, E = pair decay`` as in ``prepare.py``::
 
-    dW      = -dV_new S^T                                   [64, Kp]
-    dk_st   = fdec * (V_new dE^T)                           state update's part of dk
-    p_end   = rowsum(dk_st * K) ;  p_carry = gam_end <S, dE>
     X_w     = diag(beta gam) K ;  X_u = diag(beta) V
     dA      = dW X_w^T + dV_new X_u^T ; dX_w = A^T dW ; dX_u = A^T dV_new
     dM      = StrictLower(-A^T dA A^T) ;  D = dM * E ;  M = StrictLower(diag(beta) K K^T * E)
-    dk      = dk_out + dk_st + beta gam dX_w + beta (D K) + (diag(beta) D)^T K
+    dk      = dkp + beta gam dX_w + beta (D K) + (diag(beta) D)^T K
     dv      = beta dX_u
     dbeta   = gam rowsum(dX_w * K) + rowsum(dX_u * V) + rowsum(D * K K^T)
-    dG      = rowsum(dM * M) - colsum(dM * M) + rowsum(dX_w * X_w) - p_end
-    dG[63] += sum(p_end) + p_carry
+    dG      = rowsum(dM * M) - colsum(dM * M) + rowsum(dX_w * X_w) + dG_st
+
+computed as: ``P = dW K^T``, ``Q = dV_new V^T`` (64 x 64), ``dA = P diag(beta gam) + Q diag(beta)``,
+``rowsum(dX_w * K) = colsum(A * P)``, ``rowsum(dX_u * V) = colsum(A * Q)``; ``dX_w`` is never
+formed: ``dk = dkp + (A diag(beta gam))^T dW + (diag(beta) D)^T K + diag(beta) D K`` is one
+accumulation at the end. No ``[64, Kp|Vp]`` fp32 value lives across the kernel.
 
 ``dk`` and ``dv`` are complete here (written in the input dtype); ``dG`` is the gradient w.r.t.
 the interleaved local gate cumsum (the reverse cumsum to ``dg`` happens outside, in JAX).
 
-Grid ``(NI, H, B)``; whole head dims per program (``S``, ``dE`` are ``[Kp, Vp]`` tiles).
-Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]``, ``v [B, L, H, Vp]``, ``beta [B, L, H]``,
-``h_il, dh_il [B, H, NI, Kp, Vp]``, ``v_new, dv_new [B, H, L, Vp]``, ``dk_out [B, L, H, Kp]`` fp32
-and, with decay, the interleaved log-gate ``[B, H, L]`` fp32 (``-inf`` = reset).
+Grid ``(NI, H, B)``; no ``[Kp, Vp]`` state tile (those products are in stage 3), and the
+``[64, Kp|Vp]`` operands are read in column tiles of ``block`` (64) so that every live value is
+at most ``[64, 64]`` fp32 (4 warps; on an H100 this was the fastest variant: two programs per SM).
+Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]``, ``v [B, L, H, Vp]``,
+``beta [B, L, H]``, ``dW [B, H, L, Kp]`` fp32, ``dv_new [B, H, L, Vp]``, ``dkp [B, L, H, Kp]``
+fp32 and, with decay, the interleaved log-gate and ``dG_st`` (``[B, H, L]`` fp32).
 Writes ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (input dtype), ``dbeta [B, L, H]`` fp32 and,
-with decay, ``dG [B, H, L]`` fp32.
+with decay, ``dG [B, H, L]`` fp32. Products with 16-bit inputs: ``K K^T`` with 16-bit operands,
+every product with an fp32 operand (``dW``, ``A``, ``dA``, ``D``) in TF32, one product each
+(``dV_new V^T`` too, exact in TF32, so that it shares ``dW K^T``'s MMA layout); ``split=True``
+multiplies the fp32 operand as two 16-bit halves instead (no more accurate end to end in the
+bf16 interpret-mode checks, where the other roundings dominate, and slower on the H100: Triton
+gives each product its own accumulator). IEEE fp32 for fp32 inputs.
+
+``wy_backward_fused`` is the previous single kernel that also did stage 3's products per
+interleaved chunk (``BackwardConfig(wy_fused=True)``; it needs every chunk-start state in one
+array ``h_il [B, H, NI, Kp, Vp]``).
 """
 
 from __future__ import annotations
@@ -41,7 +52,182 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
 
 
-def _kernel(*refs, decay: bool, mode: dict, dots: dict):
+def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
+    a_ref, k_ref, v_ref, beta_ref, dw_ref, dvnew_ref, dkp_ref = refs[:7]
+    rest = list(refs[7:])
+    gate_ref, dgst_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
+    dk_ref, dv_ref, dbeta_ref = rest[:3]
+    dg_ref = rest[3] if decay else None
+
+    c = CHUNK
+    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    lower = rows > cols
+    a = a_ref[...]
+    beta = beta_ref[...].astype(jnp.float32)
+    if decay:
+        g_cum, seg, _, _ = segment_cumsum(gate_ref[...])
+        visible = lower & (seg[:, None] == seg[None, :])
+        diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
+        pair = jnp.where(visible, jnp.exp(diff), 0.0)
+        gam = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
+        coef = beta * gam
+    else:
+        pair = jnp.where(lower, 1.0, 0.0)
+        coef = beta
+    k_tiles = [pl.ds(j * block, block) for j in range(k_ref.shape[-1] // block)]
+    v_tiles = [pl.ds(j * block, block) for j in range(v_ref.shape[-1] // block)]
+
+    # 64 x 64 products first: P = dW K^T, Q = dV_new V^T give dA and the dbeta terms
+    # (rowsum(dX_w * K) = colsum(A * P), rowsum(dX_u * V) = colsum(A * Q)), so dX_w is never
+    # formed and dk is assembled tile by tile at the end; all [64, .] values are [64, block].
+    # P and Q share one MMA layout, so A is needed in registers in one layout only.
+    p = q = None
+    for cols_k in k_tiles:
+        term = mm(dw_ref[:, cols_k], k_ref[:, cols_k], mode["fx"], trans_b=True, **dots)
+        p = term if p is None else p + term
+    for cols_v in v_tiles:
+        dvnew = dvnew_ref[:, cols_v]
+        # exact operands; in P's precision mode so that P and Q share an MMA layout
+        term = mm(dvnew, v_ref[:, cols_v], mode["fx_exact"], trans_b=True, **dots)
+        q = term if q is None else q + term
+        dx_u = mm(a, dvnew, mode["fx"], trans_a=True, **dots)  # [64, block]
+        dv_ref[:, cols_v] = (beta[:, None] * dx_u).astype(dv_ref.dtype)
+    d_a = p * coef[None, :] + q * beta[None, :]
+    wk = jnp.sum(a * p, axis=0)
+    dbeta = (wk * gam if decay else wk) + jnp.sum(a * q, axis=0)
+
+    # through A = (I + M)^-1 and M = StrictLower(diag(beta) K K^T * E)
+    at_da = mm(a, d_a, mode["tf"], trans_a=True, **dots)
+    d_m = jnp.where(lower, -mm(at_da, a, mode["tf"], trans_b=True, **dots), 0.0)
+    d_kk = d_m * pair
+    kk = None
+    for cols_k in k_tiles:
+        k = k_ref[:, cols_k]
+        term = mm(k, k, mode["in"], trans_b=True, **dots)
+        kk = term if kk is None else kk + term
+    dbeta_ref[...] = dbeta + jnp.sum(d_kk * kk, axis=1)
+    if decay:
+        p_pair = d_m * (beta[:, None] * kk * pair)
+        d_g = jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + wk * coef
+        dg_ref[...] = d_g + dgst_ref[...]
+    # dk = dkp + diag(beta gam) A^T dW + diag(beta) D K + (diag(beta) D)^T K, per K tile
+    bd = beta[:, None] * d_kk
+    for cols_k in k_tiles:
+        k = k_ref[:, cols_k]
+        dk = dkp_ref[:, cols_k] + coef[:, None] * mm(
+            a, dw_ref[:, cols_k], mode["tf"], trans_a=True, **dots
+        )
+        dk = dk + mm(bd, k, mode["fx"], **dots)
+        dk = dk + mm(bd, k, mode["fx"], trans_a=True, **dots)
+        dk_ref[:, cols_k] = dk.astype(dk_ref.dtype)
+
+
+def _modes(dtype, split: bool = False) -> dict:
+    """Dot modes: ``in`` 16-bit operands, ``tf`` TF32, ``split_a`` (fused kernel) the fp32
+    operand split into 16-bit halves; ``fx`` / ``fx_exact``: the slim kernel's products with an
+    fp32 operand / with exact 16-bit operands, TF32 (one product) or, with ``split``, split
+    halves (two products: more accurate, but each product its own accumulator)."""
+    if dtype == jnp.float32:
+        return dict.fromkeys(("in", "tf", "split_a", "fx", "fx_exact"), DotMode.IEEE)
+    fx, fx_exact = (DotMode.SPLIT_A, DotMode.INPUT) if split else (DotMode.TF32, DotMode.TF32)
+    return {
+        "in": DotMode.INPUT,
+        "tf": DotMode.TF32,
+        "split_a": DotMode.SPLIT_A,
+        "fx": fx,
+        "fx_exact": fx_exact,
+    }
+
+
+def wy_backward(
+    a: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    dw: jax.Array,
+    dvnew: jax.Array,
+    dkp: jax.Array,
+    gate_sub: jax.Array | None,
+    dg_st: jax.Array | None,
+    *,
+    block: int = 64,
+    split: bool = False,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Run backward stage 4.
+
+    Args:
+      a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; v: ``[B, L, H, Vp]``; beta: ``[B, L, H]``;
+        dw: ``[B, H, L, Kp]`` fp32 and dkp: ``[B, L, H, Kp]`` fp32 (stage 3);
+        dvnew: ``[B, H, L, Vp]`` (reverse state pass); gate_sub: ``[B, H, L]`` fp32 interleaved
+        log-gate or None; dg_st: ``[B, H, L]`` fp32 gate terms of stage 3 (None without gate).
+      block: column tile of the ``[64, Kp|Vp]`` operands (power of two; at most ``Kp``, ``Vp``).
+      split: products with an fp32 operand as two 16-bit products (else TF32).
+
+    Returns:
+      ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (k.dtype), ``dbeta [B, L, H]`` fp32 and
+      ``dG [B, H, L]`` fp32 (None without decay).
+    """
+    B, L, H, Kp = k.shape
+    Vp = v.shape[-1]
+    NI = L // CHUNK
+    dtype = k.dtype
+    decay = gate_sub is not None
+
+    rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, hh, b: (b, c, hh, 0))
+    head_rows = lambda d: pl.BlockSpec((None, None, CHUNK, d), lambda c, hh, b: (b, hh, c, 0))
+    vec = pl.BlockSpec((None, None, CHUNK), lambda c, hh, b: (b, hh, c))
+    beta_spec = pl.BlockSpec((None, CHUNK, None), lambda c, hh, b: (b, c, hh))
+    inputs = [a, k, v, beta, dw, dvnew, dkp]
+    in_specs = [
+        head_rows(CHUNK),
+        rows(Kp),
+        rows(Vp),
+        beta_spec,
+        head_rows(Kp),
+        head_rows(Vp),
+        rows(Kp),
+    ]
+    if decay:
+        inputs += [gate_sub, dg_st]
+        in_specs += [vec, vec]
+    out_shapes = [
+        jax.ShapeDtypeStruct((B, L, H, Kp), dtype),
+        jax.ShapeDtypeStruct((B, L, H, Vp), dtype),
+        jax.ShapeDtypeStruct((B, L, H), jnp.float32),
+    ]
+    out_specs = [rows(Kp), rows(Vp), beta_spec]
+    if decay:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, L), jnp.float32))
+        out_specs.append(vec)
+    kernel = functools.partial(
+        _kernel,
+        decay=decay,
+        block=min(block, Kp, Vp),
+        mode=_modes(dtype, split),
+        dots=dict(dtype=dtype, interpret=interpret),
+    )
+    outs = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(NI, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_wy",
+        poison=poison,
+    )
+    return outs[0], outs[1], outs[2], (outs[3] if decay else None)
+
+
+def _fused_kernel(*refs, decay: bool, mode: dict, dots: dict):
     a_ref, k_ref, v_ref, beta_ref, s_ref, ds_ref, vnew_ref, dvnew_ref, dkout_ref = refs[:9]
     rest = list(refs[9:])
     gate_ref = rest.pop(0) if decay else None
@@ -111,7 +297,7 @@ def _kernel(*refs, decay: bool, mode: dict, dots: dict):
         dg_ref[...] = d_g - p_end + jnp.where(last, jnp.sum(p_end) + p_carry, 0.0)
 
 
-def wy_backward(
+def wy_backward_fused(
     a: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -128,7 +314,8 @@ def wy_backward(
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """Run backward stage 4.
+    """The state update's and the WY transform's adjoints in one kernel (the previous stage 4,
+    kept for comparison: ``BackwardConfig(wy_fused=True)``).
 
     Args:
       a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; v: ``[B, L, H, Vp]``; beta: ``[B, L, H]``;
@@ -175,12 +362,8 @@ def wy_backward(
     if decay:
         out_shapes.append(jax.ShapeDtypeStruct((B, H, L), jnp.float32))
         out_specs.append(vec)
-    if dtype == jnp.float32:
-        modes = dict.fromkeys(("in", "tf", "split_a"), DotMode.IEEE)
-    else:
-        modes = {"in": DotMode.INPUT, "tf": DotMode.TF32, "split_a": DotMode.SPLIT_A}
     kernel = functools.partial(
-        _kernel, decay=decay, mode=modes, dots=dict(dtype=dtype, interpret=interpret)
+        _fused_kernel, decay=decay, mode=_modes(dtype), dots=dict(dtype=dtype, interpret=interpret)
     )
     outs = pallas_call(
         kernel,
@@ -192,7 +375,7 @@ def wy_backward(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
-        name="dp_bwd_wy",
+        name="dp_bwd_wy_fused",
         poison=poison,
     )
     return outs[0], outs[1], outs[2], (outs[3] if decay else None)

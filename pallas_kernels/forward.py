@@ -42,16 +42,23 @@ class KernelConfig:
     out_stages: int = 2
     prep_warps: int = 4
     prep_stages: int = 1
+    prep_blocked: bool = True  # 16x16-block inverse (False: the previous 64x64 one)
+    prep_precision: str = "ieee"  # products joining A's blocks: "ieee", "split3" or "tf32"
+    prep_unroll: int = 3  # substitution steps per loop iteration: 1, 3 or 5
 
 
 class Residuals(NamedTuple):
     """What the forward can hand to a backward: the WY inverse per interleaved chunk, the
-    log-gates it used, and the chunk-start states (all padded)."""
+    log-gates it used, and the chunk-start states (all padded). With ``save_states`` also the
+    state pass's ``v_new`` and the other interleaved chunk-start states (else None: the backward
+    recomputes them)."""
 
     a: jax.Array  # [B, H, L_pad, 64] fp32
     gate_tokens: jax.Array | None  # [B, H, T_pad] fp32
     gate_substeps: jax.Array | None  # [B, H, L_pad] fp32
     h: jax.Array  # [B, H, NT, Kp, Vp]
+    v_new: jax.Array | None = None  # [B, H, L_pad, Vp]
+    h_mid: jax.Array | None = None  # [B, H, NT*(n-1), Kp, Vp] (n > 1)
 
 
 def padded_dims(key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -114,11 +121,14 @@ def forward(
     config: KernelConfig = KernelConfig(),
     interpret: bool | None = None,
     poison: bool = False,
+    save_states: bool = False,
 ) -> tuple[jax.Array, jax.Array, Residuals]:
     """DeltaProduct forward through the Pallas kernels.
 
     Returns ``(o [B, T, H, V] q.dtype, final_state [B, H, K, V] fp32, Residuals)``.
     ``poison=True`` starts every kernel output buffer as NaN (tests: unwritten elements show).
+    ``save_states=True`` keeps ``v_new`` and every interleaved chunk-start state in the residuals
+    (for the backward; the plain forward leaves it off).
     """
     if interpret is None:
         interpret = default_interpret()
@@ -136,9 +146,17 @@ def forward(
 
     common = dict(interpret=interpret, poison=poison)
     prep = prepare(
-        kp, bp, gate_sub, num_warps=config.prep_warps, num_stages=config.prep_stages, **common
+        kp,
+        bp,
+        gate_sub,
+        num_warps=config.prep_warps,
+        num_stages=config.prep_stages,
+        blocked=config.prep_blocked,
+        precision=config.prep_precision,
+        unroll=config.prep_unroll,
+        **common,
     )
-    h, vnew, final = state_pass(
+    h, vnew, final, *h_mid = state_pass(
         prep["a"],
         kp,
         vp,
@@ -151,6 +169,7 @@ def forward(
         num_warps=config.state_warps,
         num_stages=config.state_stages,
         tf32_state=config.state_tf32,
+        mid_states=save_states,
         **common,
     )
     o = output(
@@ -166,5 +185,12 @@ def forward(
         num_stages=config.out_stages,
         **common,
     )
-    res = Residuals(a=prep["a"], gate_tokens=gate_tok, gate_substeps=gate_sub, h=h)
+    res = Residuals(
+        a=prep["a"],
+        gate_tokens=gate_tok,
+        gate_substeps=gate_sub,
+        h=h,
+        v_new=vnew if save_states else None,
+        h_mid=h_mid[0] if h_mid else None,
+    )
     return o[:, :T, :, :V], final[:, :, :K, :V], res

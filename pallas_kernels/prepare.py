@@ -15,15 +15,21 @@ applies ``A`` to ``diag(beta)(V - diag(gam) K S)`` directly, which is more accur
 rounding of ``W`` and ``U``, whose difference ``U - W S`` cancels) and moves fewer bytes (``A`` is
 64 fp32 per row against ``K + V`` 16-bit values for ``W`` and ``U``).
 
-The inverse: the four 16x16 diagonal blocks are inverted together by a 16-step masked forward
-substitution on the block-diagonal part (Triton cannot slice values, so each step handles rows
-``{i, 16+i, 32+i, 48+i}`` of a 64x64 value with masks and two reductions); with ``D`` that
-block-diagonal inverse and ``N = D M_off`` (strictly block-lower, ``N^4 = 0``),
-``A = (I - N)(I + N^2) D`` takes four 64x64x64 products (each as three bf16 products of split
-operands, ~16 mantissa bits, on the GPU; IEEE for fp32 inputs).
+The inverse (default, ``blocked=True``), by 16x16 blocks as FLA's ``solve_tril``: Triton cannot
+slice values, so ``M`` is computed whole (one 64x64x``Kp`` product), parked in the output
+block ``A`` (global memory, a barrier), and read back by blocks and rows through ref slices.
+The four diagonal blocks are inverted by a 15-step forward substitution on 16x16 values (each
+step loads one row of ``M`` and does one warp-local reduction per block); the off-diagonal
+blocks follow from two levels of block-triangular inverses (``A_10 = -A_11 M_10 A_00``, then the
+lower-left 32x32 block ``-A_hi M_lo A_lo``), sixteen 16x16x16 products in exact fp32 (FMA; TF32
+or three bf16 products on request), and ``A`` is stored by blocks over ``M``. Everything is
+exact fp32 but the 16-bit ``K K^T`` products. ``blocked=False`` keeps the previous kernel: a
+16-step masked substitution on the whole 64x64 value (two 64x64 reductions per step) and four
+64x64x64 products as three bf16 products each.
 No power series in ``M`` itself (entries up to 2 with beta in [0, 2] would overflow).
 
-Grid ``(NC, H, B)`` with ``NC = L_pad / 64``; one program per (chunk, head, batch), 4 warps.
+Grid ``(NC, H, B)`` with ``NC = L_pad / 64``; one program per (chunk, head, batch), 4 warps
+(130 registers, no spills, for sm_90 by ptxas; the previous kernel took 204).
 Reads  ``k [B, L, H, Kp]``, ``beta [B, L, H]`` (blocks of 64 rows) and, when ``decay``, the
 interleaved log-gate ``[B, H, L]`` fp32.
 Writes ``A [B, H, L, 64]`` fp32 (row ``r`` of a chunk holds row ``r`` of its inverse) and, when
@@ -38,10 +44,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, segment_cumsum
 
-SUB = 16  # diagonal block size of the triangular inverse
+SUB = 16  # block size of the triangular inverse
+NB = CHUNK // SUB  # blocks per chunk side
 
 
 def unit_lower_inverse(m: jax.Array, mode: DotMode, interpret: bool) -> jax.Array:
@@ -72,13 +80,87 @@ def unit_lower_inverse(m: jax.Array, mode: DotMode, interpret: bool) -> jax.Arra
     return a
 
 
-def _kernel(*refs, decay: bool, dot: DotMode, a_dot: DotMode, dtype, interpret: bool):
+def _diag_inverses(m_ref, unroll: int) -> list[jax.Array]:
+    """``(I + M_bb)^-1`` for the four diagonal ``[SUB, SUB]`` blocks of the strictly lower
+    ``M`` held in ``m_ref``, by forward substitution on all four at once (exact fp32).
+
+    Row ``i`` of ``A = (I + M)^-1`` is ``e_i + sum_c a_c A_c`` with ``a = -M[i, :]`` (zero from
+    column ``i`` on), read straight from ``m_ref``. The blocks are built transposed
+    (``Z = A^T``: row ``i`` of ``A`` is column ``i`` of ``Z``) so that each step's reduction
+    runs along the lanes of one warp, and transposed back by an exact fp32 product with ``I``.
+    ``unroll`` steps (1, 3 or 5) make one loop iteration. With one step per iteration Triton
+    carries a block in two layouts (a shared-memory conversion, two barriers per step; 3-9 %
+    slower on an H100); the fully unrolled 15 steps compiled 6x slower with the pip Triton and,
+    gated, did not finish within a minute on the H100 (2026-11-23).
+    """
+    rows = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)
+    eye = jnp.where(rows == cols, 1.0, 0.0)
+
+    def step(i, zs):
+        out = []
+        for b, z in enumerate(zs):
+            a = -m_ref[b * SUB + i, pl.ds(b * SUB, SUB)]  # [SUB]; zero from column i on
+            col = jnp.sum(a[None, :] * z, axis=1)  # A_i - e_i (columns >= i of z are e_c)
+            out.append(jnp.where(cols == i, z + col[:, None], z))
+        return tuple(out)
+
+    def steps(j, zs):
+        for s in range(unroll):
+            zs = step(1 + j * unroll + s, zs)
+        return zs
+
+    if unroll not in (1, 3, 5):
+        raise ValueError(f"unroll must be 1, 3 or 5, got {unroll}")
+    zs = lax.fori_loop(0, (SUB - 1) // unroll, steps, (eye,) * NB)
+    return [mm(z, eye, DotMode.IEEE, trans_a=True) for z in zs]
+
+
+def sum_dots(dot, pairs: list) -> jax.Array:
+    """``sum_p dot(x_p, y_p)``."""
+    out = None
+    for x, y in pairs:
+        out = dot(x, y) if out is None else out + dot(x, y)
+    return out
+
+
+def _kernel(*refs, decay: bool, dot: DotMode, a_dot: DotMode, dtype, unroll: int, interpret: bool):
     k_ref, beta_ref = refs[:2]
     rest = list(refs[2:])
     gate_ref = rest.pop(0) if decay else None
     a_ref = rest.pop(0)
     gam_ref, fdec_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
 
+    # M, parked in A's output block to be read back by 16x16 blocks (Triton slices refs only)
+    a_ref[...] = _m_matrix(k_ref, beta_ref, gate_ref, gam_ref, fdec_ref, dot, dtype, interpret)
+    barrier = (lambda: None) if interpret else pltriton.debug_barrier
+    barrier()  # M visible to every thread of the program
+    blk = lambda i, j: a_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)]
+    m = {(i, j): blk(i, j) for i in range(NB) for j in range(i)}
+    diag = _diag_inverses(a_ref, unroll)
+    barrier()  # every read of M done before A overwrites it
+
+    # A by 16x16 blocks (FLA's solve_tril merge), in two levels of block-triangular inverses:
+    # 32x32 diagonal blocks A_10 = -A_11 M_10 A_00, A_32 = -A_33 M_32 A_22, then the lower-left
+    # 32x32 block -A_hi M_lo A_lo, with A_lo = A[0:32, 0:32], A_hi = A[32:64, 32:64].
+    prod = lambda x, y: mm(x, y, a_dot, interpret=interpret)
+    a = {(b, b): diag[b] for b in range(NB)}
+    for b in (0, 2):
+        a[(b + 1, b)] = -prod(a[(b + 1, b + 1)], prod(m[(b + 1, b)], a[(b, b)]))
+    t = {  # M_lo A_lo
+        (i, j): sum_dots(prod, [(m[(i, c)], a[(c, j)]) for c in range(j, 2)])
+        for i in (2, 3)
+        for j in (0, 1)
+    }
+    for i in (2, 3):
+        for j in (0, 1):
+            a[(i, j)] = -sum_dots(prod, [(a[(i, c)], t[(c, j)]) for c in range(2, i + 1)])
+    for (i, j), block in a.items():  # blocks above the diagonal still hold M's zeros
+        a_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = block
+
+
+def _m_matrix(k_ref, beta_ref, gate_ref, gam_ref, fdec_ref, dot, dtype, interpret) -> jax.Array:
+    """``M = strict_lower(diag(beta) K K^T * E)`` ``[C, C]`` fp32; stores ``gam``/``fdec``."""
     c = CHUNK
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -86,15 +168,24 @@ def _kernel(*refs, decay: bool, dot: DotMode, a_dot: DotMode, dtype, interpret: 
     k = k_ref[...]
     beta = beta_ref[...].astype(jnp.float32)
     kk = mm(k, k, dot, dtype=dtype, interpret=interpret, trans_b=True)  # [C, C]
-    if decay:
-        g_cum, seg, g_end, seg_end = segment_cumsum(gate_ref[...])
-        visible = lower & (seg[:, None] == seg[None, :])
-        diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
-        m = jnp.where(visible, beta[:, None] * kk * jnp.exp(diff), 0.0)
-        gam_ref[...] = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
-        fdec_ref[...] = jnp.where(seg == seg_end, jnp.exp(g_end - g_cum), 0.0)
-    else:
-        m = jnp.where(lower, beta[:, None] * kk, 0.0)
+    if gate_ref is None:
+        return jnp.where(lower, beta[:, None] * kk, 0.0)
+    g_cum, seg, g_end, seg_end = segment_cumsum(gate_ref[...])
+    visible = lower & (seg[:, None] == seg[None, :])
+    diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
+    gam_ref[...] = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
+    fdec_ref[...] = jnp.where(seg == seg_end, jnp.exp(g_end - g_cum), 0.0)
+    return jnp.where(visible, beta[:, None] * kk * jnp.exp(diff), 0.0)
+
+
+def _dense_kernel(*refs, decay: bool, dot: DotMode, a_dot: DotMode, dtype, interpret: bool):
+    """The previous stage 1: the whole 64x64 inverse as values (``unit_lower_inverse``)."""
+    k_ref, beta_ref = refs[:2]
+    rest = list(refs[2:])
+    gate_ref = rest.pop(0) if decay else None
+    a_ref = rest.pop(0)
+    gam_ref, fdec_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
+    m = _m_matrix(k_ref, beta_ref, gate_ref, gam_ref, fdec_ref, dot, dtype, interpret)
     a_ref[...] = unit_lower_inverse(m, a_dot, interpret)
 
 
@@ -105,6 +196,9 @@ def prepare(
     *,
     num_warps: int = 4,
     num_stages: int = 1,
+    blocked: bool = True,
+    precision: str = "ieee",
+    unroll: int = 3,
     interpret: bool = False,
     poison: bool = False,
 ) -> dict[str, jax.Array]:
@@ -114,6 +208,11 @@ def prepare(
       k: ``[B, L, H, Kp]``, beta: ``[B, L, H]`` with ``L % 64 == 0`` and ``Kp`` a power of two
         ``>= 16``; bf16/fp16/fp32.
       gate: ``[B, H, L]`` fp32 interleaved log-gate (``-inf`` = reset) or None (no decay).
+      blocked: the 16x16-block inverse (default) or the previous 64x64 one.
+      precision: operands of the fp32 products that build ``A`` from its blocks for 16-bit
+        inputs: ``"ieee"`` (fp32 FMA), ``"split3"`` (three bf16 products) or ``"tf32"``;
+        fp32 inputs always use ``"ieee"``.
+      unroll: substitution steps per loop iteration for the diagonal blocks (1, 3 or 5).
 
     Returns:
       dict with ``a [B, H, L, 64]`` fp32 and, when ``gate`` is given, ``gam``, ``fdec``
@@ -140,11 +239,17 @@ def prepare(
         out_shapes += [jax.ShapeDtypeStruct((B, H, L), jnp.float32)] * 2
         out_specs += [head_vec, head_vec]
         names += ["gam", "fdec"]
+    if blocked:
+        a_dot = DotMode.IEEE if precise else DotMode(precision)
+        body = functools.partial(_kernel, unroll=unroll)
+    else:
+        a_dot = DotMode.IEEE if precise else DotMode.SPLIT3
+        body = _dense_kernel
     kernel = functools.partial(
-        _kernel,
+        body,
         decay=decay,
         dot=DotMode.IEEE if precise else DotMode.INPUT,
-        a_dot=DotMode.IEEE if precise else DotMode.SPLIT3,
+        a_dot=a_dot,
         dtype=k.dtype,
         interpret=interpret,
     )

@@ -8,8 +8,10 @@ For interleaved chunks ``c = 0 .. NC-1`` of one (batch, head, value tile)::
 
 with ``S [Kp, BV]`` fp32 carried in registers (``gam_end_c`` is ``gam`` at the chunk's last row;
 without decay all gate factors are 1). The WY factors are applied on the fly from ``A`` (stage 1),
-so they are never rounded to 16 bits nor stored. Chunk-start states are stored only at token-chunk
-boundaries (every ``n_h``-th chunk).
+so they are never rounded to 16 bits nor stored. Chunk-start states are stored at token-chunk
+boundaries (every ``n_h``-th chunk) as ``h``; with ``mid_states`` (n_h > 1, for the backward) the
+other chunk-start states go to a second output ``h_mid``, so that the backward never re-runs the
+recurrence.
 
 Grid ``(Vp / BV, H, B)``: one program per value tile and (head, batch), so ``B*H = 32`` heads with
 ``BV = 32`` and ``V = 128`` still give 128 programs (defaults: ``BV = 32``, 4 warps, 3 pipeline
@@ -41,6 +43,7 @@ def _kernel(
     num_token_chunks: int,
     decay: bool,
     with_h0: bool,
+    mid_states: bool,
     ks_dot: DotMode,
     ax_dot: DotMode,
     kv_dot: DotMode,
@@ -51,7 +54,8 @@ def _kernel(
     rest = list(refs[4:])
     gam_ref, fdec_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
     h0_ref = rest.pop(0) if with_h0 else None
-    h_ref, vnew_ref, final_ref = rest
+    h_ref, vnew_ref, final_ref = rest[:3]
+    hmid_ref = rest[3] if mid_states else None
 
     kp, bv = final_ref.shape
     state = h0_ref[...].astype(jnp.float32) if with_h0 else jnp.zeros((kp, bv), jnp.float32)
@@ -61,6 +65,13 @@ def _kernel(
         @pl.when(lax.rem(c, n) == 0)
         def _():
             h_ref[lax.div(c, n)] = state.astype(h_ref.dtype)
+
+        if mid_states:
+
+            @pl.when(lax.rem(c, n) != 0)
+            def _():
+                mid = lax.div(c, n) * (n - 1) + lax.rem(c, n) - 1
+                hmid_ref[mid] = state.astype(hmid_ref.dtype)
 
         rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
         k = k_ref[rows, :]
@@ -93,9 +104,10 @@ def state_pass(
     num_warps: int = 4,
     num_stages: int = 3,
     tf32_state: bool = False,
+    mid_states: bool = False,
     interpret: bool = False,
     poison: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
     """Run stage 2.
 
     Args:
@@ -106,9 +118,13 @@ def state_pass(
       block_v: value tile ``BV`` (power of two dividing ``Vp``).
       tf32_state: for 16-bit inputs, multiply ``K S`` with TF32 operands instead of rounding the
         fp32 state to the input dtype.
+      mid_states: also return the start states of the interleaved chunks that do not start a token
+        chunk (only meaningful for ``n_h > 1``).
 
     Returns:
-      ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``; h and v_new in
+      ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``, plus
+      ``h_mid [B, H, NT*(n_h-1), Kp, Vp]`` with ``mid_states`` (``h_mid[J*(n_h-1) + i-1]`` is the
+      start state of interleaved chunk ``J*n_h + i``, ``0 < i < n_h``); h, v_new and h_mid in
       k.dtype, ``NT = T_pad / 64``.
     """
     B, L, H, Kp = k.shape
@@ -120,6 +136,7 @@ def state_pass(
     precise = dtype == jnp.float32
     decay = gam is not None
     with_h0 = h0 is not None
+    mid_states = mid_states and n > 1
 
     seq = lambda d, tile: pl.BlockSpec(
         (None, L, None, d), lambda i, h, b: (b, 0, h, i if tile else 0)
@@ -149,6 +166,11 @@ def state_pass(
         pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
         state_spec,
     ]
+    if mid_states:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, NT * (n - 1), Kp, Vp), dtype))
+        out_specs.append(
+            pl.BlockSpec((None, None, NT * (n - 1), Kp, bv), lambda i, h, b: (b, h, 0, 0, i))
+        )
     if precise:
         ks_dot = ax_dot = kv_dot = DotMode.IEEE
     else:
@@ -160,13 +182,14 @@ def state_pass(
         num_token_chunks=NT,
         decay=decay,
         with_h0=with_h0,
+        mid_states=mid_states,
         ks_dot=ks_dot,
         ax_dot=ax_dot,
         kv_dot=kv_dot,
         dtype=dtype,
         interpret=interpret,
     )
-    h, vnew, final = pallas_call(
+    outs = pallas_call(
         kernel,
         inputs=inputs,
         in_specs=in_specs,
@@ -179,4 +202,4 @@ def state_pass(
         name="dp_state_pass",
         poison=poison,
     )
-    return h, vnew, final
+    return tuple(outs)

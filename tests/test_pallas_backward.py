@@ -21,7 +21,7 @@ import dpjax
 import dpjax.ops
 from dpjax.ops import chunked, chunked_backward, reference
 from dpjax.ops import pallas as dp_pallas
-from dpjax.ops.chunked_forward import CHUNK
+from dpjax.ops.chunked_forward import CHUNK, group_by_token_chunk
 from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
 
@@ -171,8 +171,14 @@ def _rows_chunks(x, n_chunks, D):
     return _il_chunks(x, n_chunks, D)
 
 
-def test_each_stage_matches_its_plain_jax_twin(rng):
-    """Every kernel stage's outputs against ``chunked_backward``'s stage functions (fp32)."""
+@pytest.mark.parametrize(
+    "save_states,fused",
+    [(True, False), (False, False), (True, True)],
+    ids=["saved", "recompute", "fused"],
+)
+def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fused):
+    """Every kernel stage's outputs against ``chunked_backward``'s stage functions (fp32), with
+    the forward's saved states or recomputed ones, and with stages 3 + 4 split or fused."""
     B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
     scale = 0.4
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
@@ -181,9 +187,22 @@ def test_each_stage_matches_its_plain_jax_twin(rng):
     do = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
     dht = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32)
 
-    _, _, res = kernels.forward(q, k, v, beta, g, h0, starts, num_householder=n, scale=scale)
+    _, _, res = kernels.forward(
+        q, k, v, beta, g, h0, starts, num_householder=n, scale=scale, save_states=save_states
+    )
+    assert (res.v_new is not None) == save_states and (res.h_mid is not None) == save_states
     out = kernel_backward.stages(
-        q, k, v, beta, res, do, dht, num_householder=n, scale=scale, interpret=True
+        q,
+        k,
+        v,
+        beta,
+        res,
+        do,
+        dht,
+        num_householder=n,
+        scale=scale,
+        interpret=True,
+        config=kernel_backward.BackwardConfig(wy_fused=fused),
     )
 
     # the plain-JAX twin on chunk-layout inputs
@@ -219,16 +238,35 @@ def test_each_stage_matches_its_plain_jax_twin(rng):
     check = lambda want, got, what: (
         rel_rmse(np.asarray(want), np.asarray(got)) < FP32_TOL or pytest.fail(what)
     )
-    # stage 1: recompute + the output's dv_new part
+    # saved or recomputed forward intermediates: v_new, the interleaved chunk-start states
     check(rec.v_new, _il_chunks(out["vnew"], NI, V), "v_new")
+    h_il = kernel_backward.interleaved_states(res.h, out["h_mid"], n)[..., :K, :V]
+    states = [
+        chunked_backward.rebuild_chunk_states(
+            rec.h[:, :, J],
+            *(
+                group_by_token_chunk(x, n)[J]
+                for x in (k_c, rec.v_new, rec.decay_il.to_end, rec.decay_il.carry)
+            ),
+        )
+        for J in range(NT)
+    ]
+    check(jnp.stack([s for per_j in states for s in per_j], axis=2), h_il, "h_il")
+    # stage 1: output adjoint, including the output's dv_new part
     check(dvn_out, _il_chunks(out["dv_out"], NI, V), "dv_out")
+    check(dq, _rows_chunks(out["dq"], NT, K), "dq")
+    check(dk_out, _rows_chunks(out["dk_out"], NI, K), "dk_out")
     # stage 2: reverse state pass
     check(st.dv_new, _il_chunks(out["dvnew"], NI, V), "dv_new")
     check(st.dh0, out["dh0"][:, :, :K, :V], "dh0")
-    # stage 3: output adjoint
-    check(dq, _rows_chunks(out["dq"], NT, K), "dq")
-    check(dk_out, _rows_chunks(out["dk_out"], NI, K), "dk_out")
-    # stage 4: state update + WY adjoints (dk complete), dbeta, dv, interleaved gate terms
+    # stage 3: the state update's adjoint (dW, dk so far, its gate terms)
+    if not fused:
+        check(st.dw, _il_chunks(out["dw"], NI, K), "dw")
+        check(dk_out + st.dk, _rows_chunks(out["dkp"], NI, K), "dkp")
+        zero = jnp.zeros_like(st.p_to_end)
+        dG_st = chunked_backward.gate_grad(zero[..., None], zero, st.p_to_end, st.p_carry)
+        check(dG_st, _il_chunks(out["dG_st"][..., None], NI, 1)[..., 0], "dG_st")
+    # stage 4: WY adjoint (dk complete), dbeta, dv, interleaved gate terms
     check(dk_out + st.dk + wy.dk, _rows_chunks(out["dk"], NI, K), "dk")
     check(wy.dv, _rows_chunks(out["dv"], NI, V), "dv")
     check(wy.dbeta, _rows_chunks(out["dbeta"][..., None], NI, 1)[..., 0], "dbeta")

@@ -184,9 +184,31 @@ def test_extreme_and_infinite_gates_are_exact_resets(rng):
     assert rel_rmse(ref_final, final) < FP32_TOL
 
 
+def chunk_inverses(k, beta, gate) -> np.ndarray:
+    """``(I + M)^-1`` of SPEC §2.2 per interleaved chunk in float64, laid out as ``prepare``'s
+    ``a [B, H, L, 64]`` (``gate`` ``[B, H, L]`` with ``-inf`` resets, or None)."""
+    B, L, H, _ = k.shape
+    C = 64
+    out = np.zeros((B, H, L, C))
+    for b in range(B):
+        for h in range(H):
+            for c in range(L // C):
+                rows = slice(c * C, (c + 1) * C)
+                kc, bc = k[b, rows, h], beta[b, rows, h]
+                E = 1.0
+                if gate is not None:
+                    gc = gate[b, h, rows]
+                    reset = np.isneginf(gc)
+                    G, seg = np.cumsum(np.where(reset, 0, gc)), np.cumsum(reset)
+                    E = np.exp(G[:, None] - G[None, :]) * (seg[:, None] == seg[None, :])
+                M = np.tril(bc[:, None] * (kc @ kc.T) * E, -1)
+                out[b, h, rows] = np.linalg.inv(np.eye(C) + M)
+    return out
+
+
 def test_prepare_inverse_matches_numpy(rng):
     """Stage 1's A equals (I + M)^-1 of SPEC §2.2 on every interleaved chunk (gates + resets)."""
-    B, L, H, K, C = 1, 128, 2, 16, 64
+    B, L, H, K = 1, 128, 2, 16
     k = rng.normal(size=(B, L, H, K))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     beta = rng.uniform(0, 2, size=(B, L, H))
@@ -198,17 +220,53 @@ def test_prepare_inverse_matches_numpy(rng):
         jnp.asarray(gate, jnp.float32),
         interpret=True,
     )
-    a = np.asarray(out["a"])
-    for c in range(L // C):
-        for h in range(H):
-            rows = slice(c * C, (c + 1) * C)
-            kc, bc, gc = k[0, rows, h], beta[0, rows, h], gate[0, h, rows]
-            reset = np.isneginf(gc)
-            G, seg = np.cumsum(np.where(reset, 0, gc)), np.cumsum(reset)
-            E = np.exp(G[:, None] - G[None, :]) * (seg[:, None] == seg[None, :])
-            M = np.tril(bc[:, None] * (kc @ kc.T) * E, -1)
-            want = np.linalg.inv(np.eye(C) + M)
-            np.testing.assert_allclose(a[0, h, rows], want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out["a"], chunk_inverses(k, beta, gate), atol=1e-4, rtol=1e-4)
+
+
+def hard_chunks(rng, B, L, H, K):
+    """bf16 keys around one shared direction, beta in (1.8, 2), gates with resets; returns the
+    kernel inputs and their float64 values."""
+    k = rng.normal(size=(B, 1, H, K)) + 0.4 * rng.normal(size=(B, L, H, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = rng.uniform(1.8, 2.0, size=(B, L, H))
+    gate = np.log(rng.uniform(0.7, 1.0, size=(B, H, L)))
+    gate[:, :, [3, 70, 150, 151]] = -np.inf
+    kb, bb = jnp.asarray(k, jnp.bfloat16), jnp.asarray(beta, jnp.bfloat16)
+    as64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
+    return kb, bb, gate, as64(kb), as64(bb)
+
+
+def chunk_errors(a, want) -> np.ndarray:
+    """Relative Frobenius error of ``a`` per (batch, head, chunk)."""
+    want = want.reshape(*want.shape[:2], -1, 64, 64)
+    got = np.asarray(a, np.float64).reshape(want.shape)
+    return np.sqrt(((got - want) ** 2).sum((-1, -2)) / (want**2).sum((-1, -2)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,gated,tol",
+    [
+        (dict(), True, 1e-5),
+        (dict(), False, 1e-5),
+        (dict(unroll=1), True, 1e-5),
+        (dict(unroll=5), False, 1e-5),
+        (dict(precision="split3"), True, 2e-4),
+        (dict(precision="tf32"), True, 5e-3),
+        (dict(blocked=False), True, 2e-4),
+    ],
+)
+def test_prepare_variants_on_hard_chunks(rng, kwargs, gated, tol):
+    """bf16 keys, strongly correlated, beta near 2 (entries of M near 2): A of every stage-1
+    variant against float64 on the same rounded inputs, per chunk (relative Frobenius)."""
+    B, L, H, K = 1, 192, 2, 32
+    kb, bb, gate, k64, b64 = hard_chunks(rng, B, L, H, K)
+    g = jnp.asarray(gate, jnp.float32) if gated else None
+    out = prepare(kb, bb, g, interpret=True, poison=True, **kwargs)
+    err = chunk_errors(out["a"], chunk_inverses(k64, b64, gate if gated else None))
+    assert np.isfinite(np.asarray(out["a"])).all() and err.max() < tol
+    if gated:
+        assert np.isfinite(np.asarray(out["gam"])).all()
+        assert np.isfinite(np.asarray(out["fdec"])).all()
 
 
 def _api_inputs(p, dtype=jnp.float32):
@@ -406,6 +464,21 @@ def test_gpu_matches_fp32_reference(rng, B, T, H, K, V, n, gated, extras, dtype,
     assert np.isfinite(o).all() and np.isfinite(np.asarray(final)).all()
     assert rel_rmse(ref_o, o) < 5e-3
     assert rel_rmse(ref_final, final) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("warps", [4, 8])
+def test_gpu_prepare_inverse_on_hard_chunks(rng, gated, warps):
+    """The compiled stage 1 (default blocked inverse) against float64 on hard bf16 chunks."""
+    B, L, H, K = 1, 1024, 4, 128
+    kb, bb, gate, k64, b64 = hard_chunks(rng, B, L, H, K)
+    g = jnp.asarray(gate, jnp.float32) if gated else None
+    run = jax.jit(lambda *a: prepare(*a, num_warps=warps, poison=True)["a"])
+    a = run(kb, bb, g)
+    err = chunk_errors(a, chunk_inverses(k64, b64, gate if gated else None))
+    record(case="prepare_hard_chunks", gated=gated, warps=warps, max_rel_fro=float(err.max()))
+    assert np.isfinite(np.asarray(a)).all() and err.max() < 1e-5
 
 
 @pytest.mark.gpu

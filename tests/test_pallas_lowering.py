@@ -118,10 +118,33 @@ def test_forward_lowers_other_head_dims(K, V):
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(blocked=False),
+        dict(unroll=1, num_warps=8),
+        dict(unroll=5, precision="split3"),
+        dict(precision="tf32", num_warps=2),
+    ],
+)
+def test_prepare_variants_lower(kwargs):
+    L = T * 2
+    text = lower_text(
+        lambda k, b, g: prepare(k, b, g, interpret=False, **kwargs),
+        sds((B, L, H, 64)),
+        sds((B, L, H)),
+        sds((B, H, L), jnp.float32),
+    )
+    assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize(
     "config",
     [
         kernels.KernelConfig(state_block_v=16, out_block_v=32),
         kernels.KernelConfig(state_block_v=64, out_block_v=128, out_warps=8, prep_warps=8),
+        kernels.KernelConfig(prep_blocked=False),
+        kernels.KernelConfig(prep_precision="split3", prep_unroll=1),
+        kernels.KernelConfig(prep_precision="tf32", prep_unroll=5, prep_warps=2),
     ],
 )
 def test_forward_lowers_other_tiles(config):
@@ -145,11 +168,21 @@ def test_vmapped_forward_lowers():
     assert lower_text(jax.vmap(f), *args).count(TRITON_CALL) == 3
 
 
+BACKWARD_KERNELS = (
+    "dp_bwd_dv_out",
+    "dp_bwd_output",
+    "dp_bwd_state_pass",
+    "dp_bwd_state_adjoint",
+    "dp_bwd_wy",
+)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("gated", [False, True])
 def test_backward_lowers(n, gated):
-    """Forward + every backward kernel (recompute, reverse state pass, output adjoint, WY
-    adjoint) at a realistic shape, with initial state, resets and a final-state cotangent."""
+    """Forward (keeping its states, as the custom_vjp does) + every backward kernel (dv_out,
+    output adjoint, reverse state pass, state adjoint, WY adjoint) at a realistic shape, with
+    initial state, resets and a final-state cotangent."""
     from pallas_kernels import backward as kernel_backward
 
     K = V = 128
@@ -157,16 +190,110 @@ def test_backward_lowers(n, gated):
 
     def fwd_bwd(q, k, v, beta, g, h0, resets):
         o, final, res = kernels.forward(
-            q, k, v, beta, g, h0, resets, num_householder=n, scale=0.1, interpret=False
+            q,
+            k,
+            v,
+            beta,
+            g,
+            h0,
+            resets,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            save_states=True,
         )
         return kernel_backward.backward(
             q, k, v, beta, res, o, final, num_householder=n, scale=0.1, interpret=False
         )
 
     text = lower_text(fwd_bwd, *args)
-    assert text.count(TRITON_CALL) == 7
-    for name in ("dp_bwd_recompute", "dp_bwd_state_pass", "dp_bwd_output", "dp_bwd_wy"):
+    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
+    for name in BACKWARD_KERNELS:
         assert name in text, name
+    assert "dp_bwd_recompute" not in text
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("n", [1, 3])
+def test_backward_lowers_recomputing_states(n, fused):
+    """Residuals without saved states (the recompute stage runs first; no dv_out kernel), and the
+    previous fused stage 3 + 4 kernel."""
+    from pallas_kernels import backward as kernel_backward
+
+    K = V = 128
+    args = forward_args(n, K, V, gated=True, h0=True, resets=True)
+    config = kernel_backward.BackwardConfig(wy_fused=fused)
+
+    def fwd_bwd(q, k, v, beta, g, h0, resets):
+        o, final, res = kernels.forward(
+            q, k, v, beta, g, h0, resets, num_householder=n, scale=0.1, interpret=False
+        )
+        return kernel_backward.backward(
+            q,
+            k,
+            v,
+            beta,
+            res,
+            o,
+            final,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            config=config,
+        )
+
+    text = lower_text(fwd_bwd, *args)
+    assert text.count(TRITON_CALL) == 3 + 4 if fused else 3 + 5
+    assert "dp_bwd_recompute" in text and "dp_bwd_dv_out" not in text
+    assert ("dp_bwd_wy_fused" in text) == fused
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(output_dv=True),
+        dict(wy_warps=8, wy_block=128),
+        dict(wy_split=True),
+        dict(state_block_v=16, state_stages=2, adjoint_warps=4, dv_block_v=128),
+    ],
+)
+def test_backward_lowers_other_configs(fields):
+    from pallas_kernels import backward as kernel_backward
+
+    n, K, V = 2, 128, 128
+    args = forward_args(n, K, V, gated=True, h0=True, resets=True)
+    config = kernel_backward.BackwardConfig(**fields)
+
+    def fwd_bwd(q, k, v, beta, g, h0, resets):
+        o, final, res = kernels.forward(
+            q,
+            k,
+            v,
+            beta,
+            g,
+            h0,
+            resets,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            save_states=True,
+        )
+        return kernel_backward.backward(
+            q,
+            k,
+            v,
+            beta,
+            res,
+            o,
+            final,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            config=config,
+        )
+
+    expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
+    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == expected
 
 
 @pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (100, 60)])
@@ -179,10 +306,20 @@ def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
 
     def fwd_bwd(q, k, v, beta, g):
         o, final, res = kernels.forward(
-            q, k, v, beta, g, None, None, num_householder=n, scale=0.1, interpret=False
+            q,
+            k,
+            v,
+            beta,
+            g,
+            None,
+            None,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            save_states=True,
         )
         return kernel_backward.backward(
             q, k, v, beta, res, o, None, num_householder=n, scale=0.1, interpret=False
         )
 
-    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 7
+    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)

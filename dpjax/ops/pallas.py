@@ -4,8 +4,10 @@ Forward: ``pallas_kernels.forward`` (prepare -> state pass -> output kernels; in
 the default backend is not a GPU). Backward: ``pallas_kernels.backward`` (recompute -> reverse
 state pass -> output adjoint -> WY adjoint kernels, then the reverse gate cumsum in JAX), a
 dedicated DeltaProduct backward on token-level q/do. Residuals: the inputs, ``A`` (fp32, 64 per
-sub-step row), the log-gates and the token-chunk start states ``h`` (written by the forward
-anyway); no per-token and no per-interleaved-chunk state is saved. The plain-JAX twin of every
+sub-step row), the log-gates and what the forward's state pass writes anyway or can write at the
+cost of a store: every interleaved chunk-start state (``h`` and ``h_mid``, input dtype) and
+``v_new`` (``[B, H, L, V]``, input dtype), so that the backward never re-runs the recurrence. No
+per-token ``K x V`` state is saved. The plain-JAX twin of every
 backward stage is ``dpjax.ops.chunked_backward`` (the tests compare the kernels against it).
 
 Dtypes: the kernels compute in ``q.dtype`` (bf16/fp16: 16-bit tensor-core products with fp32
@@ -71,7 +73,7 @@ def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
     )
 
 
-def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float):
+def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float, save_states=False):
     return kernels.forward(
         q,
         k,
@@ -83,6 +85,7 @@ def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float):
         num_householder=n,
         scale=scale,
         config=config_for(q.shape[-1], v.shape[-1]),
+        save_states=save_states,
     )
 
 
@@ -93,8 +96,11 @@ def _pallas(q, k, v, beta, g, h0, resets, n: int, scale: float):
 
 
 def _pallas_fwd(q, k, v, beta, g, h0, resets, n: int, scale: float):
-    o, final, res = _kernel_forward(q, k, v, beta, g, h0, resets, n, scale)
-    # residuals: the inputs, A, the log-gates and the token-chunk start states (no others)
+    # the states are kept only where the kernel backward will use them
+    save = kernel_backward_supports(q.shape[-1], v.shape[-1])
+    save = save and backward_config_for(q.shape[-1], v.shape[-1]).save_states
+    o, final, res = _kernel_forward(q, k, v, beta, g, h0, resets, n, scale, save_states=save)
+    # residuals: the inputs, A, the log-gates, the chunk-start states and v_new
     return (o, final), (q, k, v, beta, g, h0, resets, res)
 
 
