@@ -256,6 +256,13 @@ def _add_train(sub) -> None:
         help="stop after this step as if interrupted (checkpoint first)",
     )
     r.add_argument(
+        "--time_limit",
+        type=float_or_none,
+        default=None,
+        help="minutes of wall time after which training stops at the next log point, evaluates "
+        "and checkpoints; --resume True continues it later (None: no limit)",
+    )
+    r.add_argument(
         "--eval_every",
         type=int_or_none,
         default=None,
@@ -546,6 +553,7 @@ def train_config(args: argparse.Namespace, out_dir: str):
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
         stop_at=args.stop_at,
+        time_limit=None if args.time_limit is None else 60 * args.time_limit,
         eval_batch_size=args.eval_batch_size,
         fsdp=args.fsdp,
         accum_steps=args.accum_steps,
@@ -659,6 +667,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "num_householder": mcfg.num_householder,
         "params": params.total,
         "steps": result.step,
+        "time_limited": result.time_limited,
         "tokens": result.step * tokens_per_step,
         "final_train_loss": result.train_losses.get(result.step),
         "val_loss": None if val_res is None else val_res.loss,

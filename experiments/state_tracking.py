@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in --out_dir",
     )
     run.add_argument(
+        "--time_limit",
+        type=float_or_none,
+        default=None,
+        help="minutes of wall time after which training stops at the next log point, evaluates "
+        "and checkpoints; --resume True continues it later (None: no limit)",
+    )
+    run.add_argument(
         "--eval_only",
         type=str2bool,
         default=False,
@@ -265,6 +272,7 @@ def train_config(args: argparse.Namespace, dcfg: StateTrackingDataConfig, out_di
         eval_every=eval_every,
         checkpoint_every=args.checkpoint_every or eval_every,
         resume=args.resume,
+        time_limit=None if args.time_limit is None else 60 * args.time_limit,
         early_stop_metric=None
         if args.target_acc is None
         else f"{args.early_stop_on}/sequence_accuracy",
@@ -384,6 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {
             "steps": result.step,
             "stopped_early": result.stopped_early,
+            "time_limited": result.time_limited,
             "train_seconds": round(result.seconds, 1),
             "final_train_loss": result.train_losses.get(result.step),
             "out_dir": out_dir,

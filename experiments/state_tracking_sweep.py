@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import state_tracking as st  # noqa: E402  (experiments/state_tracking.py)
+from cli_types import float_or_none  # noqa: E402
 
 from dpjax.eval.accuracy import AccuracyCurve  # noqa: E402
 
@@ -59,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse runs whose results.json exists",
     )
     p.add_argument(
+        "--time_limit",
+        type=float_or_none,
+        default=None,
+        help="minutes for the whole sweep: a run still going when they are spent stops at its "
+        "next log point with a checkpoint, later cells are not started (each call trains at "
+        "least one run), and the next call of the "
+        "same command resumes the interrupted run and goes on (None: no limit)",
+    )
+    p.add_argument(
         "--table_lengths",
         nargs="+",
         type=int,
@@ -80,18 +91,32 @@ def run_grid(sweep: argparse.Namespace, forwarded: list[str]) -> list[dict[str, 
     cells = list(
         itertools.product(sweep.groups, sweep.num_householder, sweep.eig_ranges, sweep.seeds)
     )
+    t0, started = time.time(), False
     for i, (group, n_h, rng, seed) in enumerate(cells):
         d = run_dir(sweep.out_dir, group, n_h, rng, seed)
-        results = os.path.join(d, "results.json")
-        if sweep.skip_existing and os.path.exists(results):
-            with open(results) as f:
-                summaries.append(json.load(f))
+        previous = _load_results(d)
+        if sweep.skip_existing and previous is not None and not previous.get("time_limited"):
+            summaries.append(previous)
             print(f"[{i + 1}/{len(cells)}] reusing {d}", flush=True)
             continue
-        print(f"[{i + 1}/{len(cells)}] {group} n_h={n_h} {rng} seed={seed} -> {d}", flush=True)
+        limit = []
+        if sweep.time_limit is not None:  # every call trains at least one run a little
+            left = sweep.time_limit - (time.time() - t0) / 60
+            if left <= 0 and started:
+                print(f"time limit reached: {len(cells) - i} cell(s) not run yet", flush=True)
+                break
+            limit = ["--time_limit", str(max(left, 1e-6))]
+        started = True
+        # an interrupted run (time limit, or killed: checkpoints but no results) goes on
+        interrupted = previous is None or bool(previous.get("time_limited"))
+        resume = ["--resume", "True"] if interrupted else []
+        what = "running" if previous is None else "resuming" if interrupted else "re-running"
+        print(f"[{i + 1}/{len(cells)}] {what} {group} n_h={n_h} {rng} seed={seed} -> {d}")
         args = base.parse_args(
             [
                 *forwarded,
+                *limit,
+                *resume,
                 "--group",
                 group,
                 "--num_householder",
@@ -106,6 +131,14 @@ def run_grid(sweep: argparse.Namespace, forwarded: list[str]) -> list[dict[str, 
         )
         summaries.append(st.run(args))
     return summaries
+
+
+def _load_results(run: str) -> dict | None:
+    path = os.path.join(run, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _cell_key(s: dict) -> tuple:
@@ -141,7 +174,7 @@ def summary_markdown(summaries: list[dict], lengths: list[int] | None = None) ->
             s["group"],
             s["label"],
             str(s["seed"]),
-            str(s.get("steps", "-")),
+            f"{s.get('steps', '-')}{' (stopped: time limit)' if s.get('time_limited') else ''}",
             f"{s.get('val/sequence_accuracy', float('nan')):.3f}",
             *accs,
             str(s.get("test/len_acc>=0.99", "-")),

@@ -220,3 +220,20 @@ def test_sweep_help_and_summary(tiny_run):
     assert "| S3 | DeltaProduct_1[-1,1] | 0 | 2 |" in md and "DeltaProduct_2[-1,1]" in md
     assert os.path.getsize(os.path.join(out, "comparison.png")) > 1000
     assert len(_read_json(os.path.join(out, "summary.json"))) == 2
+
+
+def test_sweep_time_limit_stops_then_resumes(nn_available, tmp_path):
+    sweep = _load("state_tracking_sweep")
+    grid = ["--groups", "S3", "--num_householder", "1", "2", "--seeds", "0"]
+    run = [*TINY, "--epochs", "2", "--max_steps", "4", "--log_every", "1"]
+    first = sweep.main([*grid, "--out_dir", str(tmp_path), "--time_limit", "1e-9", "--", *run])
+    # the first cell stops at its first log point, the second is not started
+    assert len(first) == 1 and first[0]["time_limited"] and first[0]["steps"] == 1
+    assert not os.path.exists(tmp_path / "S3_nh2_neg_s0")
+    assert "1 (stopped: time limit)" in (tmp_path / "summary.md").read_text()
+    second = sweep.main([*grid, "--out_dir", str(tmp_path), "--", *run])
+    assert [s["steps"] for s in second] == [4, 4]
+    assert not any(s["time_limited"] for s in second)
+    metrics = (tmp_path / "S3_nh1_neg_s0" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in metrics if "train/loss" in line]
+    assert steps == [1, 2, 3, 4]  # resumed at step 2, not restarted

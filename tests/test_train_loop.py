@@ -132,6 +132,20 @@ def test_resume_gives_identical_losses_and_data_order(full_run, tmp_path):
     assert all(jax.tree.leaves(chex_equal))
 
 
+def test_time_limit_stops_at_a_log_point_and_resumes(full_run, tmp_path):
+    _, ref = full_run
+    first = _run(str(tmp_path), time_limit=1e-9, eval_every=21)
+    assert first.time_limited and not ref.time_limited
+    assert first.step == 4  # the first log point (log_every=4)
+    assert "4" in os.listdir(tmp_path / "checkpoints")
+    resumed = _run(str(tmp_path), resume=True, eval_every=21)
+    assert resumed.step == 63 and not resumed.time_limited
+    for s in range(5, 64):
+        assert resumed.train_losses[s] == ref.train_losses[s], s
+    with pytest.raises(ValueError, match="time_limit"):
+        TrainConfig(total_steps=5, time_limit=0)
+
+
 def test_restore_from_directory_alone(full_run):
     out, res = full_run
     config = read_config(out / "checkpoints")

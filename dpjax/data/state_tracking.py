@@ -300,7 +300,6 @@ def train_dataset(
         raise ValueError(
             f"batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}"
         )
-    local_bs = cfg.batch_size // shard_count
     if cfg.stream:
         group = group or get_group(cfg.group)
         n = 2**62 if cfg.epochs is None else math.ceil(cfg.epochs * cfg.steps_per_epoch)

@@ -75,6 +75,9 @@ class TrainConfig:
       resume: continue from the latest checkpoint in ``out_dir/checkpoints`` if there is one.
       stop_at: stop after this step as if interrupted (checkpointing first); the schedule still
         spans ``total_steps``. ``None`` = run to the end.
+      time_limit: seconds of wall time (from the call of ``train``) after which the run stops at
+        the next log point as if interrupted: evaluation, checkpoint, ``TrainResult.time_limited``;
+        ``resume`` continues it. Every process takes process 0's decision. ``None`` = no limit.
       early_stop_metric / early_stop_target: stop when an evaluation gives
         ``metric >= target`` (e.g. ``"test/sequence_accuracy"``, 0.99).
       eval_batch_size: rows per eval batch (rounded up to a multiple of the device count).
@@ -93,6 +96,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     stop_at: int | None = None
+    time_limit: float | None = None
     early_stop_metric: str | None = None
     early_stop_target: float | None = None
     eval_batch_size: int = 256
@@ -118,6 +122,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {v}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds (or None), got {self.time_limit}")
         if (self.early_stop_metric is None) != (self.early_stop_target is None):
             raise ValueError(
                 "early_stop_metric and early_stop_target go together, got "
@@ -160,6 +166,7 @@ class TrainResult:
       evals: ``(step, {name: EvalResult})`` for every evaluation of this run.
       final: the last evaluation (``{}`` if there are no eval sets).
       stopped_early: the early-stop target was reached.
+      time_limited: the run stopped at ``TrainConfig.time_limit`` before its last step.
       seconds: wall time of this run.
       throughput: ``{"tokens_per_s", "steps_per_s", "mfu", "measured_steps"}`` over this run's
         training steps (the first step, which compiles, and eval/checkpoint time excluded);
@@ -175,6 +182,7 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     throughput: dict[str, float | None] | None = None
+    time_limited: bool = False
 
 
 class _Throughput:
@@ -452,7 +460,7 @@ def train(
     train_losses: dict[int, float] = {}
     evals: list[tuple[int, dict[str, EvalResult]]] = []
     pending: list[tuple[int, dict]] = []
-    stopped_early = False
+    stopped_early = time_limited = False
     step = start
 
     def flush() -> None:
@@ -487,6 +495,10 @@ def train(
                 perf.restart()
             if step % cfg.log_every == 0:
                 flush()
+                if _out_of_time(cfg.time_limit, t0) and step < bar_total:
+                    time_limited = True
+                    progress.write(f"time limit of {cfg.time_limit:.0f} s reached at step {step}")
+                    break
             if cfg.eval_every and step % cfg.eval_every == 0 and eval_sets:
                 flush()
                 evals.append((step, run_evals(step)))
@@ -523,9 +535,23 @@ def train(
         evals=evals,
         final=evals[-1][1] if evals else {},
         stopped_early=stopped_early,
+        time_limited=time_limited,
         seconds=time.time() - t0,
         throughput=perf.summary(),
     )
+
+
+def _out_of_time(limit: float | None, t0: float) -> bool:
+    """Whether ``limit`` seconds have passed since ``t0``, as process 0 sees it (the same answer
+    on every process, so that all of them stop at the same step)."""
+    if limit is None:
+        return False
+    late = np.asarray(time.time() - t0 > limit)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        late = multihost_utils.broadcast_one_to_all(late)
+    return bool(late)
 
 
 def op_batch_parallel(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
