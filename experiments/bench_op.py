@@ -64,6 +64,23 @@ class Case:
         return f"B={self.B} T={self.T} H={self.H} K={self.K} V={self.V} n_h={self.n} {gate}"
 
 
+def parse_case(text: str) -> Case:
+    """``"B,T,H,K,V,N_H[,gated]"`` -> Case (argparse type)."""
+    parts = [p.strip() for p in text.split(",")]
+    gated = len(parts) == 7 and parts[6].lower() in ("gated", "g", "true", "1")
+    if len(parts) not in (6, 7) or (len(parts) == 7 and not gated and parts[6] != "ungated"):
+        raise argparse.ArgumentTypeError(f"expected B,T,H,K,V,N_H[,gated], got {text!r}")
+    try:
+        B, T, H, K, V, n = (int(p) for p in parts[:6])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected integers in B,T,H,K,V,N_H, got {text!r}"
+        ) from err
+    if min(B, T, H, K, V, n) < 1:
+        raise argparse.ArgumentTypeError(f"every size must be >= 1, got {text!r}")
+    return Case(B, T, H, K, V, n, gated)
+
+
 FULL_CASES = [
     Case(4, 4096, 8, 128, 128, 1, False),
     Case(4, 4096, 8, 128, 128, 2, False),
@@ -481,6 +498,14 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true", help="merge peers_*.json from --out")
     ap.add_argument("--only", type=int, nargs="*", help="indices of cases to run")
     ap.add_argument(
+        "--case",
+        action="append",
+        type=parse_case,
+        metavar="B,T,H,K,V,N_H[,gated]",
+        help="time this shape instead of the built-in cases (repeatable), e.g. the paper's "
+        "state tracking: --case 2048,129,8,32,32,2",
+    )
+    ap.add_argument(
         "--bwd-cases", type=int, nargs="*", help="indices of cases that also time fwd+bwd (all)"
     )
     ap.add_argument(
@@ -506,7 +531,7 @@ def main() -> None:
 
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = args.case or (QUICK_CASES if args.quick else FULL_CASES)
     if args.only:
         cases = [cases[i] for i in args.only]
     records: list[dict] = []
