@@ -175,6 +175,31 @@ def time_round_robin(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def time_stages(
+    c: Case, stages: dict[str, tuple], repeats: int, iters: int, log: Callable
+) -> list[dict]:
+    """Each stage alone (interleaved medians) and its compile time (lower + compile of the
+    stage's jitted function: the kernel's Triton compile plus its little XLA glue)."""
+    compiles = {}
+    for s, (f, a) in stages.items():
+        jax.clear_caches()  # building the stage inputs compiled some stages already
+        compiles[s] = compile_time(f, a)[1]
+    fns = {s: (lambda f=f, a=a: f(*a)) for s, (f, a) in stages.items()}
+    records = []
+    for s, ms in time_round_robin(fns, [()], repeats, iters).items():
+        rec = dict(
+            kind="stage",
+            case=c.label,
+            **dataclasses.asdict(c),
+            stage=s,
+            ms=ms,
+            compile_s=compiles[s],
+        )
+        records.append(rec)
+        log(json.dumps(rec))
+    return records
+
+
 def iters_for(c: Case) -> int:
     work = c.B * c.T * c.H * c.n
     return max(3, min(50, int(2e7 / max(work, 1))))
@@ -608,18 +633,9 @@ def main() -> None:
                 log(json.dumps(rec))
         if args.bwd_stages:
             stages = backward_stage_fns(c, inputs[0], bconfig)
-            fns = {s: (lambda f=f, a=a: f(*a)) for s, (f, a) in stages.items()}
-            for s, ms in time_round_robin(fns, [()], args.repeats, iters).items():
-                rec = dict(kind="stage", case=c.label, **dataclasses.asdict(c), stage=s, ms=ms)
-                records.append(rec)
-                log(json.dumps(rec))
+            records += time_stages(c, stages, args.repeats, iters, log)
         if args.stages:
-            stages = stage_fns(c, config, inputs[0])
-            fns = {s: (lambda f=f, a=a: f(*a)) for s, (f, a) in stages.items()}
-            for s, ms in time_round_robin(fns, [()], args.repeats, iters).items():
-                rec = dict(kind="stage", case=c.label, **dataclasses.asdict(c), stage=s, ms=ms)
-                records.append(rec)
-                log(json.dumps(rec))
+            records += time_stages(c, stage_fns(c, config, inputs[0]), args.repeats, iters, log)
         fl = floor_ms(c)
         records.append(dict(kind="floor", case=c.label, **dataclasses.asdict(c), **fl))
         log(json.dumps(records[-1]))
@@ -802,6 +818,13 @@ def markdown(records: list[dict], peers: list[dict], device: str, config) -> str
             ms = {r["stage"]: r["ms"] for r in stages if r["case"] == case}
             cells = " | ".join(f"{ms[x]:.3f}" if x in ms else "—" for x in names)
             lines.append(f"| {case} | {cells} |")
+        if any("compile_s" in r for r in stages):
+            lines += ["", "| case | " + " | ".join(f"{x} compile s" for x in names) + " |"]
+            lines.append("|---" * (len(names) + 1) + "|")
+            for case in dict.fromkeys(r["case"] for r in stages):
+                sec = {r["stage"]: r.get("compile_s") for r in stages if r["case"] == case}
+                cells = " | ".join("—" if sec.get(x) is None else f"{sec[x]:.2f}" for x in names)
+                lines.append(f"| {case} | {cells} |")
     mem = [r for r in records if r["kind"] == "memory"]
     if mem:
         lines += ["", "| memory case | impl | peak MB | temp MB | args MB | out MB |"]
