@@ -14,6 +14,10 @@ Scales::
                   on one H100 with the Pallas kernels -- the whole study well under an hour.
     --scale cpu   D 128, 2 layers, d_k 32, T 256, 150 steps x 8 sequences: a few minutes on a
                   laptop CPU; shows the pipeline works, the models are far from converged.
+    --scale smoke D 32, 1 layer, T 64, 20 steps x 8 sequences: seconds (the tests use it).
+
+On a GPU lent in short slices, ``--time_limit MINUTES`` stops the model in training with a
+checkpoint when the minutes are spent; the same command continues where it stopped.
 
 Outputs in ``--out_dir``: one run directory per model (skipped when its ``eval/eval.json``
 exists, so an interrupted study continues), ``summary.md`` / ``summary.json`` (table), and
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +48,8 @@ SCALES: dict[str, dict[str, Any]] = {
                 batch_size=32, lr=1.5e-3, warmup_steps=100, eval_rows=128, num_sequences=80),
     "cpu": dict(hidden_size=128, num_layers=2, head_dim=32, seq_len=256, steps=150,
                 batch_size=8, lr=2e-3, warmup_steps=15, eval_rows=32, num_sequences=32),
+    "smoke": dict(hidden_size=32, num_layers=1, head_dim=8, seq_len=64, steps=20,
+                  batch_size=8, lr=2e-3, warmup_steps=2, eval_rows=8, num_sequences=8),
 }  # fmt: skip
 
 
@@ -91,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=lm.str2bool,
         default=True,
         help="reuse runs whose eval/eval.json exists",
+    )
+    p.add_argument(
+        "--time_limit",
+        type=lm.float_or_none,
+        default=None,
+        help="minutes for this call: a model still training when they are spent stops with a "
+        "checkpoint and the study ends without its table; the same command resumes it (each "
+        "call makes progress; None: no limit)",
     )
     p.add_argument("--progress", type=lm.str2bool, default=True, help="progress bars")
     return p
@@ -141,14 +156,36 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     )
     rows: dict[str, dict[str, Any]] = {}
     curves: dict[str, PerPositionLoss] = {}
+    t0, worked = time.time(), False
+
+    def minutes_left() -> float | None:  # None: no limit; <= 0: stop (once work was done)
+        if args.time_limit is None:
+            return None
+        return args.time_limit - (time.time() - t0) / 60
+
     for name in args.models:
         run_dir = os.path.join(out_dir, name)
         eval_json = os.path.join(run_dir, "eval", "eval.json")
-        trained = os.path.isfile(os.path.join(run_dir, "results.json"))
-        if not (args.skip_existing and trained):
+        previous = _results(run_dir)
+        finished = previous is not None and not previous.get("time_limited")
+        if not (args.skip_existing and finished):
+            left = minutes_left()
+            if left is not None and left <= 0 and worked:
+                return _stopped(out_dir)
             print(f"=== {name}: training", flush=True)
-            lm.main(_train_argv(args, scale, name, run_dir, data))
+            argv = _train_argv(args, scale, name, run_dir, data)
+            if previous is None or previous.get("time_limited"):  # interrupted runs go on
+                argv += ["--resume", "True"]
+            if left is not None:
+                argv += ["--time_limit", str(max(left, 1e-6))]
+            worked = True
+            if lm.main(argv).get("time_limited"):
+                return _stopped(out_dir)
         if not (args.skip_existing and os.path.isfile(eval_json)):
+            left = minutes_left()
+            if left is not None and left <= 0 and worked:
+                return _stopped(out_dir)
+            worked = True
             print(f"=== {name}: evaluating", flush=True)
             lm.main(["eval", "--run", run_dir, "--length_factor", str(args.length_factor),
                      "--num_sequences", str(scale["num_sequences"]),
@@ -185,6 +222,23 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     print(table, flush=True)
     print(f"wrote {out_dir}/summary.md, per_position.png, val_loss.png", flush=True)
     return summary
+
+
+def _results(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _stopped(out_dir: str) -> dict[str, Any]:
+    print(
+        f"time limit reached: the study in {out_dir} is incomplete; run the same command again "
+        "to continue",
+        flush=True,
+    )
+    return {"incomplete": True, "out_dir": out_dir}
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -40,15 +41,17 @@ SMALL = [
 ]
 
 
-def load_cli():
+def _load(name):
     if EXP not in sys.path:
         sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location(
-        "language_model", os.path.join(EXP, "language_model.py")
-    )
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXP, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_cli():
+    return _load("language_model")
 
 
 def train_losses(run_dir):
@@ -221,3 +224,26 @@ def test_fsdp_and_accumulation_on_8_devices_match_1_device(shards):
     assert eight.throughput["mfu"] == pytest.approx(
         1e6 * eight.throughput["tokens_per_s"] / (8 * 1e12)
     )
+
+
+def test_lm_study_time_limit_then_resume(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, name in enumerate(("json/encoder.py", "textwrap.py", "shlex.py")):
+        src = Path(os.__file__).parent / name
+        (corpus / f"doc{i}.py").write_text(src.read_text(encoding="utf-8"))
+    study = _load("lm_study")
+    argv = [
+        "--scale", "smoke", "--models", "DeltaNet", "DeltaProduct_2", "--corpus", str(corpus),
+        "--data", str(tmp_path / "data"), "--out_dir", str(tmp_path / "study"),
+        "--impl", "reference", "--length_factor", "2", "--progress", "False",
+    ]  # fmt: skip
+    first = study.main([*argv, "--time_limit", "1e-9"])  # stops at DeltaNet's first log point
+    assert first["incomplete"]
+    dn = json.loads((tmp_path / "study" / "DeltaNet" / "results.json").read_text())
+    assert dn["time_limited"] and dn["steps"] == 10
+    assert not (tmp_path / "study" / "DeltaProduct_2").exists()
+    done = study.main(argv)
+    assert set(done["models"]) == {"DeltaNet", "DeltaProduct_2"}
+    assert all(m["steps"] == 20 for m in done["models"].values())
+    assert (tmp_path / "study" / "summary.md").is_file()
