@@ -573,7 +573,8 @@ def main() -> None:
         with open(os.path.join(args.out, "resources.json"), "w") as fh:
             json.dump(records, fh, indent=1)
         return
-    dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c  # the op uses this config
+    if args.tune:  # the op uses the tuned config (else its own per-head-dim choice)
+        dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c
     bconfig = kernel_backward.BackwardConfig()
     if args.bwd_tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[1]]
@@ -582,7 +583,10 @@ def main() -> None:
         bconfig = dataclasses.replace(bconfig, **best)
         log(f"tuned backward config: {bconfig}")
         save(args, dev.device_kind, config, records, echo=False)
-    dp_pallas.backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c
+    backward_config_for = dp_pallas.backward_config_for  # wide heads get wide tiles
+    if args.bwd_tune:
+        backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c  # noqa: E731
+    dp_pallas.backward_config_for = backward_config_for
     if args.memory:
         records += memory_report(log, with_chunked=not args.no_chunked)
         save(args, dev.device_kind, config, records, echo=False)
@@ -613,7 +617,7 @@ def main() -> None:
                     bwd_fns[name], compiles[(name, "fwdbwd")] = compile_time(fb, arg_sets[0])
             except Exception as err:
                 log(f"{c.label} {name} failed: {err!r:.500}")
-            dp_pallas.backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c
+            dp_pallas.backward_config_for = backward_config_for
         iters = iters_for(c)
         for mode, fns in (("fwd", fwd_fns), ("fwdbwd", bwd_fns)):
             if not fns:
@@ -632,10 +636,11 @@ def main() -> None:
                 records.append(rec)
                 log(json.dumps(rec))
         if args.bwd_stages:
-            stages = backward_stage_fns(c, inputs[0], bconfig)
+            stages = backward_stage_fns(c, inputs[0], backward_config_for(c.K, c.V))
             records += time_stages(c, stages, args.repeats, iters, log)
         if args.stages:
-            records += time_stages(c, stage_fns(c, config, inputs[0]), args.repeats, iters, log)
+            stages = stage_fns(c, dp_pallas.config_for(c.K, c.V), inputs[0])
+            records += time_stages(c, stages, args.repeats, iters, log)
         fl = floor_ms(c)
         records.append(dict(kind="floor", case=c.label, **dataclasses.asdict(c), **fl))
         log(json.dumps(records[-1]))

@@ -15,6 +15,14 @@ chunk-start states ``h_mid``) and the padded inputs::
 
 (``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous single kernel instead.)
 
+Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
+fused kernel above 128). Up to 128 every stage holds its ``[Kp, Vp]`` / ``[64, Kp]`` values
+whole (the H100-tuned ``BackwardConfig()``). Wider heads (``config_for``) tile them: the output
+adjoint over keys (grid axis; its token gate terms are per-key-tile partials summed in JAX) and
+over values (in-kernel sums through ref slices), the state adjoint over ``[bk, bv]`` state tiles
+(in-kernel loops), the WY adjoint in narrower column tiles; the reverse state pass, ``dv_out``
+and the recompute stage already tile V by a grid axis (narrower tiles and 8 warps for K = 256).
+
 Memory: besides the residuals, the backward holds ``dv_out``, ``dv_new`` (``[B, H, L, Vp]``,
 input dtype), the chunk-end state gradients ``dh_il`` (``[B, H, L/64, Kp, Vp]``, input dtype),
 the output's ``dk`` and stage 3's ``dW``, ``dkp`` (``[B, L, H, Kp]``-sized, fp32); without saved
@@ -28,7 +36,7 @@ inside.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -50,7 +58,9 @@ class BackwardConfig:
     variants of ``experiments/bench_op.py --bwd-tune`` on an H100 at K = V = 128, n_h = 1, 2;
     docs/BENCHMARKS.md), and whether the forward
     keeps ``v_new`` and every chunk-start state for it (``save_states``, read by
-    ``dpjax.ops.pallas``; without them the recompute stage runs first)."""
+    ``dpjax.ops.pallas``; without them the recompute stage runs first). The tiles (``*_block_*``)
+    are clipped to the padded head dims, so up to 128 the defaults are one tile per stage;
+    ``config_for`` gives the wide-head configuration."""
 
     save_states: bool = True
 
@@ -62,18 +72,72 @@ class BackwardConfig:
     state_stages: int = 3
     output_warps: int = 4
     output_stages: int = 1
-    output_dv: bool = False  # the output adjoint computes dv_out (else its own small kernel)
+    output_block_k: int = 128  # key tile per program (a grid axis above it)
+    output_block_v: int = 128  # value tile of its in-kernel sums over V
+    output_dv: bool = False  # the output adjoint computes dv_out (else its own small kernel;
+    # only where the key dim fits one program, Kp <= output_block_k)
     dv_block_v: int = 128
     dv_warps: int = 4
     dv_stages: int = 2
     adjoint_warps: int = 4
     adjoint_stages: int = 1
+    adjoint_block_k: int = 128  # state tile of the state adjoint (in-kernel loops over tiles)
+    adjoint_block_v: int = 128
     wy_warps: int = 4
     wy_stages: int = 1
     wy_block: int = 64  # column tile of the WY kernel's [64, K|V] operands
     wy_split: bool = False  # its fp32-operand products as two 16-bit products (else TF32)
     wy_fused: bool = False  # stages 3 + 4 as the previous single kernel (for comparison)
     fused_warps: int = 8  # launch parameters of that kernel
+
+
+# Wide heads (padded K or V above 128): tiles and launch parameters chosen offline with ptxas for
+# sm_90 (pip Triton 3.6; docs/BENCHMARKS.md "night", docs/DESIGN_DECISIONS.md): state-adjoint
+# and output-adjoint tiles of 64 keys (output: 64 values per in-kernel step; a key-tile grid
+# axis), 8 warps, WY column tiles of 32 at 8 warps. Padded K above 128 (the reverse state pass
+# holds dE [Kp, BV] and K [64, Kp] per step): BV = 16, 8 warps, 2 pipeline stages (3 stages
+# needed 280 KB of shared memory at n_h = 1); the recompute stage (no saved states): BV = 32.
+WIDE_HEAD = dict(
+    output_block_k=64,
+    output_block_v=64,
+    output_warps=8,
+    adjoint_block_k=64,
+    adjoint_block_v=128,
+    adjoint_warps=8,
+    wy_block=32,
+    wy_warps=8,
+)
+WIDE_KEY = dict(state_block_v=16, state_warps=8, state_stages=2, recompute_block_v=32)
+
+
+def config_for(key_dim: int, value_dim: int) -> BackwardConfig:
+    """The backward configuration for these head dims: ``BackwardConfig()`` (H100-tuned at
+    K = V = 128) when the padded K and V are at most 128, else with ``WIDE_HEAD`` (and, for
+    padded K above 128, ``WIDE_KEY``) applied."""
+    Kp, Vp = padded_dims(key_dim, value_dim)
+    config = BackwardConfig()
+    if max(Kp, Vp) > 128:
+        config = replace(config, **WIDE_HEAD)
+    if Kp > 128:
+        config = replace(config, **WIDE_KEY)
+    return config
+
+
+MAX_DIM = 256  # padded head dims the backward kernels serve (as the forward's)
+MAX_FUSED_DIM = 128  # the previous fused stage 3 + 4 kernel holds whole [Kp, Vp] state tiles
+
+
+def unsupported(key_dim: int, value_dim: int, config: BackwardConfig) -> str | None:
+    """``None`` when the backward kernels serve these head dims with ``config``, else why not."""
+    Kp, Vp = padded_dims(key_dim, value_dim)
+    if max(Kp, Vp) > MAX_DIM:
+        return f"backward kernels need padded K, V <= {MAX_DIM}, got Kp={Kp}, Vp={Vp}"
+    if config.wy_fused and max(Kp, Vp) > MAX_FUSED_DIM:
+        return (
+            f"the fused stage 3 + 4 kernel (wy_fused) holds whole [Kp, Vp] state tiles: padded "
+            f"K, V <= {MAX_FUSED_DIM}, got Kp={Kp}, Vp={Vp}"
+        )
+    return None
 
 
 def chunk_gate_vectors(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -138,6 +202,8 @@ def stage_kernels(
         "output": partial(
             output_backward,
             **op,
+            block_k=config.output_block_k,
+            block_v=config.output_block_v,
             num_warps=config.output_warps,
             num_stages=config.output_stages,
             **common,
@@ -145,6 +211,8 @@ def stage_kernels(
         "state_adjoint": partial(
             state_adjoint,
             num_householder=num_householder,
+            block_k=config.adjoint_block_k,
+            block_v=config.adjoint_block_v,
             num_warps=config.adjoint_warps,
             num_stages=config.adjoint_stages,
             **common,
@@ -193,7 +261,7 @@ def stages(
     *,
     num_householder: int,
     scale: float,
-    config: BackwardConfig = BackwardConfig(),
+    config: BackwardConfig | None = None,
     interpret: bool | None = None,
     poison: bool = False,
 ) -> dict[str, jax.Array | None]:
@@ -206,6 +274,11 @@ def stages(
     B, T, H, K = q.shape
     V = v.shape[-1]
     n = num_householder
+    if config is None:
+        config = config_for(K, V)
+    reason = unsupported(K, V, config)
+    if reason is not None:
+        raise ValueError(reason)
     Kp, Vp = padded_dims(K, V)
     qp, kp, vp, bp = pad_inputs(q, k, v, beta, n)
     dop = pad_to(pad_to(do.astype(q.dtype), 3, Vp), 1, padded_length(T))
@@ -218,7 +291,7 @@ def stages(
             res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
         )
         dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
-    elif config.output_dv:
+    elif config.output_dv and Kp <= config.output_block_k:
         vnew, h_mid = res.v_new, res.h_mid
         dq, dk_out, dG_tok, dv_out = kern["output"](
             qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True
@@ -270,7 +343,7 @@ def backward(
     *,
     num_householder: int,
     scale: float,
-    config: BackwardConfig = BackwardConfig(),
+    config: BackwardConfig | None = None,
     interpret: bool | None = None,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
@@ -280,6 +353,8 @@ def backward(
       q, k, v, beta: the forward's (unpadded) inputs, shapes as in ``forward``.
       res: the forward's ``Residuals``.
       do: ``[B, T, H, V]`` output cotangent; dht: ``[B, H, K, V]`` final-state cotangent or None.
+      config: tiles and launch parameters (None: ``config_for(K, V)``); ``unsupported`` says
+        which combinations of head dims and configuration the kernels do not serve (ValueError).
 
     Returns:
       ``(dq [B, T, H, K] q.dtype, dk [B, L, H, K], dv [B, L, H, V] (q.dtype),

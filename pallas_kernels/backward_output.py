@@ -22,7 +22,12 @@ dtype) is needed by the reverse state pass; it is computed here when the forward
 (else the recompute stage computes it), so this stage then runs first.
 
 Grid ``(NT, H, B)``; the whole value dimension in one program (``dO [64, Vp]``,
-``h[J] [Kp, Vp]``, ``V_new_j [64, Vp]``), so no cross-program reduction.
+``h[J] [Kp, Vp]``, ``V_new_j [64, Vp]``), so no cross-program reduction over V. Wide heads: the
+products over V (``dO h^T``, ``D_j``) are sums over value tiles (``block_v``, 128) read through ref
+slices, and keys above ``block_k`` (128) become a grid axis, ``(Kp / bk, NT, H, B)``: each program
+writes its ``[64, bk]`` columns of ``dq`` and ``dk`` (``D_j`` is recomputed per key tile) and a
+partial ``dG_tok`` (its terms are sums over K: ``Q K_j^T``, ``rowsum(dOh * Q)``) into
+``[Kp / bk, B, H, T]``, summed in JAX. Up to 128 it is one tile, the untiled kernel.
 Reads ``q [B, T, H, Kp]``, ``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``k`` viewed as
 ``[B, T, n, H, Kp]``, ``v_new`` viewed as ``[B, H, T, n, Vp]`` and, with decay, the token log-gate
 ``[B, H, T]`` fp32. Writes ``dq [B, T, H, Kp]`` (q.dtype), ``dk_out`` as ``[B, T, n, H, Kp]``
@@ -42,7 +47,17 @@ from pallas_kernels.backward_recompute import token_decay
 from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call
 
 
-def _kernel(*refs, n: int, scale: float, decay: bool, with_dv_out: bool, mode: dict, dots: dict):
+def _kernel(
+    *refs,
+    n: int,
+    scale: float,
+    decay: bool,
+    with_dv_out: bool,
+    mode: dict,
+    dots: dict,
+    v_tiles: list,
+    tiled: bool,
+):
     q_ref, do_ref, h_ref, k_ref, vnew_ref = refs[:5]
     rest = list(refs[5:])
     gate_ref = rest.pop(0) if decay else None
@@ -52,17 +67,35 @@ def _kernel(*refs, n: int, scale: float, decay: bool, with_dv_out: bool, mode: d
 
     gam_mat, gam = token_decay(gate_ref[...] if decay else None)
     q = q_ref[...]
-    do = do_ref[...]
-    do_h = mm(do, h_ref[...], mode["in"], trans_b=True, **dots)  # [64, Kp]
+    # products over V as sums over value tiles read through ref slices (one tile: whole refs)
+    nv = len(v_tiles)
+    if nv == 1:
+        do_all = do_ref[...]
+        do_tile = lambda j: do_all
+        cols = lambda ref, j: ref[...]
+        sub = lambda ref, i, j: ref[:, i, :]
+    else:
+        do_tile = lambda j: do_ref[:, v_tiles[j]]
+        cols = lambda ref, j: ref[:, v_tiles[j]]
+        sub = lambda ref, i, j: ref[:, i, v_tiles[j]]
+    over_v = lambda f: functools.reduce(lambda x, j: x + f(j), range(1, nv), f(0))
+    do_h = over_v(
+        lambda j: mm(do_tile(j), cols(h_ref, j), mode["in"], trans_b=True, **dots)
+    )  # [64, Kp]
     if decay:
         do_h = do_h * gam[:, None]
         p_pair = jnp.zeros((CHUNK, CHUNK), jnp.float32)
+        if tiled:  # formed now, so that do_h need not live through the loop (registers)
+            p_start = jnp.sum(do_h * q.astype(jnp.float32), axis=1)
     dq = do_h
-    for j in range(n):
-        k = k_ref[:, j, :]
-        d_scores = mm(do, vnew_ref[:, j, :], mode["in"], trans_b=True, **dots) * gam_mat
+    for i in range(n):
+        k = k_ref[:, i, :]
+        d_scores = over_v(
+            lambda j, i=i: mm(do_tile(j), sub(vnew_ref, i, j), mode["in"], trans_b=True, **dots)
+        )
+        d_scores = d_scores * gam_mat
         dq = dq + mm(d_scores, k, mode["split_a"], **dots)
-        dk_ref[:, j, :] = (scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)).astype(
+        dk_ref[:, i, :] = (scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)).astype(
             dk_ref.dtype
         )
         if decay or with_dv_out:
@@ -71,12 +104,16 @@ def _kernel(*refs, n: int, scale: float, decay: bool, with_dv_out: bool, mode: d
             p_pair = p_pair + qk * d_scores
         if with_dv_out:
             scores = qk * (gam_mat * scale)
-            dvout_ref[:, j, :] = mm(scores, do, mode["split_a"], trans_a=True, **dots).astype(
-                dvout_ref.dtype
-            )
+            for j in range(nv):
+                dv = mm(scores, do_tile(j), mode["split_a"], trans_a=True, **dots)
+                if nv == 1:
+                    dvout_ref[:, i, :] = dv.astype(dvout_ref.dtype)
+                else:
+                    dvout_ref[:, i, v_tiles[j]] = dv.astype(dvout_ref.dtype)
     dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
     if decay:
-        p_start = jnp.sum(do_h * q.astype(jnp.float32), axis=1)
+        if not tiled:
+            p_start = jnp.sum(do_h * q.astype(jnp.float32), axis=1)
         dg_ref[...] = scale * (jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + p_start)
 
 
@@ -91,6 +128,8 @@ def output_backward(
     num_householder: int,
     scale: float,
     with_dv_out: bool = False,
+    block_k: int = 128,
+    block_v: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -101,6 +140,10 @@ def output_backward(
     Args:
       q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``; h: ``[B, H, NT, Kp, Vp]``;
         k: ``[B, L, H, Kp]``; vnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 or None.
+      block_k: key tile per program (a grid axis when ``Kp > block_k``; the token gate terms are
+        then summed over the tiles here). block_v: value tile of the in-kernel sums over V.
+        Powers of two, clipped to ``Kp``, ``Vp``; one tile each up to 128 by default.
+      with_dv_out: also ``dv_out`` (needs the whole key dim in one program: ``Kp <= block_k``).
 
     Returns:
       ``dq [B, T, H, Kp]`` (q.dtype), the output's ``dk [B, L, H, Kp]`` fp32,
@@ -114,16 +157,29 @@ def output_backward(
     NT = T // CHUNK
     dtype = q.dtype
     decay = gate_tok is not None
+    bk, bv = min(block_k, Kp), min(block_v, Vp)
+    nk = Kp // bk
+    if with_dv_out and nk > 1:
+        raise ValueError(f"with_dv_out needs the whole key dim in one program (Kp={Kp} > {bk})")
 
+    # grid (NT, H, B), or (Kp / bk, NT, H, B) with key tiles; f(kt, t, hh, b) -> block index
+    if nk == 1:
+        spec = lambda block, f: pl.BlockSpec(block, lambda t, hh, b: f(0, t, hh, b))
+        grid = (NT, H, B)
+    else:
+        spec = lambda block, f: pl.BlockSpec(block, f)
+        grid = (nk, NT, H, B)
     inputs = [q, do, h, k.reshape(B, T, n, H, Kp), vnew.reshape(B, H, T, n, Vp)]
+    q_spec = spec((None, CHUNK, None, bk), lambda kt, t, hh, b: (b, t, hh, kt))
+    dk_spec = spec((None, CHUNK, n, None, bk), lambda kt, t, hh, b: (b, t, 0, hh, kt))
     in_specs = [
-        pl.BlockSpec((None, CHUNK, None, Kp), lambda t, hh, b: (b, t, hh, 0)),
-        pl.BlockSpec((None, CHUNK, None, Vp), lambda t, hh, b: (b, t, hh, 0)),
-        pl.BlockSpec((None, None, None, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
-        pl.BlockSpec((None, CHUNK, n, None, Kp), lambda t, hh, b: (b, t, 0, hh, 0)),
-        pl.BlockSpec((None, None, CHUNK, n, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
+        q_spec,
+        spec((None, CHUNK, None, Vp), lambda kt, t, hh, b: (b, t, hh, 0)),
+        spec((None, None, None, bk, Vp), lambda kt, t, hh, b: (b, hh, t, kt, 0)),
+        dk_spec,
+        spec((None, None, CHUNK, n, Vp), lambda kt, t, hh, b: (b, hh, t, 0, 0)),
     ]
-    vec = pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t))
+    vec = spec((None, None, CHUNK), lambda kt, t, hh, b: (b, hh, t))
     if decay:
         inputs.append(gate_tok)
         in_specs.append(vec)
@@ -131,18 +187,16 @@ def output_backward(
         jax.ShapeDtypeStruct((B, T, H, Kp), dtype),
         jax.ShapeDtypeStruct((B, T, n, H, Kp), jnp.float32),
     ]
-    out_specs = [
-        pl.BlockSpec((None, CHUNK, None, Kp), lambda t, hh, b: (b, t, hh, 0)),
-        pl.BlockSpec((None, CHUNK, n, None, Kp), lambda t, hh, b: (b, t, 0, hh, 0)),
-    ]
-    if decay:
+    out_specs = [q_spec, dk_spec]
+    if decay and nk == 1:
         out_shapes.append(jax.ShapeDtypeStruct((B, H, T), jnp.float32))
         out_specs.append(vec)
+    elif decay:  # one partial per key tile (the terms are sums over K), summed below
+        out_shapes.append(jax.ShapeDtypeStruct((nk, B, H, T), jnp.float32))
+        out_specs.append(spec((None, None, None, CHUNK), lambda kt, t, hh, b: (kt, b, hh, t)))
     if with_dv_out:
         out_shapes.append(jax.ShapeDtypeStruct((B, H, T, n, Vp), dtype))
-        out_specs.append(
-            pl.BlockSpec((None, None, CHUNK, n, Vp), lambda t, hh, b: (b, hh, t, 0, 0))
-        )
+        out_specs.append(spec((None, None, CHUNK, n, Vp), lambda kt, t, hh, b: (b, hh, t, 0, 0)))
     if dtype == jnp.float32:
         modes = {"in": DotMode.IEEE, "split_a": DotMode.IEEE}
     else:
@@ -155,6 +209,8 @@ def output_backward(
         with_dv_out=with_dv_out,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
+        v_tiles=[pl.ds(j * bv, bv) for j in range(Vp // bv)],
+        tiled=nk > 1 or bv < Vp,
     )
     outs = pallas_call(
         kernel,
@@ -162,7 +218,7 @@ def output_backward(
         in_specs=in_specs,
         out_shapes=out_shapes,
         out_specs=out_specs,
-        grid=(NT, H, B),
+        grid=grid,
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
@@ -171,6 +227,8 @@ def output_backward(
     )
     dq, dk = outs.pop(0), outs.pop(0).reshape(B, L, H, Kp)
     dg = outs.pop(0) if decay else None
+    if dg is not None and nk > 1:
+        dg = jnp.sum(dg, axis=0)
     if with_dv_out:
         return dq, dk, dg, outs.pop(0).reshape(B, H, L, Vp)
     return dq, dk, dg

@@ -17,7 +17,12 @@ WY adjoint keeps both kernels small (registers, shared memory) so that several p
 SM.
 
 Grid ``(NI, H, B)``, whole head dims per program (for ``n > 1`` both state inputs are mapped and a
-``lax.cond`` loads the one that holds ``S``). Reads ``h [B, H, NT, Kp, Vp]``,
+``lax.cond`` loads the one that holds ``S``). Head dims above the state tile (``block_k``,
+``block_v``; 128 by default, 64 x 128 for wide heads by ``backward.config_for``) loop over
+``[bk, bv]`` tiles of ``S`` and ``dE`` read through ref slices: per key tile, ``dW`` and ``dk_st``
+(``[64, bk]`` fp32) are summed over the value tiles and stored, ``p_end`` and ``<S, dE>`` are
+summed over all tiles in registers (no cross-program sum). One tile (up to 128 by default) is the
+untiled kernel exactly. Reads ``h [B, H, NT, Kp, Vp]``,
 ``h_mid [B, H, NT*(n-1), Kp, Vp]`` (n > 1), ``dh_il [B, H, NI, Kp, Vp]`` (input dtype),
 ``v_new, dv_new [B, H, L, Vp]``, ``dk_out [B, L, H, Kp]`` fp32 and, with decay,
 ``k [B, L, H, Kp]`` and ``gam, fdec [B, H, L]`` fp32. Writes ``dW [B, H, L, Kp]`` fp32,
@@ -38,7 +43,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
 
 
-def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict):
+def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list, v_tiles: list):
     h_ref = refs[0]
     rest = list(refs[1:])
     hmid_ref = rest.pop(0) if n > 1 else None
@@ -48,23 +53,57 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict):
     dg_ref = rest.pop(0) if decay else None
 
     c = CHUNK
+    nk, nv = len(k_tiles), len(v_tiles)
+    # one tile (Kp, Vp <= 128 by default): whole refs, the untiled kernel exactly
+    tile = lambda ref, i, j: ref[...] if nk == nv == 1 else ref[k_tiles[i], v_tiles[j]]
+    cols = lambda ref, tiles, j: ref[...] if len(tiles) == 1 else ref[:, tiles[j]]
     if n == 1:
-        s = h_ref[...]
+        state = lambda i, j: tile(h_ref, i, j)
     else:  # the first sub-chunk of a token chunk starts at h[J], the others at h_mid
         first = lax.rem(pl.program_id(0), n) == 0
-        s = lax.cond(first, lambda: h_ref[...], lambda: hmid_ref[...])
-    ds = ds_ref[...]
-    dw_ref[...] = -mm(dvnew_ref[...], s, mode, trans_b=True, **dots)
-    dk_st = mm(vnew_ref[...], ds, mode, trans_b=True, **dots)
+        state = lambda i, j: lax.cond(
+            first, lambda: tile(h_ref, i, j), lambda: tile(hmid_ref, i, j)
+        )
+    # per K tile: dW, dk_st summed over V tiles (state tiles [Kp/nk, Vp/nv])
+    s_ds = p_end = None
+    add = lambda acc, x: x if acc is None else acc + x
+    pending = []  # the last tile's <S, dE> and the last K tile's dkp store come last
+    for i in range(nk):
+        dw = dk_st = None
+        for j in range(nv):
+            s = state(i, j)
+            ds = tile(ds_ref, i, j)
+            dw = add(dw, mm(cols(dvnew_ref, v_tiles, j), s, mode, trans_b=True, **dots))
+            if j == nv - 1 and nk == 1:
+                dw_ref[...] = -dw
+            elif j == nv - 1:
+                dw_ref[:, k_tiles[i]] = -dw
+            dk_st = add(dk_st, mm(cols(vnew_ref, v_tiles, j), ds, mode, trans_b=True, **dots))
+            if decay:
+                pending.append((s, ds))
+                if i < nk - 1 or j < nv - 1:
+                    s_ds = add(s_ds, _inner(*pending.pop()))
+        if decay:
+            dk_st = dk_st * fdec_ref[...][:, None]
+            p_end = add(p_end, jnp.sum(dk_st * cols(k_ref, k_tiles, i).astype(jnp.float32), 1))
+        dkp = lambda i=i, dk_st=dk_st: cols(dkout_ref, k_tiles, i) + dk_st
+        if i < nk - 1:
+            dkp_ref[:, k_tiles[i]] = dkp()
     if decay:
-        dk_st = dk_st * fdec_ref[...][:, None]
-        p_end = jnp.sum(dk_st * k_ref[...].astype(jnp.float32), axis=1)
-        s_ds = s.astype(jnp.float32) * ds.astype(jnp.float32)
-        s_ds = jnp.sum(jnp.sum(s_ds, axis=1))  # one axis at a time (Triton lowering)
+        s_ds = add(s_ds, _inner(*pending.pop()))
         p_carry = s_ds * element_select(gam_ref[...], c - 1)
         last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
         dg_ref[...] = jnp.where(last, jnp.sum(p_end) + p_carry, 0.0) - p_end
-    dkp_ref[...] = dkout_ref[...] + dk_st
+    if nk == 1:
+        dkp_ref[...] = dkp()
+    else:
+        dkp_ref[:, k_tiles[-1]] = dkp()
+
+
+def _inner(s: jax.Array, ds: jax.Array) -> jax.Array:
+    """``<S, dE>`` of two state tiles (fp32 scalar; one axis at a time for the lowering)."""
+    s_ds = s.astype(jnp.float32) * ds.astype(jnp.float32)
+    return jnp.sum(jnp.sum(s_ds, axis=1))
 
 
 def state_adjoint(
@@ -79,6 +118,8 @@ def state_adjoint(
     fdec: jax.Array | None,
     *,
     num_householder: int,
+    block_k: int = 128,
+    block_v: int = 128,
     num_warps: int = 8,
     num_stages: int = 1,
     interpret: bool = False,
@@ -92,6 +133,8 @@ def state_adjoint(
         ``[B, H, NI, Kp, Vp]`` chunk-end state gradients; vnew, dvnew: ``[B, H, L, Vp]``;
         dk_out: ``[B, L, H, Kp]`` fp32 (output adjoint); k: ``[B, L, H, Kp]`` (used with decay);
         gam, fdec: ``[B, H, L]`` fp32 or None (no decay).
+      block_k, block_v: state tile (powers of two; clipped to ``Kp``, ``Vp``): ``dW`` and
+        ``dk_st`` are formed per K tile, summed over V tiles (one tile up to 128 by default).
 
     Returns:
       ``dW [B, H, L, Kp]`` fp32, ``dkp = dk_out + dk_st [B, L, H, Kp]`` fp32 and
@@ -130,8 +173,15 @@ def state_adjoint(
         out_shapes.append(jax.ShapeDtypeStruct((B, H, L), jnp.float32))
         out_specs.append(vec)
     mode = DotMode.IEEE if dtype == jnp.float32 else DotMode.INPUT
+    bk, bv = min(block_k, Kp), min(block_v, Vp)
     kernel = functools.partial(
-        _kernel, n=n, decay=decay, mode=mode, dots=dict(dtype=dtype, interpret=interpret)
+        _kernel,
+        n=n,
+        decay=decay,
+        mode=mode,
+        dots=dict(dtype=dtype, interpret=interpret),
+        k_tiles=[pl.ds(i * bk, bk) for i in range(Kp // bk)],
+        v_tiles=[pl.ds(j * bv, bv) for j in range(Vp // bv)],
     )
     outs = pallas_call(
         kernel,

@@ -49,7 +49,7 @@ def inputs(p, dtype):
     return [*args, g, h0]
 
 
-def grads(impl, args, resets, cot_o, cot_s, n, scale):
+def grads(impl, args, resets, cot_o, cot_s, n, scale, jit=False):
     """Gradients of ``<o, cot_o> + <final, cot_s>`` w.r.t. every differentiable input given."""
     argnums = tuple(i for i, a in enumerate(args) if a is not None)
 
@@ -57,7 +57,8 @@ def grads(impl, args, resets, cot_o, cot_s, n, scale):
         o, final = impl(*a, resets, num_householder=n, scale=scale)
         return jnp.sum(o.astype(jnp.float32) * cot_o) + jnp.sum(final * cot_s)
 
-    got = jax.grad(loss, argnums)(*args)
+    grad = jax.grad(loss, argnums)
+    got = (jax.jit(grad) if jit else grad)(*args)
     return {NAMES[i]: np.asarray(x.astype(jnp.float32)) for i, x in zip(argnums, got, strict=True)}
 
 
@@ -107,6 +108,87 @@ def test_fp32_grads_match_reference(rng):
     want = grads(reference.forward, args, starts, cot_o, cot_s, n, 0.5)
     for name in NAMES:
         assert rel_rmse(want[name], got[name]) < FP32_TOL, (name, rel_rmse(want[name], got[name]))
+
+
+# head dims above 128 (padded K, V up to 256, K != V): (n_h, T, K, V, gated, initial_state,
+# resets, B, H, oracle, BackwardConfig fields or None for ``backward_config_for``). Tiles of the
+# wide-head config: state adjoint 4 x 2 / 4 x 1 / 2 x 2 / 1 x 2 (K x V), output adjoint 4 / 2 / 1
+# key tiles (grid axis, partial gate terms summed) x 4 / 2 value tiles (in-kernel), with dv_out
+# from the output adjoint (one key tile); the 128-wide defaults (2 x 2; output_dv needs one key
+# tile, so dv_out stays its own kernel); the recompute stage with small tiles (8 x 4).
+SMALL_TILES = dict(
+    save_states=False,
+    adjoint_block_k=32,
+    adjoint_block_v=64,
+    output_block_k=32,
+    output_block_v=32,
+)
+WIDE_CASES = [
+    (2, 70, 256, 256, True, True, True, 1, 1, "chunked", None),
+    (1, 64, 256, 128, False, True, False, 1, 2, "chunked", None),
+    (3, 40, 100, 200, True, False, True, 1, 1, "reference", None),
+    (
+        2,
+        50,
+        64,
+        256,
+        True,
+        True,
+        False,
+        2,
+        1,
+        "reference",
+        {**kernel_backward.WIDE_HEAD, "output_dv": True},
+    ),
+    (2, 64, 256, 256, True, True, True, 1, 1, "reference", {"output_dv": True}),
+    (1, 40, 200, 256, True, False, True, 1, 1, "reference", SMALL_TILES),
+]
+
+
+@pytest.mark.parametrize("n,T,K,V,gated,h0,resets,B,H,oracle,fields", WIDE_CASES)
+def test_wide_heads_use_the_kernel_backward(
+    rng, monkeypatch, n, T, K, V, gated, h0, resets, B, H, oracle, fields
+):
+    """Wide heads: the custom_vjp runs the (tiled) backward kernels, never the fallback, and the
+    fp32 gradients (final-state cotangent included) match the chunked path or the reference."""
+    assert dp_pallas.kernel_backward_unsupported(K, V) is None
+
+    def no_fallback(*args):
+        raise AssertionError(f"fallback taken for K={K}, V={V}")
+
+    monkeypatch.setattr(dp_pallas, "_fallback_bwd", no_fallback)
+    if fields is not None:
+        config = kernel_backward.BackwardConfig(**fields)
+        monkeypatch.setattr(dp_pallas, "backward_config_for", lambda key_dim, value_dim: config)
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
+    starts = jnp.asarray(random_resets(rng, B, T)) if resets else None
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    scale = float(rng.uniform(0.2, 1.0))
+    want_impl = chunked.forward if oracle == "chunked" else reference.forward
+    got = grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, scale, jit=True)
+    want = grads(want_impl, args, starts, cot_o, cot_s, n, scale, jit=True)
+    assert got.keys() == want.keys()
+    for name in got:
+        err = rel_rmse(want[name], got[name])
+        assert np.isfinite(got[name]).all() and err < FP32_TOL, (name, err)
+
+
+def test_backward_support_reasons():
+    """Every head dim the forward serves has kernel gradients; what is left says why."""
+    for K, V in [(16, 16), (128, 128), (256, 256), (256, 128), (100, 200), (64, 256), (256, 16)]:
+        assert dp_pallas.kernel_backward_unsupported(K, V) is None, (K, V)
+        assert dp_pallas.kernel_backward_supports(K, V)
+    fused = kernel_backward.BackwardConfig(wy_fused=True)
+    assert kernel_backward.unsupported(128, 128, fused) is None
+    assert "wy_fused" in kernel_backward.unsupported(256, 128, fused)
+    assert "<= 256" in kernel_backward.unsupported(300, 64, kernel_backward.BackwardConfig())
+    with pytest.raises(ValueError, match="wy_fused"):
+        q = jnp.zeros((1, 64, 1, 16))
+        v = jnp.zeros((1, 64, 1, 200))
+        kernel_backward.stages(
+            q, q, v, q[..., 0], None, v, None, num_householder=1, scale=1.0, config=fused
+        )
 
 
 @pytest.mark.parametrize("n,gated", [(2, True), (3, False)])
@@ -274,7 +356,8 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fused):
 
 
 def test_poisoned_buffers_are_all_written(rng):
-    """With every backward kernel output starting as NaN, all gradients come back finite."""
+    """With every backward kernel output starting as NaN, all gradients come back finite (wide
+    heads: ``test_gpu_poisoned_backward``)."""
     B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     q, k, v, beta, g, h0 = inputs(p, jnp.bfloat16)
@@ -297,6 +380,10 @@ GPU_CASES = [
     (2, 2048, 8, 128, 128, 3, False, True),
     (2, 1500, 4, 100, 60, 3, True, True),
     (1, 1024, 16, 64, 64, 4, True, False),
+    # wide heads (tiled backward kernels, backward.config_for)
+    (1, 777, 4, 256, 256, 2, True, True),
+    (1, 1024, 4, 100, 200, 3, False, True),
+    (1, 1024, 4, 256, 64, 1, True, True),
 ]
 
 
@@ -332,8 +419,9 @@ def test_gpu_bf16_grads(rng, B, T, H, K, V, n, gated, extras):
 
 
 @pytest.mark.gpu
-def test_gpu_poisoned_backward(rng):
-    B, T, H, K, V, n = 2, 1000, 4, 128, 128, 2
+@pytest.mark.parametrize("K,V", [(128, 128), (256, 256), (200, 100)])
+def test_gpu_poisoned_backward(rng, K, V):
+    B, T, H, n = 2, 1000, 4, 2
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     q, k, v, beta, g, h0 = inputs(p, jnp.bfloat16)
     starts = jnp.asarray(random_resets(rng, B, T))

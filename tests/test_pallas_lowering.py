@@ -323,3 +323,92 @@ def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
         )
 
     assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
+
+
+@pytest.mark.parametrize(
+    "K,V,n,gated",
+    [(256, 256, 2, True), (256, 128, 1, False), (100, 200, 3, True), (64, 256, 2, False)],
+)
+def test_backward_lowers_wide_heads(K, V, n, gated):
+    """Head dims above 128 with the wide-head tiles of ``backward.config_for`` (key-tile grid axis
+    of the output adjoint, tiled state adjoint, reverse state pass at 8 warps): every backward
+    kernel lowers, none is replaced by the fallback."""
+    from pallas_kernels import backward as kernel_backward
+
+    args = forward_args(n, K, V, tokens=128, gated=gated, h0=True, resets=True)
+
+    def fwd_bwd(q, k, v, beta, g, h0, resets):
+        o, final, res = kernels.forward(
+            q,
+            k,
+            v,
+            beta,
+            g,
+            h0,
+            resets,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            save_states=True,
+        )
+        return kernel_backward.backward(
+            q, k, v, beta, res, o, final, num_householder=n, scale=0.1, interpret=False
+        )
+
+    text = lower_text(fwd_bwd, *args)
+    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
+    for name in BACKWARD_KERNELS:
+        assert name in text, name
+
+
+@pytest.mark.parametrize(
+    "fields,kernels_expected",
+    [
+        (dict(), BACKWARD_KERNELS),  # the 128 defaults: 128-wide tiles at 256
+        (dict(output_dv=True), BACKWARD_KERNELS),  # key tiles: dv_out stays its own kernel
+        (
+            dict(save_states=False, adjoint_block_k=32, output_block_k=32, output_block_v=32),
+            ("dp_bwd_recompute", *BACKWARD_KERNELS[1:]),
+        ),
+    ],
+    ids=["defaults", "output_dv", "recompute_small_tiles"],
+)
+def test_backward_lowers_wide_heads_other_configs(fields, kernels_expected):
+    from pallas_kernels import backward as kernel_backward
+
+    n, K, V = 2, 256, 256
+    config = kernel_backward.BackwardConfig(**fields)
+    args = forward_args(n, K, V, tokens=128, gated=True, h0=True, resets=True)
+
+    def fwd_bwd(q, k, v, beta, g, h0, resets):
+        o, final, res = kernels.forward(
+            q,
+            k,
+            v,
+            beta,
+            g,
+            h0,
+            resets,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            save_states=config.save_states,
+        )
+        return kernel_backward.backward(
+            q,
+            k,
+            v,
+            beta,
+            res,
+            o,
+            final,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            config=config,
+        )
+
+    text = lower_text(fwd_bwd, *args)
+    assert text.count(TRITON_CALL) == 3 + len(kernels_expected)
+    for name in kernels_expected:
+        assert name in text, name

@@ -12,7 +12,9 @@ backward stage is ``dpjax.ops.chunked_backward`` (the tests compare the kernels 
 
 Dtypes: the kernels compute in ``q.dtype`` (bf16/fp16: 16-bit tensor-core products with fp32
 accumulation and fp32 states; fp32: exact fp32 products); k and v are cast to ``q.dtype``.
-Head dims up to 256.
+Head dims up to 256, forward and backward (the backward tiles its state-sized values for heads
+above 128, ``pallas_kernels.backward.config_for``; ``kernel_backward_unsupported`` says where the
+``jax.vjp``-of-``chunked`` fallback still runs).
 """
 
 from __future__ import annotations
@@ -47,18 +49,24 @@ def supports(*, shape: CallShape, dtype) -> str | None:
 
 
 def backward_config_for(key_dim: int, value_dim: int) -> kernel_backward.BackwardConfig:
-    """Backward launch parameters for the head dims."""
-    del key_dim, value_dim
-    return kernel_backward.BackwardConfig()
+    """Backward tiles and launch parameters for the head dims: the H100-tuned defaults up to 128,
+    wide-head tiles and warps above (``pallas_kernels.backward.config_for``)."""
+    return kernel_backward.config_for(key_dim, value_dim)
 
 
-MAX_BACKWARD_DIM = 128  # stage 4 holds [Kp, Vp] state tiles whole; wider heads use the fallback
+MAX_BACKWARD_DIM = kernel_backward.MAX_DIM  # padded K, V (as the forward's MAX_HEAD_DIM)
+
+
+def kernel_backward_unsupported(key_dim: int, value_dim: int) -> str | None:
+    """``None`` when the backward kernels serve these head dims, else why not (the custom_vjp
+    then falls back to ``jax.vjp`` of ``chunked``, ``_fallback_bwd``)."""
+    config = backward_config_for(key_dim, value_dim)
+    return kernel_backward.unsupported(key_dim, value_dim, config)
 
 
 def kernel_backward_supports(key_dim: int, value_dim: int) -> bool:
     """Whether the backward kernels serve these head dims (else: ``jax.vjp`` of ``chunked``)."""
-    kp, vp = kernels.padded_dims(key_dim, value_dim)
-    return kp <= MAX_BACKWARD_DIM and vp <= MAX_BACKWARD_DIM
+    return kernel_backward_unsupported(key_dim, value_dim) is None
 
 
 def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
@@ -133,7 +141,9 @@ def _pallas_bwd(n: int, scale: float, saved, cotangents):
 
 
 def _fallback_bwd(n: int, scale: float, saved, cotangents):
-    """``jax.vjp`` of the chunked JAX path (head dims above ``MAX_BACKWARD_DIM``)."""
+    """``jax.vjp`` of the chunked JAX path: the mirror of the kernel backward, and its fallback
+    where ``kernel_backward_unsupported`` gives a reason (e.g. a configuration with the fused
+    stage 3 + 4 kernel and head dims above 128)."""
     q, k, v, beta, g, h0, resets, _ = saved
 
     def primal(q, k, v, beta, g, h0):
