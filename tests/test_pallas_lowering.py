@@ -177,18 +177,13 @@ BACKWARD_KERNELS = (
 )
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-@pytest.mark.parametrize("gated", [False, True])
-def test_backward_lowers(n, gated):
-    """Forward (keeping its states, as the custom_vjp does) + every backward kernel (dv_out,
-    output adjoint, reverse state pass, state adjoint, WY adjoint) at a realistic shape, with
-    initial state, resets and a final-state cotangent."""
+def lower_forward_backward(n, args, config=None, *, save_states=True) -> str:
+    """Lowered text of the kernel forward (keeping its states unless told otherwise, as the
+    custom_vjp does) followed by the kernel backward. ``args``: ``forward_args(...)``; without
+    ``h0``/``resets`` when given only the first five."""
     from pallas_kernels import backward as kernel_backward
 
-    K = V = 128
-    args = forward_args(n, K, V, gated=gated, h0=True, resets=True)
-
-    def fwd_bwd(q, k, v, beta, g, h0, resets):
+    def fwd_bwd(q, k, v, beta, g, h0=None, resets=None):
         o, final, res = kernels.forward(
             q,
             k,
@@ -200,13 +195,33 @@ def test_backward_lowers(n, gated):
             num_householder=n,
             scale=0.1,
             interpret=False,
-            save_states=True,
+            save_states=save_states,
         )
+        final_cotangent = final if h0 is not None or resets is not None else None
         return kernel_backward.backward(
-            q, k, v, beta, res, o, final, num_householder=n, scale=0.1, interpret=False
+            q,
+            k,
+            v,
+            beta,
+            res,
+            o,
+            final_cotangent,
+            num_householder=n,
+            scale=0.1,
+            interpret=False,
+            config=config,
         )
 
-    text = lower_text(fwd_bwd, *args)
+    return lower_text(fwd_bwd, *args)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("gated", [False, True])
+def test_backward_lowers(n, gated):
+    """Forward + every backward kernel (dv_out, output adjoint, reverse state pass, state
+    adjoint, WY adjoint) at a realistic shape, with initial state, resets and a final-state
+    cotangent."""
+    text = lower_forward_backward(n, forward_args(n, 128, 128, gated=gated, h0=True, resets=True))
     assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
     for name in BACKWARD_KERNELS:
         assert name in text, name
@@ -220,29 +235,9 @@ def test_backward_lowers_recomputing_states(n, fused):
     previous fused stage 3 + 4 kernel."""
     from pallas_kernels import backward as kernel_backward
 
-    K = V = 128
-    args = forward_args(n, K, V, gated=True, h0=True, resets=True)
+    args = forward_args(n, 128, 128, gated=True, h0=True, resets=True)
     config = kernel_backward.BackwardConfig(wy_fused=fused)
-
-    def fwd_bwd(q, k, v, beta, g, h0, resets):
-        o, final, res = kernels.forward(
-            q, k, v, beta, g, h0, resets, num_householder=n, scale=0.1, interpret=False
-        )
-        return kernel_backward.backward(
-            q,
-            k,
-            v,
-            beta,
-            res,
-            o,
-            final,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            config=config,
-        )
-
-    text = lower_text(fwd_bwd, *args)
+    text = lower_forward_backward(n, args, config, save_states=False)
     assert text.count(TRITON_CALL) == 3 + 4 if fused else 3 + 5
     assert "dp_bwd_recompute" in text and "dp_bwd_dv_out" not in text
     assert ("dp_bwd_wy_fused" in text) == fused
@@ -260,69 +255,17 @@ def test_backward_lowers_recomputing_states(n, fused):
 def test_backward_lowers_other_configs(fields):
     from pallas_kernels import backward as kernel_backward
 
-    n, K, V = 2, 128, 128
-    args = forward_args(n, K, V, gated=True, h0=True, resets=True)
-    config = kernel_backward.BackwardConfig(**fields)
-
-    def fwd_bwd(q, k, v, beta, g, h0, resets):
-        o, final, res = kernels.forward(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            h0,
-            resets,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            save_states=True,
-        )
-        return kernel_backward.backward(
-            q,
-            k,
-            v,
-            beta,
-            res,
-            o,
-            final,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            config=config,
-        )
-
+    args = forward_args(2, 128, 128, gated=True, h0=True, resets=True)
+    text = lower_forward_backward(2, args, kernel_backward.BackwardConfig(**fields))
     expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
-    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == expected
+    assert text.count(TRITON_CALL) == expected
 
 
 @pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (100, 60)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
-    from pallas_kernels import backward as kernel_backward
-
-    n = 3
-    args = forward_args(n, K, V, tokens=100, dtype=dtype, gated=True)[:5]
-
-    def fwd_bwd(q, k, v, beta, g):
-        o, final, res = kernels.forward(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            None,
-            None,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            save_states=True,
-        )
-        return kernel_backward.backward(
-            q, k, v, beta, res, o, None, num_householder=n, scale=0.1, interpret=False
-        )
-
-    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
+    args = forward_args(3, K, V, tokens=100, dtype=dtype, gated=True)[:5]
+    assert lower_forward_backward(3, args).count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
 
 
 @pytest.mark.parametrize(
@@ -333,29 +276,9 @@ def test_backward_lowers_wide_heads(K, V, n, gated):
     """Head dims above 128 with the wide-head tiles of ``backward.config_for`` (key-tile grid axis
     of the output adjoint, tiled state adjoint, reverse state pass at 8 warps): every backward
     kernel lowers, none is replaced by the fallback."""
-    from pallas_kernels import backward as kernel_backward
-
-    args = forward_args(n, K, V, tokens=128, gated=gated, h0=True, resets=True)
-
-    def fwd_bwd(q, k, v, beta, g, h0, resets):
-        o, final, res = kernels.forward(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            h0,
-            resets,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            save_states=True,
-        )
-        return kernel_backward.backward(
-            q, k, v, beta, res, o, final, num_householder=n, scale=0.1, interpret=False
-        )
-
-    text = lower_text(fwd_bwd, *args)
+    text = lower_forward_backward(
+        n, forward_args(n, K, V, tokens=128, gated=gated, h0=True, resets=True)
+    )
     assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
     for name in BACKWARD_KERNELS:
         assert name in text, name
@@ -376,39 +299,9 @@ def test_backward_lowers_wide_heads(K, V, n, gated):
 def test_backward_lowers_wide_heads_other_configs(fields, kernels_expected):
     from pallas_kernels import backward as kernel_backward
 
-    n, K, V = 2, 256, 256
     config = kernel_backward.BackwardConfig(**fields)
-    args = forward_args(n, K, V, tokens=128, gated=True, h0=True, resets=True)
-
-    def fwd_bwd(q, k, v, beta, g, h0, resets):
-        o, final, res = kernels.forward(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            h0,
-            resets,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            save_states=config.save_states,
-        )
-        return kernel_backward.backward(
-            q,
-            k,
-            v,
-            beta,
-            res,
-            o,
-            final,
-            num_householder=n,
-            scale=0.1,
-            interpret=False,
-            config=config,
-        )
-
-    text = lower_text(fwd_bwd, *args)
+    args = forward_args(2, 256, 256, tokens=128, gated=True, h0=True, resets=True)
+    text = lower_forward_backward(2, args, config, save_states=config.save_states)
     assert text.count(TRITON_CALL) == 3 + len(kernels_expected)
     for name in kernels_expected:
         assert name in text, name
