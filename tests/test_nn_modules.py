@@ -249,3 +249,25 @@ def test_sequence_positions():
     np.testing.assert_array_equal(left.positions[0, 2:], [0, 1, 2])
     with pytest.raises(ValueError, match="attention_mask: expected shape"):
         SequenceInfo.build(jnp.zeros((1, 5), jnp.int32), None, jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize("vocab", [13, 5000])  # one-hot gradient / XLA scatter gradient
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_lookup_and_gradient(vocab, dtype):
+    import jax
+
+    from dpjax.nn.linear import embedding_lookup
+
+    rng = np.random.default_rng(vocab)
+    table = jnp.asarray(rng.standard_normal((vocab, 24)), dtype)
+    ids = rng.integers(-3, vocab + 3, size=(6, 50))  # out-of-range ids are clipped
+    dy = rng.standard_normal((6, 50, 24))
+    out, vjp = jax.vjp(lambda t: embedding_lookup(t, jnp.asarray(ids)), table)
+    clipped = np.clip(ids, 0, vocab - 1)
+    np.testing.assert_array_equal(np.asarray(out, np.float64), _np(table)[clipped])
+    (dtable,) = vjp(jnp.asarray(dy, dtype))
+    want = np.zeros((vocab, 24))
+    np.add.at(want, clipped, _np(jnp.asarray(dy, dtype)))
+    assert dtable.dtype == dtype and dtable.shape == table.shape
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert rel_err(want, dtable) < tol

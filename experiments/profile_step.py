@@ -1,0 +1,197 @@
+"""Where a training step's time goes: compile time, step time, and the device ops that fill it.
+
+Builds the state-tracking model (``dpjax.nn.presets.state_tracking``, SPEC §5.3) or a named LM
+preset, its jitted train step (the same ``dpjax.train`` code the experiments run) and a random
+batch, then
+
+1. lowers and compiles the train step (and the eval step at ``--eval_length``), timing each;
+2. times ``--steps`` train steps (median of ``--repeats`` batches, each closed by
+   ``block_until_ready``);
+3. records a few more steps with ``jax.profiler`` (a Perfetto trace) and sums the device time of
+   every op name (Triton kernels, XLA fusions, copies), printing the top ``--top``.
+
+Writes ``profile_step.json`` (all of the above) and the trace folder to ``--out``.
+
+Examples::
+
+    python experiments/profile_step.py --help
+    python experiments/profile_step.py --batch_size 2048 --k 128 --num_householder 2 --impl pallas
+    python experiments/profile_step.py --preset dp2-392m --batch_size 8 --k 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from cli_types import str2bool
+from flax import nnx
+
+from dpjax.nn import DeltaProductLM
+from dpjax.nn.presets import get_preset, state_tracking
+from dpjax.train import mesh as mesh_lib
+from dpjax.train.loop import TrainConfig, init_train_state, op_batch_parallel
+from dpjax.train.optimizer import OptimizerConfig
+from dpjax.train.step import make_eval_step, make_train_step
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=None, help="LM preset name instead of the ST model")
+    p.add_argument("--vocab_size", type=int, default=13, help="ST model vocabulary (S3: 13)")
+    p.add_argument("--num_householder", type=int, default=2, help="ST model n_h")
+    p.add_argument("--allow_neg_eigval", type=str2bool, default=True, help="ST model beta range")
+    p.add_argument("--n_layers", type=int, default=1, help="ST model layers")
+    p.add_argument("--impl", default="pallas", help="op implementation (pallas/chunked/auto)")
+    p.add_argument("--param_dtype", choices=("bf16", "fp32"), default="bf16", help="dtype")
+    p.add_argument("--batch_size", type=int, default=2048, help="rows per step")
+    p.add_argument("--k", type=int, default=128, help="sequence length minus the BOS token")
+    p.add_argument("--eval_length", type=int, default=512, help="eval step length minus BOS")
+    p.add_argument("--eval_batch_size", type=int, default=256, help="eval step rows")
+    p.add_argument("--steps", type=int, default=10, help="train steps per timed batch")
+    p.add_argument("--repeats", type=int, default=5, help="timed batches (median reported)")
+    p.add_argument("--trace_steps", type=int, default=3, help="steps recorded by the profiler")
+    p.add_argument("--top", type=int, default=25, help="device ops listed")
+    p.add_argument("--out", default=os.environ.get("OUT", "profile_out"), help="output folder")
+    return p
+
+
+def model_config(args: argparse.Namespace):
+    dtype = "bfloat16" if args.param_dtype == "bf16" else "float32"
+    if args.preset:
+        return get_preset(args.preset, impl=args.impl, dtype=dtype)
+    return state_tracking(
+        args.vocab_size,
+        args.num_householder,
+        args.allow_neg_eigval,
+        num_layers=args.n_layers,
+        impl=args.impl,
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+
+
+def random_batch(rng: np.random.Generator, vocab: int, rows: int, length: int) -> dict:
+    ids = rng.integers(0, vocab, size=(rows, length), dtype=np.int32)
+    return {"input_ids": ids, "labels": np.roll(ids, -1, axis=1)}
+
+
+def device_op_times(trace_dir: str) -> tuple[dict[str, float], float]:
+    """``{op name: total device µs}`` over the Perfetto trace's device (GPU) tracks and the
+    total; falls back to every complete event when the trace has no GPU track (CPU runs)."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pid_names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    gpu_pids = {p for p, n in pid_names.items() if "GPU" in n or "/device:" in n}
+    totals: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("ph") != "X" or (gpu_pids and e.get("pid") not in gpu_pids):
+            continue
+        totals[e.get("name", "?")] += float(e.get("dur", 0.0))
+    return dict(totals), sum(totals.values())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    mcfg = model_config(args)
+    tcfg = TrainConfig(total_steps=10_000, optimizer=OptimizerConfig(lr=1e-3, schedule="cosine"))
+    mesh = mesh_lib.make_mesh(1)
+    rules = mesh_lib.default_rules()
+    graphdef, state, shardings, tx, schedule = init_train_state(
+        lambda: DeltaProductLM(mcfg, rngs=nnx.Rngs(0)), tcfg, mesh, rules
+    )
+    bsh = mesh_lib.batch_sharding(mesh)
+    train_step = make_train_step(
+        graphdef, tx, state_shardings=shardings, batch_sharding=bsh, schedule=schedule
+    )
+    eval_step = make_eval_step(
+        graphdef,
+        params_shardings=shardings["params"],
+        rest_shardings=shardings["rest"],
+        batch_sharding=bsh,
+    )
+    rng = np.random.default_rng(0)
+    batches = [
+        mesh_lib.shard_batch(random_batch(rng, mcfg.vocab_size, args.batch_size, args.k + 1), mesh)
+        for _ in range(2)
+    ]
+    eval_batch = mesh_lib.shard_batch(
+        random_batch(rng, mcfg.vocab_size, args.eval_batch_size, args.eval_length + 1), mesh
+    )
+    weights = jnp.ones((args.eval_batch_size,), jnp.float32)
+    record: dict = {"args": vars(args), "device": jax.devices()[0].device_kind}
+    with op_batch_parallel(mesh):
+        t0 = time.perf_counter()
+        step_c = train_step.lower(state, batches[0]).compile()
+        record["train_compile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eval_c = eval_step.lower(state["params"], state["rest"], eval_batch, weights).compile()
+        record["eval_compile_s"] = time.perf_counter() - t0
+        print(
+            f"compile: train step {record['train_compile_s']:.1f} s, eval step "
+            f"{record['eval_compile_s']:.1f} s",
+            flush=True,
+        )
+        state, m = step_c(state, batches[0])  # warm-up
+        jax.block_until_ready(m)
+        samples = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                state, m = step_c(state, batches[i % 2])
+            jax.block_until_ready(m)
+            samples.append((time.perf_counter() - t0) / args.steps * 1e3)
+        record["step_ms"] = statistics.median(samples)
+        jax.block_until_ready(eval_c(state["params"], state["rest"], eval_batch, weights))
+        t0 = time.perf_counter()
+        jax.block_until_ready(eval_c(state["params"], state["rest"], eval_batch, weights))
+        record["eval_batch_ms"] = (time.perf_counter() - t0) * 1e3
+        tokens = args.batch_size * (args.k + 1)
+        print(
+            f"train step {record['step_ms']:.2f} ms ({tokens / record['step_ms'] * 1e3:,.0f} "
+            f"tokens/s); eval batch {record['eval_batch_ms']:.2f} ms",
+            flush=True,
+        )
+        trace_dir = os.path.join(args.out, "trace")
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for i in range(args.trace_steps):
+                state, m = step_c(state, batches[i % 2])
+            jax.block_until_ready(m)
+    totals, total = device_op_times(trace_dir)
+    per_step = {k: v / args.trace_steps / 1e3 for k, v in totals.items()}
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
+    record["device_ms_per_step"] = total / args.trace_steps / 1e3
+    record["top_ops_ms_per_step"] = top
+    print(f"device time per step (profiler): {record['device_ms_per_step']:.2f} ms")
+    print("| op | ms / step | share |\n|---|---|---|")
+    for name, ms in top:
+        share = ms / max(record["device_ms_per_step"], 1e-9)
+        print(f"| {name[:90]} | {ms:.3f} | {share:.1%} |")
+    with open(os.path.join(args.out, "profile_step.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()
