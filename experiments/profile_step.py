@@ -16,7 +16,8 @@ Examples::
 
     python experiments/profile_step.py --help
     python experiments/profile_step.py --batch_size 2048 --k 128 --num_householder 2 --impl pallas
-    python experiments/profile_step.py --preset dp2-392m --batch_size 8 --k 4096
+    python experiments/profile_step.py --preset dp2-392m --batch_size 8 --k 4095 \\
+        --eval_length 4095 --eval_batch_size 8
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from flax import nnx
 from dpjax.nn import DeltaProductLM
 from dpjax.nn.presets import get_preset, state_tracking
 from dpjax.train import mesh as mesh_lib
+from dpjax.train.lm_step import REMAT_POLICIES, lm_token_fn
 from dpjax.train.loop import TrainConfig, init_train_state, op_batch_parallel
 from dpjax.train.optimizer import OptimizerConfig
-from dpjax.train.step import make_eval_step, make_train_step
+from dpjax.train.step import logits_token_fn, make_eval_step, make_train_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_neg_eigval", type=str2bool, default=True, help="ST model beta range")
     p.add_argument("--n_layers", type=int, default=1, help="ST model layers")
     p.add_argument("--impl", default="pallas", help="op implementation (pallas/chunked/auto)")
-    p.add_argument("--param_dtype", choices=("bf16", "fp32"), default="bf16", help="dtype")
+    p.add_argument(
+        "--param_dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="parameter dtype (default: bf16 for the ST model, as the paper; fp32 master "
+        "parameters for a preset, as experiments/language_model.py); compute is bf16",
+    )
+    p.add_argument(
+        "--remat",
+        choices=sorted(REMAT_POLICIES),
+        default="block",
+        help="preset only: per-block rematerialisation (experiments/language_model.py --remat)",
+    )
+    p.add_argument(
+        "--head_block", type=int, default=1024, help="preset only: positions per head block"
+    )
     p.add_argument("--batch_size", type=int, default=2048, help="rows per step")
     p.add_argument("--k", type=int, default=128, help="sequence length minus the BOS token")
     p.add_argument("--eval_length", type=int, default=512, help="eval step length minus BOS")
@@ -69,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args: argparse.Namespace):
-    dtype = "bfloat16" if args.param_dtype == "bf16" else "float32"
     if args.preset:
-        return get_preset(args.preset, impl=args.impl, dtype=dtype)
+        param_dtype = "bfloat16" if args.param_dtype == "bf16" else "float32"
+        return get_preset(
+            args.preset,
+            impl=args.impl,
+            dtype="bfloat16",
+            param_dtype=param_dtype,
+            max_position_embeddings=args.k + 1,
+        )
+    dtype = "float32" if args.param_dtype == "fp32" else "bfloat16"
     return state_tracking(
         args.vocab_size,
         args.num_householder,
@@ -107,6 +131,8 @@ def device_op_times(trace_dir: str) -> tuple[dict[str, float], float]:
     for e in events:
         if e.get("ph") != "X" or (gpu_pids and e.get("pid") not in gpu_pids):
             continue
+        if e.get("name", "").startswith("$"):  # Python frames (host tracks of a CPU run)
+            continue
         totals[e.get("name", "?")] += float(e.get("dur", 0.0))
     return dict(totals), sum(totals.values())
 
@@ -122,14 +148,21 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: DeltaProductLM(mcfg, rngs=nnx.Rngs(0)), tcfg, mesh, rules
     )
     bsh = mesh_lib.batch_sharding(mesh)
+    token_fn = lm_token_fn(args.remat, args.head_block) if args.preset else logits_token_fn
     train_step = make_train_step(
-        graphdef, tx, state_shardings=shardings, batch_sharding=bsh, schedule=schedule
+        graphdef,
+        tx,
+        state_shardings=shardings,
+        batch_sharding=bsh,
+        schedule=schedule,
+        token_fn=token_fn,
     )
     eval_step = make_eval_step(
         graphdef,
         params_shardings=shardings["params"],
         rest_shardings=shardings["rest"],
         batch_sharding=bsh,
+        token_fn=token_fn,
     )
     rng = np.random.default_rng(0)
     batches = [

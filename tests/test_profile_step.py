@@ -1,0 +1,55 @@
+"""experiments/profile_step.py: the Perfetto-trace summary on a hand-made trace, and one tiny
+end-to-end profile of the state-tracking train step on the CPU."""
+
+import gzip
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXP = os.path.join(ROOT, "experiments")
+
+
+@pytest.fixture(scope="module")
+def prof():
+    if EXP not in sys.path:
+        sys.path.insert(0, EXP)
+    spec = importlib.util.spec_from_file_location("profile_step", f"{EXP}/profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_op_times_sums_gpu_tracks_only(prof, tmp_path):
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "PjitFunction(step)", "dur": 900.0},
+        {"ph": "X", "pid": 7, "name": "dp_prepare", "dur": 10.0},
+        {"ph": "X", "pid": 7, "name": "dp_prepare", "dur": 12.0},
+        {"ph": "X", "pid": 7, "name": "input_scatter_fusion", "dur": 200.0},
+        {"ph": "i", "pid": 7, "name": "marker"},
+    ]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    totals, total = prof.device_op_times(str(tmp_path))
+    assert totals == {"dp_prepare": 22.0, "input_scatter_fusion": 200.0}
+    assert total == 222.0
+    with pytest.raises(FileNotFoundError, match="perfetto"):
+        prof.device_op_times(str(tmp_path / "plugins" / "none"))
+
+
+def test_profiles_a_tiny_state_tracking_step(prof, tmp_path):
+    rec = prof.main(
+        "--batch_size 8 --k 16 --eval_length 32 --eval_batch_size 8 --steps 2 --repeats 1 "
+        f"--trace_steps 1 --impl chunked --top 5 --out {tmp_path}".split()
+    )
+    assert rec["step_ms"] > 0 and rec["train_compile_s"] > 0 and rec["eval_compile_s"] > 0
+    assert 0 < len(rec["top_ops_ms_per_step"]) <= 5
+    saved = json.loads((tmp_path / "profile_step.json").read_text())
+    assert saved["step_ms"] == rec["step_ms"]
