@@ -5,7 +5,8 @@
 #   bash scripts/gpu_state_tracking.sh 8
 # and unpack the returned archive here before the next call: tar xzf <files_at>/st_paper.tgz
 # GRID overrides the grid (sweep flags), e.g. GRID="--groups S5 --num_householder 1 2 3 4".
-# Finished runs travel without their checkpoints (results, curves and metrics only).
+# Finished runs travel without their checkpoints (results, curves and metrics only). A checkpoint
+# every 10 epochs (a time-limit stop writes one as well) instead of every epoch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-8}
@@ -19,6 +20,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # shellcheck disable=SC2086
 python3 experiments/state_tracking_sweep.py $GRID --out_dir runs/st_paper --time_limit "$MINUTES" \
   -- --epochs 100 --impl auto --progress False --compilation_cache runs/xla_cache \
+  --checkpoint_every 490 \
   2>&1 | grep -v "^WARNING" | tee "$OUT/sweep.log" | tail -30
 exclude=()
 for r in runs/st_paper/*/results.json; do
