@@ -41,9 +41,9 @@ from dpjax.nn import DeltaProductLM
 from dpjax.nn.presets import get_preset, state_tracking
 from dpjax.train import mesh as mesh_lib
 from dpjax.train.lm_step import REMAT_POLICIES, lm_token_fn
-from dpjax.train.loop import TrainConfig, init_train_state, op_batch_parallel
+from dpjax.train.loop import TrainConfig, init_train_state, make_steps, op_batch_parallel
 from dpjax.train.optimizer import OptimizerConfig
-from dpjax.train.step import logits_token_fn, make_eval_step, make_train_step
+from dpjax.train.step import logits_token_fn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,23 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     graphdef, state, shardings, tx, schedule = init_train_state(
         lambda: DeltaProductLM(mcfg, rngs=nnx.Rngs(0)), tcfg, mesh, rules
     )
-    bsh = mesh_lib.batch_sharding(mesh)
     token_fn = lm_token_fn(args.remat, args.head_block) if args.preset else logits_token_fn
-    train_step = make_train_step(
-        graphdef,
-        tx,
-        state_shardings=shardings,
-        batch_sharding=bsh,
-        schedule=schedule,
-        token_fn=token_fn,
-    )
-    eval_step = make_eval_step(
-        graphdef,
-        params_shardings=shardings["params"],
-        rest_shardings=shardings["rest"],
-        batch_sharding=bsh,
-        token_fn=token_fn,
-    )
+    train_step, eval_step = make_steps(graphdef, tx, shardings, mesh, schedule, token_fn)
     rng = np.random.default_rng(0)
     batches = [
         mesh_lib.shard_batch(random_batch(rng, mcfg.vocab_size, args.batch_size, args.k + 1), mesh)

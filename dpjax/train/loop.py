@@ -36,6 +36,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dpjax.eval.accuracy import AccuracyCurve
@@ -51,6 +52,7 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "init_train_state",
+    "make_steps",
     "op_batch_parallel",
     "train",
 ]
@@ -275,6 +277,37 @@ def init_train_state(
     return graphdef, state, shardings, tx, schedule
 
 
+def make_steps(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    shardings: dict,
+    mesh: jax.sharding.Mesh,
+    schedule: optax.Schedule | None,
+    token_fn: TokenFn = logits_token_fn,
+    accum_steps: int = 1,
+):
+    """``(train_step, eval_step)`` for the state ``init_train_state`` made (batches sharded over
+    the mesh's data axes); see ``dpjax.train.step``."""
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    train_step = make_train_step(
+        graphdef,
+        tx,
+        state_shardings=shardings,
+        batch_sharding=batch_sh,
+        schedule=schedule,
+        token_fn=token_fn,
+        accum_steps=accum_steps,
+    )
+    eval_step = make_eval_step(
+        graphdef,
+        params_shardings=shardings["params"],
+        rest_shardings=shardings["rest"],
+        batch_sharding=batch_sh,
+        token_fn=token_fn,
+    )
+    return train_step, eval_step
+
+
 def place(tree, shardings):
     """Put a tree of arrays that every process holds in full onto ``shardings`` (global arrays;
     each process keeps only its addressable shards)."""
@@ -399,22 +432,8 @@ def train(
     config = dict(config or {}, run=cfg.to_dict())
 
     graphdef, state, shardings, tx, schedule = init_train_state(build_model, cfg, mesh, rules)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    train_step = make_train_step(
-        graphdef,
-        tx,
-        state_shardings=shardings,
-        batch_sharding=batch_sh,
-        schedule=schedule,
-        token_fn=token_fn,
-        accum_steps=cfg.accum_steps,
-    )
-    eval_step = make_eval_step(
-        graphdef,
-        params_shardings=shardings["params"],
-        rest_shardings=shardings["rest"],
-        batch_sharding=batch_sh,
-        token_fn=token_fn,
+    train_step, eval_step = make_steps(
+        graphdef, tx, shardings, mesh, schedule, token_fn, accum_steps=cfg.accum_steps
     )
     perf = _Throughput(flops_per_token, peak_flops, mesh.size)
     data_iter = iter(train_data)
