@@ -10,8 +10,8 @@ matmuls cost ``(2 + 2 n_h) * H * d_k * D``, so ``H = 6, 4, 3`` for ``n_h = 1, 2,
 Scales::
 
     --scale gpu   (default) D 256, 4 layers, d_k 64, T 512, 2000 steps x 32 sequences
-                  (~33M tokens per model, ~3 epochs of the corpus); about 10-20 min per model
-                  on one H100 with the Pallas kernels -- the whole study well under an hour.
+                  (~33M tokens per model, ~3 epochs of the corpus); not yet run (one H100
+                  runs it in time-limited slices: scripts/gpu_lm_study.sh).
     --scale cpu   D 128, 2 layers, d_k 32, T 256, 150 steps x 8 sequences: a few minutes on a
                   laptop CPU; shows the pipeline works, the models are far from converged.
     --scale smoke D 32, 1 layer, T 64, 20 steps x 8 sequences: seconds (the tests use it).
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "call makes progress; None: no limit)",
     )
     p.add_argument("--progress", type=lm.str2bool, default=True, help="progress bars")
+    lm._add_compilation_cache(p)
     return p
 
 
@@ -122,7 +123,7 @@ def _train_argv(args, scale: dict, name: str, out: str, data: str) -> list[str]:
         "--batch_size", str(args.batch_size or scale["batch_size"]),
         "--lr", str(scale["lr"]), "--warmup_steps", str(scale["warmup_steps"]),
         "--eval_rows", str(scale["eval_rows"]), "--seed", str(args.seed),
-        "--progress", str(args.progress),
+        "--progress", str(args.progress), "--compilation_cache", str(args.compilation_cache),
     ]  # fmt: skip
 
 
@@ -189,7 +190,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             print(f"=== {name}: evaluating", flush=True)
             lm.main(["eval", "--run", run_dir, "--length_factor", str(args.length_factor),
                      "--num_sequences", str(scale["num_sequences"]),
-                     "--what", "perplexity", "per_position", "state_rank"])  # fmt: skip
+                     "--what", "perplexity", "per_position", "state_rank",
+                     "--compilation_cache", str(args.compilation_cache)])  # fmt: skip
         with open(eval_json) as f:
             ev = json.load(f)
         with open(os.path.join(run_dir, "results.json")) as f:
