@@ -352,14 +352,20 @@ OLD_BACKWARD = kernel_backward.BackwardConfig(save_states=False, wy_fused=True, 
 BWD_TUNE_SPACE = {  # stage -> variants (BackwardConfig fields); the first is the default
     "bwd_state_pass": [
         dict(state_block_v=bv, state_warps=w, state_stages=s)
-        for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2))
+        for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ],
-    "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4)],
+    "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_split=sp)
-        for w, b, sp in ((4, 64, False), (8, 64, False), (8, 128, False), (4, 64, True))
+        for w, b, sp in (
+            (4, 64, False),
+            (8, 64, False),
+            (8, 128, False),
+            (4, 64, True),
+            (2, 64, False),
+        )
     ],
-    "bwd_output": [dict(output_warps=w) for w in (8, 4)],
+    "bwd_output": [dict(output_warps=w) for w in (8, 4, 2)],
     "bwd_dv_out": [dict(dv_block_v=bv, dv_warps=w) for bv, w in ((64, 4), (128, 4))],
 }
 STAGE_KERNEL = {
@@ -452,13 +458,15 @@ def memory_report(log: Callable, with_chunked: bool = True) -> list[dict]:
 
 
 TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 (ptxas, sm_90)
-    "prepare": [dict(prep_warps=w) for w in (4, 8)],
+    "prepare": [dict(prep_warps=w) for w in (4, 8, 2)],
     "state_pass": [
         dict(state_block_v=bv, state_warps=w, state_stages=s)
         for bv, w, s in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2))
     ]
     + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True)],
-    "output": [dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8))],
+    "output": [
+        dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8), (64, 2))
+    ],
 }
 
 
@@ -501,7 +509,7 @@ def check(fwd_fns: dict[str, Callable], args: tuple) -> dict:
     return dict(rel_rmse=err, finite=bool(jnp.isfinite(o).all()))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="output folder")
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test, CPU ok)")
@@ -515,7 +523,8 @@ def main() -> None:
     ap.add_argument(
         "--bwd-tune",
         action="store_true",
-        help="time backward stage variants alone first (n_h = 1, 2), use the best",
+        help="time backward stage variants alone first (on the --case shapes, else the "
+        "n_h = 1, 2 targets), use the best",
     )
     ap.add_argument(
         "--bwd-old",
@@ -525,7 +534,12 @@ def main() -> None:
     ap.add_argument(
         "--memory", action="store_true", help="compiled memory of fwd+bwd (pallas vs chunked)"
     )
-    ap.add_argument("--tune", action="store_true", help="sweep kernel tiles first, use the best")
+    ap.add_argument(
+        "--tune",
+        action="store_true",
+        help="sweep forward kernel tiles first (on the --case shapes, else the n_h = 1, 3 "
+        "targets), use the best",
+    )
     ap.add_argument("--peers", action="store_true", help="merge peers_*.json from --out")
     ap.add_argument("--only", type=int, nargs="*", help="indices of cases to run")
     ap.add_argument(
@@ -548,7 +562,7 @@ def main() -> None:
         help="no GPU needed: compile each kernel for sm_90 with the pip `triton` package and\n"
         "report registers / spills / shared memory (then exit)",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.report_only:
         report_only(args.out)
@@ -569,6 +583,7 @@ def main() -> None:
     config = kernels.KernelConfig()
     if args.tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[2]]
+        tune_cases = [kernel_case(c) for c in (args.case or tune_cases)]
         best, tune_records = tune(tune_cases, args.repeats, log)
         records += tune_records
         config = dataclasses.replace(config, **best)
@@ -584,6 +599,7 @@ def main() -> None:
     bconfig = kernel_backward.BackwardConfig()
     if args.bwd_tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[1]]
+        tune_cases = [kernel_case(c) for c in (args.case or tune_cases)]
         best, tune_records = bwd_tune(tune_cases, args.repeats, log)
         records += tune_records
         bconfig = dataclasses.replace(bconfig, **best)
