@@ -14,12 +14,11 @@
 #   bash scripts/gpu_check.sh lm              # about 5 minutes
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=$(realpath -m "${OUT:-gpu_out}")
-mkdir -p "$OUT"
 STAGES=${*:-bench jla fla}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# shellcheck source=scripts/gpu_lib.sh
+source scripts/gpu_lib.sh
+gpu_setup || exit 1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for stage in $STAGES; do
   case $stage in

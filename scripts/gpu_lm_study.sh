@@ -12,19 +12,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-8}
 SCALE=${SCALE:-gpu}  # smoke: a seconds-long check of this script
-OUT=$(realpath -m "${OUT:-gpu_out}")
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/grain*.whl .whl/array_record*.whl .whl/portpicker*.whl \
-  .whl/cloudpickle*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# shellcheck source=scripts/gpu_lib.sh
+source scripts/gpu_lib.sh
+gpu_setup "${GRAIN_WHEELS[@]}" || exit 1
 python3 experiments/lm_study.py --scale "$SCALE" --out_dir runs/lm_study_gpu --time_limit "$MINUTES" \
   --progress False --compilation_cache runs/xla_cache_lm \
   2>&1 | grep -v "^WARNING" | tee "$OUT/lm_study.log" | tail -30
-exclude=()
-for r in runs/lm_study_gpu/*/results.json; do
-  [ -f "$r" ] || continue
-  if ! grep -q '"time_limited": true' "$r"; then exclude+=(--exclude "$(dirname "$r")/checkpoints"); fi
-done
-tar czf "$OUT/lm_study.tgz" "${exclude[@]}" runs/lm_study_gpu runs/xla_cache_lm
-ls -la "$OUT"
+archive_runs lm_study.tgz runs/lm_study_gpu runs/xla_cache_lm

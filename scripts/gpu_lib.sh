@@ -1,0 +1,32 @@
+# Shared by the scripts/gpu_*.sh device-call scripts (source it from the repository root).
+
+# gpu_setup [WHEEL_GLOB...]: $OUT as an absolute path (created), the carried .whl/ wheels (all, or
+# those matching the globs) installed into /tmp/site, and PYTHONPATH set to use them and the tree.
+gpu_setup() {
+  OUT=$(realpath -m "${OUT:-gpu_out}")
+  mkdir -p "$OUT"
+  local wheels=()
+  if [ $# -eq 0 ]; then wheels=(.whl/*.whl); else for g in "$@"; do wheels+=(.whl/$g); done; fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${wheels[@]}" || return 1
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT
+}
+
+# The Grain wheels and their dependencies (the experiments' data pipelines).
+GRAIN_WHEELS=("grain*.whl" "array_record*.whl" "portpicker*.whl" "cloudpickle*.whl")
+
+# archive_runs ARCHIVE RUNS_DIR [MORE_PATHS...]: tar RUNS_DIR (and MORE_PATHS) into $OUT/ARCHIVE,
+# leaving out the checkpoints of runs that finished (results.json without "time_limited": true).
+archive_runs() {
+  local archive=$1 runs=$2
+  shift 2
+  local exclude=()
+  for r in "$runs"/*/results.json; do
+    [ -f "$r" ] || continue
+    if ! grep -q '"time_limited": true' "$r"; then
+      exclude+=(--exclude "$(dirname "$r")/checkpoints")
+    fi
+  done
+  tar czf "$OUT/$archive" "${exclude[@]}" "$runs" "$@"
+  ls -la "$OUT"
+}
