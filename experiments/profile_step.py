@@ -8,7 +8,9 @@ batch, then
 2. times ``--steps`` train steps (median of ``--repeats`` batches, each closed by
    ``block_until_ready``);
 3. records a few more steps with ``jax.profiler`` (a Perfetto trace) and sums the device time of
-   every op name (Triton kernels, XLA fusions, copies), printing the top ``--top``.
+   every op name (Triton kernels, XLA fusions, copies), printing the top ``--top``, the share of
+   the DeltaProduct Pallas kernels (``dp_*``) and the MFU (model FLOPs, ``dpjax.train.flops``,
+   over the device's dense bf16 peak).
 
 Writes ``profile_step.json`` (all of the above) and the trace folder to ``--out``.
 
@@ -40,6 +42,7 @@ from flax import nnx
 from dpjax.nn import DeltaProductLM
 from dpjax.nn.presets import get_preset, state_tracking
 from dpjax.train import mesh as mesh_lib
+from dpjax.train.flops import device_peak_flops, flops_per_token
 from dpjax.train.lm_step import REMAT_POLICIES, lm_token_fn
 from dpjax.train.loop import TrainConfig, init_train_state, make_steps, op_batch_parallel
 from dpjax.train.optimizer import OptimizerConfig
@@ -201,7 +204,21 @@ def main(argv: list[str] | None = None) -> dict:
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     record["device_ms_per_step"] = total / args.trace_steps / 1e3
     record["top_ops_ms_per_step"] = top
-    print(f"device time per step (profiler): {record['device_ms_per_step']:.2f} ms")
+    # the DeltaProduct Pallas kernels are named dp_* (pallas_kernels); the chunked path's ops
+    # are XLA fusions that cannot be told apart from the rest of the model
+    record["op_kernels_ms_per_step"] = sum(v for k, v in per_step.items() if k.startswith("dp_"))
+    peak = device_peak_flops()
+    record["model_tflop_per_step"] = flops_per_token(mcfg, args.k + 1) * tokens / 1e12
+    record["mfu"] = (
+        record["model_tflop_per_step"] / (record["step_ms"] / 1e3) / (peak / 1e12) if peak else None
+    )
+    share = record["op_kernels_ms_per_step"] / max(record["device_ms_per_step"], 1e-9)
+    print(
+        f"device time per step (profiler): {record['device_ms_per_step']:.2f} ms, of which the "
+        f"DeltaProduct kernels {record['op_kernels_ms_per_step']:.2f} ms ({share:.0%}); MFU "
+        + (f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a (unknown peak)")
+        + f" ({record['model_tflop_per_step']:.2f} model TFLOP per step)"
+    )
     print("| op | ms / step | share |\n|---|---|---|")
     for name, ms in top:
         share = ms / max(record["device_ms_per_step"], 1e-9)
