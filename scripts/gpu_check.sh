@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# GPU checks in two device calls, all logs under $OUT:
+# GPU checks in a few device calls, all logs under $OUT:
 #   1. the GPU correctness tests of the forward and backward kernels (marker `gpu`);
 #   2. experiments/bench_op.py on the target shapes (B=4, T=4096, H=8, K=V=128, n_h=1..3):
 #      forward, forward+backward, each kernel alone with its compile time, peak memory;
 #   3. the peers in the same job, each in its own process: jax-linear-attention, then FLA
 #      (FLA autotunes for minutes on its first calls: it gets the longest slice);
-#   4. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
+#   4. `shapes`: the other shapes of the issues (gated n_h=2; n_h=4, K=V=64, H=16; B=1, T=32768)
+#      and the state-tracking shape (B=2048, T=129, H=8, K=V=32, n_h=1, 2, 4), stages included;
+#   5. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops.
 # Device tool: carry [".whl"] (bash scripts/fetch_gpu_wheels.sh fills it); a call may run 10
-# minutes, so use two calls:
+# minutes, so use separate calls:
 #   bash scripts/gpu_check.sh tests           # about 6 minutes (29 tests; 27 took 280 s)
 #   bash scripts/gpu_check.sh bench jla fla   # about 9 minutes: ours and the peers in one job
-#   bash scripts/gpu_check.sh lm              # about 5 minutes
+#   bash scripts/gpu_check.sh shapes lm       # about 4 + 5 minutes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES=${*:-bench jla fla}
@@ -34,12 +36,20 @@ for stage in $STAGES; do
       limit=70; [ "$stage" = fla ] && limit=260
       (cd .whl && CFGS='[[4,4096,8,128]]' NH='[1,2,3]' GATES='[false]' OUT="$OUT" \
         timeout $limit python3 bench_peers.py "$peer") 2>&1 | grep -v Warning | tail -5 ;;
+    shapes)
+      timeout 240 python3 experiments/bench_op.py --only 4 6 7 --stages --bwd-stages \
+        --no-chunked --repeats 5 --out "$OUT/shapes" > "$OUT/shapes.stdout" 2>&1
+      tail -30 "$OUT/shapes/bench_op.md"
+      timeout 150 python3 experiments/bench_op.py --case 2048,129,8,32,32,1 \
+        --case 2048,129,8,32,32,2 --case 2048,129,8,32,32,4 --stages --bwd-stages --repeats 5 \
+        --out "$OUT/st_shape" > "$OUT/st_shape.stdout" 2>&1
+      tail -30 "$OUT/st_shape/bench_op.md" ;;
     lm)
       for p in dn dp2 dp3; do
         timeout 170 python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
           --k 4095 --eval_length 4095 --eval_batch_size 8 --steps 5 --repeats 3 --remat block \
           --impl auto --top 20 --out "$OUT/lm_$p" 2>&1 | grep -v "^WARNING" | tail -26
       done ;;
-    *) echo "unknown stage $stage (tests, bench, jla, fla, lm)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, lm)"; exit 2 ;;
   esac
 done
