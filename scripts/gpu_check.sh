@@ -13,7 +13,8 @@
 # minutes, so use separate calls:
 #   bash scripts/gpu_check.sh tests           # about 6 minutes (29 tests; 27 took 280 s)
 #   bash scripts/gpu_check.sh bench jla fla   # about 9 minutes: ours and the peers in one job
-#   bash scripts/gpu_check.sh shapes lm       # about 4 + 5 minutes
+#   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
+#   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES=${*:-bench jla fla}
