@@ -241,6 +241,7 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
             num_warps=config.state_warps,
             num_stages=config.state_stages,
             tf32_state=config.state_tf32,
+            pieces=kernels.split_pieces(c.T // 64, config.state_split),
             interpret=default_interpret(),
         )
     )
@@ -353,7 +354,8 @@ BWD_TUNE_SPACE = {  # stage -> variants (BackwardConfig fields); the first is th
     "bwd_state_pass": [
         dict(state_block_v=bv, state_warps=w, state_stages=s)
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
-    ],
+    ]
+    + [dict(state_split=p) for p in (2, 4, 8)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_split=sp)
@@ -463,7 +465,8 @@ TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 
         dict(state_block_v=bv, state_warps=w, state_stages=s)
         for bv, w, s in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2))
     ]
-    + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True)],
+    + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True)]
+    + [dict(state_split=p) for p in (2, 4, 8)],
     "output": [
         dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8), (64, 2))
     ],
@@ -540,6 +543,13 @@ def main(argv: list[str] | None = None) -> None:
         help="sweep forward kernel tiles first (on the --case shapes, else the n_h = 1, 3 "
         "targets), use the best",
     )
+    ap.add_argument(
+        "--state_split",
+        type=int,
+        default=None,
+        help="sequence split of the forward and backward state passes (KernelConfig / "
+        "BackwardConfig.state_split: up to this many pieces walked in parallel)",
+    )
     ap.add_argument("--peers", action="store_true", help="merge peers_*.json from --out")
     ap.add_argument("--only", type=int, nargs="*", help="indices of cases to run")
     ap.add_argument(
@@ -589,13 +599,20 @@ def main(argv: list[str] | None = None) -> None:
         config = dataclasses.replace(config, **best)
         log(f"tuned config: {config}")
         save(args, dev.device_kind, config, records, echo=False)
+    if args.state_split:
+        config = dataclasses.replace(config, state_split=args.state_split)
     if args.resources:
-        records += resources(cases, config, args.out, log)
+        records += resources(cases, config, args.out, log, args.state_split)
         with open(os.path.join(args.out, "resources.json"), "w") as fh:
             json.dump(records, fh, indent=1)
         return
     if args.tune:  # the op uses the tuned config (else its own per-head-dim choice)
         dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c
+    elif args.state_split:
+        per_dims = dp_pallas.config_for
+        dp_pallas.config_for = lambda key_dim, value_dim: dataclasses.replace(
+            per_dims(key_dim, value_dim), state_split=args.state_split
+        )
     bconfig = kernel_backward.BackwardConfig()
     if args.bwd_tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[1]]
@@ -608,6 +625,11 @@ def main(argv: list[str] | None = None) -> None:
     backward_config_for = dp_pallas.backward_config_for  # wide heads get wide tiles
     if args.bwd_tune:
         backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c  # noqa: E731
+    if args.state_split:
+        per_dims_bwd = backward_config_for
+        backward_config_for = lambda key_dim, value_dim: dataclasses.replace(  # noqa: E731
+            per_dims_bwd(key_dim, value_dim), state_split=args.state_split
+        )
     dp_pallas.backward_config_for = backward_config_for
     if args.memory:
         records += memory_report(log, with_chunked=not args.no_chunked)
@@ -699,7 +721,9 @@ def save(args, device: str, config, records: list[dict], *, echo: bool) -> None:
         print(table)
 
 
-def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Callable) -> list:
+def resources(
+    cases: list[Case], config: kernels.KernelConfig, out: str, log: Callable, split: int | None
+) -> list:
     """Registers, spill stack and shared memory of each kernel for sm_90, without a GPU.
 
     Lowers the forward for an abstract H100 (as the lowering tests do), captures each kernel's
@@ -726,12 +750,16 @@ def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Ca
     launch = {
         "dp_prepare": (config.prep_warps, config.prep_stages),
         "dp_state_pass": (config.state_warps, config.state_stages),
+        "dp_state_transfer": (config.state_warps, config.state_stages),
         "dp_output": (config.out_warps, config.out_stages),
     }
     bconf = dp_pallas.backward_config_for(cases[0].K, cases[0].V)
+    if split:
+        bconf = dataclasses.replace(bconf, state_split=split)
     launch |= {
         "dp_bwd_recompute": (bconf.recompute_warps, bconf.recompute_stages),
         "dp_bwd_state_pass": (bconf.state_warps, bconf.state_stages),
+        "dp_bwd_state_transfer": (bconf.state_warps, bconf.state_stages),
         "dp_bwd_output": (bconf.output_warps, bconf.output_stages),
         "dp_bwd_state_adjoint": (bconf.adjoint_warps, bconf.adjoint_stages),
         "dp_bwd_dv_out": (bconf.dv_warps, bconf.dv_stages),
@@ -761,7 +789,14 @@ def resources(cases: list[Case], config: kernels.KernelConfig, out: str, log: Ca
                     save_states=True,
                 )
                 grads = kernel_backward.backward(
-                    *a[:4], res, o, final, num_householder=c.n, scale=0.1, interpret=False
+                    *a[:4],
+                    res,
+                    o,
+                    final,
+                    num_householder=c.n,
+                    scale=0.1,
+                    interpret=False,
+                    config=bconf,
                 )
                 return o, final, grads
 

@@ -49,7 +49,7 @@ from pallas_kernels.backward_state_adjoint import state_adjoint
 from pallas_kernels.backward_state_pass import state_pass_backward
 from pallas_kernels.backward_wy import wy_backward, wy_backward_fused
 from pallas_kernels.common import CHUNK, default_interpret, pad_to, padded_length
-from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims
+from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims, split_pieces
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class BackwardConfig:
     state_block_v: int = 32
     state_warps: int = 4
     state_stages: int = 3
+    state_split: int = 1  # sequence split of the reverse state pass (KernelConfig.state_split)
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -162,6 +163,12 @@ def reverse_local_cumsum(x: jax.Array) -> jax.Array:
     return (total - jnp.cumsum(x, axis=-1) + x).reshape(shape)
 
 
+def _split_state_pass(a, k, beta, dv_out, q, *rest, split: int, **kwargs):
+    """The reverse state pass with ``split_pieces(T / 64, split)`` pieces (q: ``[B, T, H, Kp]``)."""
+    pieces = split_pieces(q.shape[1] // CHUNK, split)
+    return state_pass_backward(a, k, beta, dv_out, q, *rest, pieces=pieces, **kwargs)
+
+
 def stage_kernels(
     config: BackwardConfig,
     *,
@@ -192,7 +199,8 @@ def stage_kernels(
             **common,
         ),
         "state_pass": partial(
-            state_pass_backward,
+            _split_state_pass,
+            split=config.state_split,
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,

@@ -21,6 +21,12 @@ Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence o
 ``dht [Kp, BV]`` fp32. Writes ``dv_new [L, BV]`` and ``dh_il [NI, Kp, BV]`` (input dtype) and
 ``dh0 [Kp, BV]`` fp32.
 
+Sequence split (``pieces > 1``; ``BackwardConfig.state_split``) as the forward's
+``state_pass``: a transfer launch runs each piece from a zero end gradient (value tiles, with the
+local ``dv_out`` and read terms) and from the identity (extra tiles without them), giving
+``dE_start = M dE_end + E`` per piece; ``sequence_split_ends`` chains them from the last piece to
+the first, and the second launch runs every piece from its true end gradient.
+
 Products for 16-bit inputs as in the forward pass: ``K dE`` with ``dE`` rounded to the input
 dtype, ``A^T dv_new`` in TF32, ``K^T x`` with ``x`` split into two 16-bit halves; fp32 inputs:
 IEEE.
@@ -39,16 +45,45 @@ from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_cal
 
 
 def _kernel(
-    *refs, n: int, num_token_chunks: int, scale: float, decay: bool, mode: dict, dots: dict
+    *refs,
+    n: int,
+    num_token_chunks: int,
+    scale: float,
+    decay: bool,
+    pieces: int,
+    transfer_tiles: int | None,
+    mode: dict,
+    dots: dict,
 ):
     a_ref, k_ref, beta_ref, dvout_ref, q_ref, do_ref, dht_ref = refs[:7]
     rest = list(refs[7:])
     gam_ref, fdec_ref, gtok_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if decay else (None,) * 3
-    dvnew_ref, dhil_ref, dh0_ref = rest
+    transfer = transfer_tiles is not None
+    if transfer:
+        (dh0_ref,) = rest
+        dvnew_ref = dhil_ref = None
+    else:
+        dvnew_ref, dhil_ref, dh0_ref = rest
+
+    kp, bv = dh0_ref.shape
+    local = 1.0  # weight of the terms that do not depend on dE (dv_out, the output's read)
+    if transfer:  # value tiles from zero; identity tiles (tile >= transfer_tiles) from I
+        tile = pl.program_id(0)
+        rows_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 0)
+        cols_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 1) + (tile - transfer_tiles) * bv
+        d_start = jnp.where(rows_i == cols_i, 1.0, 0.0).astype(jnp.float32)
+        local = (tile < transfer_tiles).astype(jnp.float32)
+    else:
+        d_start = dht_ref[...].astype(jnp.float32)
+    per_piece = num_token_chunks * n // pieces
+    last = per_piece - 1
+    if pieces > 1:
+        last = last + lax.rem(pl.program_id(2), pieces) * per_piece
 
     def chunk(step, d_state):
-        c = num_token_chunks * n - 1 - step
-        dhil_ref[c] = d_state.astype(dhil_ref.dtype)
+        c = last - step
+        if dhil_ref is not None:
+            dhil_ref[c] = d_state.astype(dhil_ref.dtype)
         rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
         k = k_ref[rows, :]
         k_ds = mm(k, d_state, mode["ks"], **dots)  # [64, BV]
@@ -58,8 +93,10 @@ def _kernel(
             k_ds = k_ds * fdec_ref[rows][:, None]
             coef = coef * gam
             d_state = d_state * element_select(gam, CHUNK - 1)
-        dvnew = dvout_ref[rows, :].astype(jnp.float32) + k_ds
-        dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
+        dv_out = dvout_ref[rows, :].astype(jnp.float32)
+        dvnew = (dv_out * local if transfer else dv_out) + k_ds
+        if dvnew_ref is not None:
+            dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
         y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
         d_state = d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
 
@@ -68,13 +105,14 @@ def _kernel(
             q = q_ref[tok, :]
             if decay:
                 q = q.astype(jnp.float32) * gtok_ref[tok][:, None]
-            return d_state + scale * mm(q, do_ref[tok, :], mode["in"], trans_a=True, **dots)
+            read = mm(q, do_ref[tok, :], mode["in"], trans_a=True, **dots)
+            return d_state + (scale * local) * read if transfer else d_state + scale * read
 
         if n == 1:
             return read_term(d_state)
         return lax.cond(lax.rem(c, n) == 0, read_term, lambda x: x, d_state)
 
-    dh0_ref[...] = lax.fori_loop(0, num_token_chunks * n, chunk, dht_ref[...].astype(jnp.float32))
+    dh0_ref[...] = lax.fori_loop(0, per_piece, chunk, d_start)
 
 
 def state_pass_backward(
@@ -94,6 +132,7 @@ def state_pass_backward(
     block_v: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
+    pieces: int = 1,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -105,45 +144,139 @@ def state_pass_backward(
         dht: ``[B, H, Kp, Vp]`` fp32 final-state cotangent; gam, fdec: ``[B, H, L]`` fp32 or
         None; gam_tok: ``[B, H, T]`` fp32 decay of the token-chunk start state to each token
         (0 after a reset) or None.
+      pieces: split the sequence into this many pieces of whole token chunks walked in parallel
+        (as the forward's ``state_pass``: a transfer launch gives each piece's map
+        ``dE_start = M dE_end + E``, the pieces' end gradients follow in plain JAX, then every
+        piece runs again from its own); must divide ``T / 64``.
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
-      w.r.t. the state at the end of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
+      w.r.t. the state at the *end* of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
     """
+    B, L, H, Kp = k.shape
+    NT = L // (CHUNK * num_householder)
+    if pieces < 1 or NT % pieces:
+        raise ValueError(f"pieces must divide the {NT} token chunks, got {pieces}")
+    launch = functools.partial(
+        _launch,
+        a,
+        k,
+        beta,
+        dv_out,
+        q,
+        do,
+        gam,
+        fdec,
+        gam_tok,
+        num_householder=num_householder,
+        scale=scale,
+        block_v=block_v,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        poison=poison,
+    )
+    if pieces == 1:
+        return tuple(launch(dht, pieces=1))
+    (transfer,) = launch(dht, pieces=pieces, transfer=True)
+    ends = sequence_split_ends(transfer, dht, B, pieces)
+    dvnew, dh_il, dh0s = launch(ends, pieces=pieces)
+    return dvnew, dh_il, dh0s.reshape(B, pieces, *dh0s.shape[1:])[:, 0]
+
+
+def sequence_split_ends(transfer: jax.Array, dht: jax.Array, batch: int, pieces: int) -> jax.Array:
+    """The state gradient at the end of every piece, ``[B * P, H, Kp, Vp]`` fp32, from the
+    transfer launch's ``[B * P, H, Kp, Vp + Kp]`` (per piece: the start gradient from a zero end,
+    then the map ``M`` with ``start = M end + E``), walked from the last piece to the first."""
+    _, H, Kp, width = transfer.shape
+    Vp = width - Kp
+    t = transfer.reshape(batch, pieces, H, Kp, width)
+    starts, maps = t[..., :Vp], t[..., Vp:]
+    grad = dht.astype(jnp.float32)
+    ends = [grad]
+    for p in range(pieces - 1, 0, -1):
+        grad = (
+            jnp.einsum("bhij,bhjv->bhiv", maps[:, p], grad, precision=lax.Precision.HIGHEST)
+            + starts[:, p]
+        )
+        ends.append(grad)
+    return jnp.stack(ends[::-1], axis=1).reshape(batch * pieces, H, Kp, Vp)
+
+
+def _launch(
+    a: jax.Array,
+    k: jax.Array,
+    beta: jax.Array,
+    dv_out: jax.Array,
+    q: jax.Array,
+    do: jax.Array,
+    gam: jax.Array | None,
+    fdec: jax.Array | None,
+    gam_tok: jax.Array | None,
+    dht: jax.Array,
+    *,
+    num_householder: int,
+    scale: float,
+    block_v: int,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+    poison: bool,
+    pieces: int,
+    transfer: bool = False,
+) -> list[jax.Array]:
+    """One ``pallas_call`` of the reverse-pass kernel; ``pieces`` and ``transfer`` as the
+    forward's ``state_pass._launch`` (``dht`` per piece ``[B * P, H, Kp, Vp]`` when
+    ``pieces > 1`` and not ``transfer``; the transfer launch ignores it)."""
     B, L, H, Kp = k.shape
     Vp = dv_out.shape[-1]
     n = num_householder
     T = L // n
     NT = T // CHUNK
-    bv = min(block_v, Vp)
+    bv = min(block_v, Vp, Kp) if transfer else min(block_v, Vp)
+    nv = Vp // bv
     dtype = k.dtype
     decay = gam is not None
+    P = pieces
+    row = (lambda bp: bp) if P == 1 else (lambda bp: lax.div(bp, P))
+    vtile = (lambda i: i) if not transfer else (lambda i: jnp.minimum(i, nv - 1))
 
-    head_vec = lambda size: pl.BlockSpec((None, None, size), lambda i, h, b: (b, h, 0))
-    state_spec = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
-    inputs = [a, k, beta, dv_out, q, do, dht]
+    head_vec = lambda size: pl.BlockSpec((None, None, size), lambda i, h, b: (row(b), h, 0))
+    piece_state = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
+    inputs = [a, k, beta, dv_out, q, do]
     in_specs = [
-        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (b, h, 0, 0)),
-        pl.BlockSpec((None, L, None, Kp), lambda i, h, b: (b, 0, h, 0)),
-        pl.BlockSpec((None, L, None), lambda i, h, b: (b, 0, h)),
-        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
-        pl.BlockSpec((None, T, None, Kp), lambda i, h, b: (b, 0, h, 0)),
-        pl.BlockSpec((None, T, None, bv), lambda i, h, b: (b, 0, h, i)),
-        state_spec,
+        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
+        pl.BlockSpec((None, L, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
+        pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),
+        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, vtile(i))),
+        pl.BlockSpec((None, T, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
+        pl.BlockSpec((None, T, None, bv), lambda i, h, b: (row(b), 0, h, vtile(i))),
     ]
+    # the transfer launch reads no dht: it gets the (value-tile) final-state cotangent only as a
+    # placeholder operand with a valid block index
+    inputs.append(dht)
+    in_specs.append(
+        pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (row(b), h, 0, vtile(i)))
+        if transfer
+        else piece_state
+    )
     if decay:
         inputs += [gam, fdec, gam_tok]
         in_specs += [head_vec(L), head_vec(L), head_vec(T)]
-    out_shapes = [
-        jax.ShapeDtypeStruct((B, H, L, Vp), dtype),
-        jax.ShapeDtypeStruct((B, H, NT * n, Kp, Vp), dtype),
-        jax.ShapeDtypeStruct((B, H, Kp, Vp), jnp.float32),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
-        pl.BlockSpec((None, None, NT * n, Kp, bv), lambda i, h, b: (b, h, 0, 0, i)),
-        state_spec,
-    ]
+    if transfer:
+        out_shapes = [jax.ShapeDtypeStruct((B * P, H, Kp, Vp + Kp), jnp.float32)]
+        out_specs = [piece_state]
+    else:
+        out_shapes = [
+            jax.ShapeDtypeStruct((B, H, L, Vp), dtype),
+            jax.ShapeDtypeStruct((B, H, NT * n, Kp, Vp), dtype),
+            jax.ShapeDtypeStruct((B * P, H, Kp, Vp), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, i)),
+            pl.BlockSpec((None, None, NT * n, Kp, bv), lambda i, h, b: (row(b), h, 0, 0, i)),
+            piece_state,
+        ]
     if dtype == jnp.float32:
         modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.IEEE)
     else:
@@ -154,20 +287,21 @@ def state_pass_backward(
         num_token_chunks=NT,
         scale=float(scale),
         decay=decay,
+        pieces=P,
+        transfer_tiles=nv if transfer else None,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
     )
-    dvnew, dh_il, dh0 = pallas_call(
+    return pallas_call(
         kernel,
         inputs=inputs,
         in_specs=in_specs,
         out_shapes=out_shapes,
         out_specs=out_specs,
-        grid=(Vp // bv, H, B),
+        grid=(nv + (Kp // bv if transfer else 0), H, B * P),
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
-        name="dp_bwd_state_pass",
+        name="dp_bwd_state_transfer" if transfer else "dp_bwd_state_pass",
         poison=poison,
     )
-    return dvnew, dh_il, dh0

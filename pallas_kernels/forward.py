@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import default_interpret, next_pow2, pad_to, padded_length
+from pallas_kernels.common import CHUNK, default_interpret, next_pow2, pad_to, padded_length
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -45,6 +45,13 @@ class KernelConfig:
     prep_blocked: bool = True  # 16x16-block inverse (False: the previous 64x64 one)
     prep_precision: str = "ieee"  # products joining A's blocks: "ieee", "split3" or "tf32"
     prep_unroll: int = 3  # substitution steps per loop iteration: 1, 3 or 5
+    # Sequence split of the state pass: up to this many pieces of whole token chunks walked in
+    # parallel (the largest count dividing the token chunks is used; 1 = no split). Each piece
+    # first runs from zero and from the identity (``Kp / BV`` extra tiles) to get its map
+    # ``end = M start + E``; the pieces' start states follow in plain JAX, then every piece runs
+    # again from its true start, writing the states and ``v_new``: about 2 + K/V times the
+    # sequential work, for P times the parallelism (long single sequences, few heads).
+    state_split: int = 1
 
 
 class Residuals(NamedTuple):
@@ -59,6 +66,11 @@ class Residuals(NamedTuple):
     h: jax.Array  # [B, H, NT, Kp, Vp]
     v_new: jax.Array | None = None  # [B, H, L_pad, Vp]
     h_mid: jax.Array | None = None  # [B, H, NT*(n-1), Kp, Vp] (n > 1)
+
+
+def split_pieces(token_chunks: int, most: int) -> int:
+    """The largest piece count ``<= most`` that divides ``token_chunks`` (at least 1)."""
+    return max(p for p in range(1, max(1, min(most, token_chunks)) + 1) if token_chunks % p == 0)
 
 
 def padded_dims(key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -170,6 +182,7 @@ def forward(
         num_stages=config.state_stages,
         tf32_state=config.state_tf32,
         mid_states=save_states,
+        pieces=split_pieces(Tp // CHUNK, config.state_split),
         **common,
     )
     o = output(

@@ -20,6 +20,15 @@ sequence of its head, reading per chunk ``A [64, 64]`` fp32, ``K [64, Kp]``, ``V
 ``beta [64]`` (and ``gam, fdec [64]``), and ``h0 [Kp, BV]`` once; it writes ``v_new [L, BV]`` and
 ``h [NT, Kp, BV]`` (input dtype) and the final state ``[Kp, BV]`` fp32.
 
+Sequence split (``pieces = P > 1``; ``KernelConfig.state_split``): the grid's last axis runs over
+(batch row, piece) pairs and each program walks only its piece's token chunks. A first
+"transfer" launch runs every piece from a zero state (value tiles) and from the identity (``Kp /
+BV`` extra tiles with zero values), giving the affine map ``end = M start + E`` of each piece;
+``sequence_split_starts`` chains them in plain JAX (``P - 1`` products ``[Kp, Kp] x [Kp, Vp]``),
+and the second launch runs every piece from its true start, writing the states and ``v_new``.
+That is ``2 + Kp/Vp`` times the sequential work for ``P`` times the programs: it pays only where
+``B * H * Vp / BV`` programs leave SMs idle (long single sequences, few heads).
+
 Products for 16-bit inputs: ``K S`` with the state rounded to the input dtype (TF32 with
 ``tf32_state``), ``A x`` in TF32, ``K^T v_new`` with ``v_new`` split into two 16-bit halves (nearly
 fp32; keys are exact in 16 bits). fp32 inputs: IEEE fp32 throughout.
@@ -44,6 +53,8 @@ def _kernel(
     decay: bool,
     with_h0: bool,
     mid_states: bool,
+    pieces: int,
+    transfer_tiles: int | None,
     ks_dot: DotMode,
     ax_dot: DotMode,
     kv_dot: DotMode,
@@ -54,19 +65,40 @@ def _kernel(
     rest = list(refs[4:])
     gam_ref, fdec_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
     h0_ref = rest.pop(0) if with_h0 else None
-    h_ref, vnew_ref, final_ref = rest[:3]
-    hmid_ref = rest[3] if mid_states else None
+    transfer = transfer_tiles is not None
+    if transfer:
+        (final_ref,) = rest
+        h_ref = vnew_ref = hmid_ref = None
+    else:
+        h_ref, vnew_ref, final_ref = rest[:3]
+        hmid_ref = rest[3] if mid_states else None
 
     kp, bv = final_ref.shape
-    state = h0_ref[...].astype(jnp.float32) if with_h0 else jnp.zeros((kp, bv), jnp.float32)
+    value_scale = 1.0
+    if transfer:  # value tiles from zero; identity tiles (tile >= transfer_tiles) from I
+        tile = pl.program_id(0)
+        first_col = (tile - transfer_tiles) * bv
+        rows_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 0)
+        cols_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 1) + first_col
+        state = jnp.where(rows_i == cols_i, 1.0, 0.0).astype(jnp.float32)
+        value_scale = (tile < transfer_tiles).astype(jnp.float32)
+    elif with_h0:
+        state = h0_ref[...].astype(jnp.float32)
+    else:
+        state = jnp.zeros((kp, bv), jnp.float32)
     dots = dict(dtype=dtype, interpret=interpret)
+    per_piece = num_token_chunks * n // pieces
+    first = 0 if pieces == 1 else lax.rem(pl.program_id(2), pieces) * per_piece
 
-    def chunk(c, state):
-        @pl.when(lax.rem(c, n) == 0)
-        def _():
-            h_ref[lax.div(c, n)] = state.astype(h_ref.dtype)
+    def chunk(j, state):
+        c = j if pieces == 1 else first + j
+        if h_ref is not None:
 
-        if mid_states:
+            @pl.when(lax.rem(c, n) == 0)
+            def _():
+                h_ref[lax.div(c, n)] = state.astype(h_ref.dtype)
+
+        if hmid_ref is not None:
 
             @pl.when(lax.rem(c, n) != 0)
             def _():
@@ -79,15 +111,19 @@ def _kernel(
         if decay:
             gam = gam_ref[rows]
             ks = ks * gam[:, None]
-        x = beta_ref[rows].astype(jnp.float32)[:, None] * (v_ref[rows, :].astype(jnp.float32) - ks)
+        vals = v_ref[rows, :].astype(jnp.float32)
+        if transfer:
+            vals = vals * value_scale
+        x = beta_ref[rows].astype(jnp.float32)[:, None] * (vals - ks)
         vnew = mm(a_ref[rows, :], x, ax_dot, **dots)
-        vnew_ref[rows, :] = vnew.astype(vnew_ref.dtype)
+        if vnew_ref is not None:
+            vnew_ref[rows, :] = vnew.astype(vnew_ref.dtype)
         if decay:
             vnew = vnew * fdec_ref[rows][:, None]
             state = state * element_select(gam, CHUNK - 1)
         return state + mm(k, vnew, kv_dot, trans_a=True, **dots)
 
-    final_ref[...] = lax.fori_loop(0, num_token_chunks * n, chunk, state)
+    final_ref[...] = lax.fori_loop(0, per_piece, chunk, state)
 
 
 def state_pass(
@@ -105,6 +141,7 @@ def state_pass(
     num_stages: int = 3,
     tf32_state: bool = False,
     mid_states: bool = False,
+    pieces: int = 1,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -120,6 +157,8 @@ def state_pass(
         fp32 state to the input dtype.
       mid_states: also return the start states of the interleaved chunks that do not start a token
         chunk (only meaningful for ``n_h > 1``).
+      pieces: split the sequence into this many pieces of whole token chunks that run in
+        parallel (``sequence_split``; must divide ``T_pad / 64``); 1 = one sequential walk.
 
     Returns:
       ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``, plus
@@ -128,48 +167,132 @@ def state_pass(
       k.dtype, ``NT = T_pad / 64``.
     """
     B, L, H, Kp = k.shape
+    NT = L // (CHUNK * num_householder)
+    if pieces < 1 or NT % pieces:
+        raise ValueError(f"pieces must divide the {NT} token chunks, got {pieces}")
+    launch = functools.partial(
+        _launch,
+        a,
+        k,
+        v,
+        beta,
+        gam,
+        fdec,
+        num_householder=num_householder,
+        block_v=block_v,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        tf32_state=tf32_state,
+        interpret=interpret,
+        poison=poison,
+    )
+    if pieces == 1:
+        return launch(h0, mid_states=mid_states, pieces=1)
+    (transfer,) = launch(None, pieces=pieces, transfer=True)
+    starts = sequence_split_starts(transfer, h0, B, pieces)
+    h, vnew, finals, *h_mid = launch(starts, mid_states=mid_states, pieces=pieces)
+    final = finals.reshape(B, pieces, *finals.shape[1:])[:, -1]
+    return (h, vnew, final, *h_mid)
+
+
+def sequence_split_starts(
+    transfer: jax.Array, h0: jax.Array | None, batch: int, pieces: int
+) -> jax.Array:
+    """The state entering every piece, ``[B * P, H, Kp, Vp]`` fp32, from the transfer launch's
+    ``[B * P, H, Kp, Vp + Kp]`` (per piece: the end state from a zero start, then the piece's map
+    ``M`` with ``end = M start + E``), walked over the pieces in plain JAX (``P - 1`` products)."""
+    _, H, Kp, width = transfer.shape
+    Vp = width - Kp
+    t = transfer.reshape(batch, pieces, H, Kp, width)
+    ends, maps = t[..., :Vp], t[..., Vp:]
+    state = jnp.zeros((batch, H, Kp, Vp), jnp.float32) if h0 is None else h0.astype(jnp.float32)
+    starts = [state]
+    for p in range(pieces - 1):
+        state = (
+            jnp.einsum("bhij,bhjv->bhiv", maps[:, p], state, precision=lax.Precision.HIGHEST)
+            + ends[:, p]
+        )
+        starts.append(state)
+    return jnp.stack(starts, axis=1).reshape(batch * pieces, H, Kp, Vp)
+
+
+def _launch(
+    a: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gam: jax.Array | None,
+    fdec: jax.Array | None,
+    h0: jax.Array | None,
+    *,
+    num_householder: int,
+    block_v: int,
+    num_warps: int,
+    num_stages: int,
+    tf32_state: bool,
+    interpret: bool,
+    poison: bool,
+    pieces: int,
+    mid_states: bool = False,
+    transfer: bool = False,
+) -> list[jax.Array]:
+    """One ``pallas_call`` of the stage-2 kernel. With ``pieces > 1`` the grid's last axis runs
+    over ``B * P`` (batch row, piece) pairs, ``h0`` and the final states are per piece
+    ``[B * P, H, Kp, Vp]``, and each program walks only its piece's chunks (writing its rows of
+    the shared ``h``/``v_new`` outputs). ``transfer=True`` adds ``Kp / BV`` identity tiles after
+    the value tiles, writes nothing but the final states ``[B * P, H, Kp, Vp + Kp]`` and starts
+    every value tile from zero."""
+    B, L, H, Kp = k.shape
     Vp = v.shape[-1]
     n = num_householder
     NT = L // (CHUNK * n)
-    bv = min(block_v, Vp)
+    bv = min(block_v, Vp, Kp) if transfer else min(block_v, Vp)
+    nv = Vp // bv
     dtype = k.dtype
     precise = dtype == jnp.float32
     decay = gam is not None
-    with_h0 = h0 is not None
-    mid_states = mid_states and n > 1
+    with_h0 = h0 is not None and not transfer
+    mid_states = mid_states and n > 1 and not transfer
+    P = pieces
+    row = (lambda bp: bp) if P == 1 else (lambda bp: lax.div(bp, P))
+    vtile = (lambda i: i) if not transfer else (lambda i: jnp.minimum(i, nv - 1))
 
     seq = lambda d, tile: pl.BlockSpec(
-        (None, L, None, d), lambda i, h, b: (b, 0, h, i if tile else 0)
+        (None, L, None, d), lambda i, h, b: (row(b), 0, h, vtile(i) if tile else 0)
     )
-    head_vec = pl.BlockSpec((None, None, L), lambda i, h, b: (b, h, 0))
+    head_vec = pl.BlockSpec((None, None, L), lambda i, h, b: (row(b), h, 0))
     inputs = [a, k, v, beta]
     in_specs = [
-        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
         seq(Kp, False),
         seq(bv, True),
-        pl.BlockSpec((None, L, None), lambda i, h, b: (b, 0, h)),
+        pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),
     ]
     if decay:
         inputs += [gam, fdec]
         in_specs += [head_vec, head_vec]
-    state_spec = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
+    piece_state = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
     if with_h0:
         inputs.append(h0)
-        in_specs.append(state_spec)
-    out_shapes = [
-        jax.ShapeDtypeStruct((B, H, NT, Kp, Vp), dtype),
-        jax.ShapeDtypeStruct((B, H, L, Vp), dtype),
-        jax.ShapeDtypeStruct((B, H, Kp, Vp), jnp.float32),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, NT, Kp, bv), lambda i, h, b: (b, h, 0, 0, i)),
-        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (b, h, 0, i)),
-        state_spec,
-    ]
+        in_specs.append(piece_state)
+    if transfer:
+        out_shapes = [jax.ShapeDtypeStruct((B * P, H, Kp, Vp + Kp), jnp.float32)]
+        out_specs = [piece_state]
+    else:
+        out_shapes = [
+            jax.ShapeDtypeStruct((B, H, NT, Kp, Vp), dtype),
+            jax.ShapeDtypeStruct((B, H, L, Vp), dtype),
+            jax.ShapeDtypeStruct((B * P, H, Kp, Vp), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, NT, Kp, bv), lambda i, h, b: (row(b), h, 0, 0, i)),
+            pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, i)),
+            piece_state,
+        ]
     if mid_states:
         out_shapes.append(jax.ShapeDtypeStruct((B, H, NT * (n - 1), Kp, Vp), dtype))
         out_specs.append(
-            pl.BlockSpec((None, None, NT * (n - 1), Kp, bv), lambda i, h, b: (b, h, 0, 0, i))
+            pl.BlockSpec((None, None, NT * (n - 1), Kp, bv), lambda i, h, b: (row(b), h, 0, 0, i))
         )
     if precise:
         ks_dot = ax_dot = kv_dot = DotMode.IEEE
@@ -183,23 +306,24 @@ def state_pass(
         decay=decay,
         with_h0=with_h0,
         mid_states=mid_states,
+        pieces=P,
+        transfer_tiles=nv if transfer else None,
         ks_dot=ks_dot,
         ax_dot=ax_dot,
         kv_dot=kv_dot,
         dtype=dtype,
         interpret=interpret,
     )
-    outs = pallas_call(
+    return pallas_call(
         kernel,
         inputs=inputs,
         in_specs=in_specs,
         out_shapes=out_shapes,
         out_specs=out_specs,
-        grid=(Vp // bv, H, B),
+        grid=(nv + (Kp // bv if transfer else 0), H, B * P),
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
-        name="dp_state_pass",
+        name="dp_state_transfer" if transfer else "dp_state_pass",
         poison=poison,
     )
-    return tuple(outs)

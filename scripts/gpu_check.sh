@@ -7,13 +7,16 @@
 #      (FLA autotunes for minutes on its first calls: it gets the longest slice);
 #   4. `shapes`: the other shapes of the issues (gated n_h=2; n_h=4, K=V=64, H=16; B=1, T=32768)
 #      and the state-tracking shape (B=2048, T=129, H=8, K=V=32, n_h=1, 2, 4), stages included;
-#   5. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
+#   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
+#      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune);
+#   6. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops.
 # Device tool: carry [".whl"] (bash scripts/fetch_gpu_wheels.sh fills it); a call may run 10
 # minutes, so use separate calls:
 #   bash scripts/gpu_check.sh tests           # about 6 minutes (29 tests; 27 took 280 s)
 #   bash scripts/gpu_check.sh bench jla fla   # about 9 minutes: ours and the peers in one job
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
+#   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,12 +48,18 @@ for stage in $STAGES; do
         --case 2048,129,8,32,32,2 --case 2048,129,8,32,32,4 --stages --bwd-stages --repeats 5 \
         --out "$OUT/st_shape" > "$OUT/st_shape.stdout" 2>&1
       tail -30 "$OUT/st_shape/bench_op.md" ;;
+    split)
+      for case in 1,32768,8,128,128,2 4,4096,8,128,128,2; do
+        timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \
+          --repeats 5 --out "$OUT/split_${case//,/_}" > "$OUT/split_${case//,/_}.stdout" 2>&1
+        tail -12 "$OUT/split_${case//,/_}/bench_op.md"
+      done ;;
     lm)
       for p in dn dp2 dp3; do
         timeout 170 python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
           --k 4095 --eval_length 4095 --eval_batch_size 8 --steps 5 --repeats 3 --remat block \
           --impl auto --top 20 --out "$OUT/lm_$p" 2>&1 | grep -v "^WARNING" | tail -26
       done ;;
-    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, lm)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, split, lm)"; exit 2 ;;
   esac
 done

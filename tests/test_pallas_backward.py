@@ -8,6 +8,7 @@ cotangents for both outputs (o and the final state).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -107,6 +108,42 @@ def test_fp32_grads_match_reference(rng):
     got = grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.5)
     want = grads(reference.forward, args, starts, cot_o, cot_s, n, 0.5)
     for name in NAMES:
+        assert rel_rmse(want[name], got[name]) < FP32_TOL, (name, rel_rmse(want[name], got[name]))
+
+
+@pytest.mark.parametrize(
+    "n,T,gated,h0,resets,split",
+    [
+        (1, 256, False, True, False, 4),
+        (2, 260, True, True, True, 5),
+        (3, 200, True, False, True, 4),
+    ],
+)
+def test_sequence_split_grads_match_chunked(rng, monkeypatch, n, T, gated, h0, resets, split):
+    """``state_split`` in the forward's and the backward's state passes (pieces of whole token
+    chunks walked in parallel, joined by each piece's transfer map), through the custom_vjp."""
+    fwd_config, bwd_config = dp_pallas.config_for, dp_pallas.backward_config_for
+    monkeypatch.setattr(
+        dp_pallas,
+        "config_for",
+        lambda K, V: dataclasses.replace(fwd_config(K, V), state_split=split),
+    )
+    monkeypatch.setattr(
+        dp_pallas,
+        "backward_config_for",
+        lambda K, V: dataclasses.replace(bwd_config(K, V), state_split=split),
+    )
+    assert kernels.split_pieces(-(-T // 64), split) > 1
+    B, H, K, V = 2, 2, 20, 36
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
+    starts = jnp.asarray(random_resets(rng, B, T)) if resets else None
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    got = grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.4)
+    want = grads(chunked.forward, args, starts, cot_o, cot_s, n, 0.4)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert np.isfinite(got[name]).all(), name
         assert rel_rmse(want[name], got[name]) < FP32_TOL, (name, rel_rmse(want[name], got[name]))
 
 

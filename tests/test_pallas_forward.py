@@ -114,6 +114,62 @@ def test_fp32_matches_oracle(rng, n, T, K, V, gated, h0, resets, scale):
     assert rel_rmse(ref_final, final) < FP32_TOL
 
 
+# (n_h, T, gated, initial_state, resets, state_split, dtype): pieces of whole token chunks
+SPLIT_CASES = [
+    (1, 256, False, False, False, 4, jnp.float32),
+    (1, 250, True, True, True, 2, jnp.float32),
+    (2, 260, True, True, True, 5, jnp.float32),
+    (3, 200, False, True, True, 4, jnp.float32),
+    (4, 130, True, False, True, 3, jnp.float32),
+    (2, 256, True, True, True, 4, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("n,T,gated,h0,resets,split,dtype", SPLIT_CASES)
+def test_sequence_split_matches_oracle_and_unsplit(rng, n, T, gated, h0, resets, split, dtype):
+    """``KernelConfig(state_split=P)``: the output and final state against the oracle, and every
+    residual (chunk-start states, ``v_new``) against the sequential walk."""
+    B, H, K, V = 2, 2, 20, 36
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
+    starts = random_resets(rng, B, T) if resets else None
+    config = kernels.KernelConfig(state_split=split)
+    assert kernels.split_pieces(-(-T // 64), split) > 1
+    o, final = run_pallas(p, starts, dtype, 0.3, n, config=config)
+    r = rounded(p, dtype)
+    ref_o, ref_final = delta_product_np(
+        r["q"],
+        r["k"],
+        r["v"],
+        r["beta"],
+        r["g"],
+        scale=0.3,
+        initial_state=r["initial_state"],
+        doc_starts=starts,
+    )
+    tol = FP32_TOL if dtype == jnp.float32 else LOW_TOL[dtype]
+    assert rel_rmse(ref_o, o) < tol and rel_rmse(ref_final, final) < tol
+
+    cast = lambda x, d=dtype: None if x is None else jnp.asarray(x, d)
+    args = [cast(p[x]) for x in ("q", "k", "v", "beta")]
+    args += [cast(p["g"], jnp.float32), cast(p["initial_state"], jnp.float32)]
+    args.append(None if starts is None else jnp.asarray(starts))
+    run = lambda cfg: kernels.forward(
+        *args, num_householder=n, scale=0.3, config=cfg, save_states=True
+    )[2]
+    seq, split_res = run(kernels.KernelConfig()), run(config)
+    for name in ("h", "v_new", "h_mid"):
+        a, b = getattr(seq, name), getattr(split_res, name)
+        if a is None:
+            assert b is None and n == 1
+            continue
+        assert rel_rmse(np.asarray(a, np.float64), np.asarray(b, np.float64)) < tol, name
+
+
+def test_split_pieces_divides_the_token_chunks():
+    assert [kernels.split_pieces(12, p) for p in (1, 2, 5, 7, 12, 64)] == [1, 2, 4, 6, 12, 12]
+    assert kernels.split_pieces(7, 4) == 1 and kernels.split_pieces(1, 8) == 1
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("n", [1, 3])
 def test_low_precision_matches_oracle(rng, dtype, n):

@@ -159,6 +159,21 @@ def test_forward_lowers_other_tiles(config):
     assert text.count(TRITON_CALL) == 3
 
 
+@pytest.mark.parametrize("n,gated", [(1, False), (2, True), (3, True)])
+def test_sequence_split_forward_lowers(n, gated):
+    """``state_split``: the transfer launch (value + identity tiles) and the piecewise pass."""
+    K, V = 128, 64
+    args = forward_args(n, K, V, gated=gated, h0=True, resets=True)
+    config = kernels.KernelConfig(state_split=4)
+    text = lower_text(
+        lambda *a: kernels.forward(
+            *a, num_householder=n, scale=0.1, interpret=False, config=config, save_states=True
+        )[:2],
+        *args,
+    )
+    assert text.count(TRITON_CALL) == 4
+
+
 def test_vmapped_forward_lowers():
     n, K, V = 2, 64, 64
     args = forward_args(n, K, V, gated=True, lead=(3,))[:5]
@@ -226,6 +241,18 @@ def test_backward_lowers(n, gated):
     for name in BACKWARD_KERNELS:
         assert name in text, name
     assert "dp_bwd_recompute" not in text
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_sequence_split_backward_lowers(n):
+    """``state_split`` in the backward: the reverse pass's transfer launch and piecewise pass."""
+    from pallas_kernels import backward as kernel_backward
+
+    args = forward_args(n, 128, 64, gated=True, h0=True, resets=True)
+    config = kernel_backward.BackwardConfig(state_split=4)
+    text = lower_forward_backward(n, args, config)
+    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS) + 1
+    assert "dp_bwd_state_transfer" in text
 
 
 @pytest.mark.parametrize("fused", [False, True])
