@@ -24,7 +24,7 @@ Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence o
 Sequence split (``pieces > 1``; ``BackwardConfig.state_split``) as the forward's
 ``state_pass``: a transfer launch runs each piece from a zero end gradient (value tiles, with the
 local ``dv_out`` and read terms) and from the identity (extra tiles without them), giving
-``dE_start = M dE_end + E`` per piece; ``sequence_split_ends`` chains them from the last piece to
+``dE_start = M dE_end + E`` per piece; ``common.chain_pieces`` chains them from the last piece to
 the first, and the second launch runs every piece from its true end gradient.
 
 Products for 16-bit inputs as in the forward pass: ``K dE`` with ``dE`` rounded to the input
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+from pallas_kernels.common import CHUNK, DotMode, chain_pieces, element_select, mm, pallas_call
 
 
 def _kernel(
@@ -179,28 +179,9 @@ def state_pass_backward(
     if pieces == 1:
         return tuple(launch(dht, pieces=1))
     (transfer,) = launch(dht, pieces=pieces, transfer=True)
-    ends = sequence_split_ends(transfer, dht, B, pieces)
+    ends = chain_pieces(transfer, dht, B, pieces, reverse=True)
     dvnew, dh_il, dh0s = launch(ends, pieces=pieces)
     return dvnew, dh_il, dh0s.reshape(B, pieces, *dh0s.shape[1:])[:, 0]
-
-
-def sequence_split_ends(transfer: jax.Array, dht: jax.Array, batch: int, pieces: int) -> jax.Array:
-    """The state gradient at the end of every piece, ``[B * P, H, Kp, Vp]`` fp32, from the
-    transfer launch's ``[B * P, H, Kp, Vp + Kp]`` (per piece: the start gradient from a zero end,
-    then the map ``M`` with ``start = M end + E``), walked from the last piece to the first."""
-    _, H, Kp, width = transfer.shape
-    Vp = width - Kp
-    t = transfer.reshape(batch, pieces, H, Kp, width)
-    starts, maps = t[..., :Vp], t[..., Vp:]
-    grad = dht.astype(jnp.float32)
-    ends = [grad]
-    for p in range(pieces - 1, 0, -1):
-        grad = (
-            jnp.einsum("bhij,bhjv->bhiv", maps[:, p], grad, precision=lax.Precision.HIGHEST)
-            + starts[:, p]
-        )
-        ends.append(grad)
-    return jnp.stack(ends[::-1], axis=1).reshape(batch * pieces, H, Kp, Vp)
 
 
 def _launch(

@@ -15,6 +15,7 @@ Everything here is plain JAX; nothing imports ``dpjax`` (arrows point from ``dpj
 * ``element_select``: one element of a 1-D value (Triton cannot slice values: mask + sum).
 * ``segment_cumsum``: within-chunk gate cumsums where ``-inf`` log-gates are document resets.
 * ``pallas_call``: ``pl.pallas_call`` with the Triton parameters and optional NaN-poisoned outputs.
+* ``chain_pieces``: join the pieces of a sequence-split state pass through their affine maps.
 """
 
 from __future__ import annotations
@@ -206,3 +207,30 @@ def pallas_call(
         name=name,
     )(*inputs)
     return list(outs)
+
+
+def chain_pieces(
+    transfer: jax.Array, boundary: jax.Array, batch: int, pieces: int, *, reverse: bool = False
+) -> jax.Array:
+    """Join a sequence split (``state_pass`` / ``state_pass_backward`` with ``pieces > 1``).
+
+    ``transfer [B * P, H, Kp, Vp + Kp]`` fp32 holds per piece its offset ``E`` (the piece run
+    from zero) and its map ``M`` (the piece run from the identity), so that what leaves a piece
+    is ``M x + E`` for what enters it. Walking the pieces in order (last to first with
+    ``reverse``) from ``boundary [B, H, Kp, Vp]`` gives what enters every piece, returned as
+    ``[B * P, H, Kp, Vp]`` fp32 in piece order (``P - 1`` products in plain JAX, fp32).
+    """
+    _, H, Kp, width = transfer.shape
+    Vp = width - Kp
+    t = transfer.reshape(batch, pieces, H, Kp, width)
+    offsets, maps = t[..., :Vp], t[..., Vp:]
+    order = list(range(pieces))[::-1] if reverse else list(range(pieces))
+    x = boundary.astype(jnp.float32)
+    entering = {order[0]: x}
+    for p, nxt in zip(order[:-1], order[1:], strict=True):
+        x = jnp.einsum("bhij,bhjv->bhiv", maps[:, p], x, precision=lax.Precision.HIGHEST)
+        x = x + offsets[:, p]
+        entering[nxt] = x
+    return jnp.stack([entering[p] for p in range(pieces)], axis=1).reshape(
+        batch * pieces, H, Kp, Vp
+    )

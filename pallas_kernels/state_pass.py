@@ -24,7 +24,7 @@ Sequence split (``pieces = P > 1``; ``KernelConfig.state_split``): the grid's la
 (batch row, piece) pairs and each program walks only its piece's token chunks. A first
 "transfer" launch runs every piece from a zero state (value tiles) and from the identity (``Kp /
 BV`` extra tiles with zero values), giving the affine map ``end = M start + E`` of each piece;
-``sequence_split_starts`` chains them in plain JAX (``P - 1`` products ``[Kp, Kp] x [Kp, Vp]``),
+``common.chain_pieces`` chains them in plain JAX (``P - 1`` products ``[Kp, Kp] x [Kp, Vp]``),
 and the second launch runs every piece from its true start, writing the states and ``v_new``.
 That is ``2 + Kp/Vp`` times the sequential work for ``P`` times the programs: it pays only where
 ``B * H * Vp / BV`` programs leave SMs idle (long single sequences, few heads).
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+from pallas_kernels.common import CHUNK, DotMode, chain_pieces, element_select, mm, pallas_call
 
 
 def _kernel(
@@ -189,31 +189,11 @@ def state_pass(
     if pieces == 1:
         return launch(h0, mid_states=mid_states, pieces=1)
     (transfer,) = launch(None, pieces=pieces, transfer=True)
-    starts = sequence_split_starts(transfer, h0, B, pieces)
+    zero = jnp.zeros((B, H, Kp, v.shape[-1]), jnp.float32)
+    starts = chain_pieces(transfer, zero if h0 is None else h0, B, pieces)
     h, vnew, finals, *h_mid = launch(starts, mid_states=mid_states, pieces=pieces)
     final = finals.reshape(B, pieces, *finals.shape[1:])[:, -1]
     return (h, vnew, final, *h_mid)
-
-
-def sequence_split_starts(
-    transfer: jax.Array, h0: jax.Array | None, batch: int, pieces: int
-) -> jax.Array:
-    """The state entering every piece, ``[B * P, H, Kp, Vp]`` fp32, from the transfer launch's
-    ``[B * P, H, Kp, Vp + Kp]`` (per piece: the end state from a zero start, then the piece's map
-    ``M`` with ``end = M start + E``), walked over the pieces in plain JAX (``P - 1`` products)."""
-    _, H, Kp, width = transfer.shape
-    Vp = width - Kp
-    t = transfer.reshape(batch, pieces, H, Kp, width)
-    ends, maps = t[..., :Vp], t[..., Vp:]
-    state = jnp.zeros((batch, H, Kp, Vp), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-    starts = [state]
-    for p in range(pieces - 1):
-        state = (
-            jnp.einsum("bhij,bhjv->bhiv", maps[:, p], state, precision=lax.Precision.HIGHEST)
-            + ends[:, p]
-        )
-        starts.append(state)
-    return jnp.stack(starts, axis=1).reshape(batch * pieces, H, Kp, Vp)
 
 
 def _launch(
