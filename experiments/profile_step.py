@@ -4,7 +4,8 @@ Builds the state-tracking model (``dpjax.nn.presets.state_tracking``, SPEC §5.3
 preset, its jitted train step (the same ``dpjax.train`` code the experiments run) and a random
 batch, then
 
-1. lowers and compiles the train step (and the eval step at ``--eval_length``), timing each;
+1. lowers and compiles the train step (and the eval step at ``--eval_length`` unless 0), timing
+   each;
 2. times ``--steps`` train steps (median of ``--repeats`` batches, each closed by
    ``block_until_ready``);
 3. records a few more steps with ``jax.profiler`` (a Perfetto trace) and sums the device time of
@@ -18,8 +19,7 @@ Examples::
 
     python experiments/profile_step.py --help
     python experiments/profile_step.py --batch_size 2048 --k 128 --num_householder 2 --impl pallas
-    python experiments/profile_step.py --preset dp2-392m --batch_size 8 --k 4095 \\
-        --eval_length 4095 --eval_batch_size 8
+    python experiments/profile_step.py --preset dp2-392m --batch_size 8 --k 4095 --eval_length 0
 """
 
 from __future__ import annotations
@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch_size", type=int, default=2048, help="rows per step")
     p.add_argument("--k", type=int, default=128, help="sequence length minus the BOS token")
-    p.add_argument("--eval_length", type=int, default=512, help="eval step length minus BOS")
+    p.add_argument(
+        "--eval_length",
+        type=int,
+        default=512,
+        help="eval step length minus BOS (0: no eval step)",
+    )
     p.add_argument("--eval_batch_size", type=int, default=256, help="eval step rows")
     p.add_argument("--steps", type=int, default=10, help="train steps per timed batch")
     p.add_argument("--repeats", type=int, default=5, help="timed batches (median reported)")
@@ -157,23 +162,26 @@ def main(argv: list[str] | None = None) -> dict:
         mesh_lib.shard_batch(random_batch(rng, mcfg.vocab_size, args.batch_size, args.k + 1), mesh)
         for _ in range(2)
     ]
-    eval_batch = mesh_lib.shard_batch(
-        random_batch(rng, mcfg.vocab_size, args.eval_batch_size, args.eval_length + 1), mesh
-    )
-    weights = jnp.ones((args.eval_batch_size,), jnp.float32)
+    with_eval = args.eval_length > 0
+    if with_eval:
+        eval_batch = mesh_lib.shard_batch(
+            random_batch(rng, mcfg.vocab_size, args.eval_batch_size, args.eval_length + 1), mesh
+        )
+        weights = jnp.ones((args.eval_batch_size,), jnp.float32)
+        # the current state's parameters (the loop below rebinds ``state``)
+        eval_args = lambda: (state["params"], state["rest"], eval_batch, weights)  # noqa: E731
     record: dict = {"args": vars(args), "device": jax.devices()[0].device_kind}
     with op_batch_parallel(mesh):
         t0 = time.perf_counter()
         step_c = train_step.lower(state, batches[0]).compile()
         record["train_compile_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        eval_c = eval_step.lower(state["params"], state["rest"], eval_batch, weights).compile()
-        record["eval_compile_s"] = time.perf_counter() - t0
-        print(
-            f"compile: train step {record['train_compile_s']:.1f} s, eval step "
-            f"{record['eval_compile_s']:.1f} s",
-            flush=True,
-        )
+        msg = f"compile: train step {record['train_compile_s']:.1f} s"
+        if with_eval:
+            t0 = time.perf_counter()
+            eval_c = eval_step.lower(*eval_args()).compile()
+            record["eval_compile_s"] = time.perf_counter() - t0
+            msg += f", eval step {record['eval_compile_s']:.1f} s"
+        print(msg, flush=True)
         state, m = step_c(state, batches[0])  # warm-up
         jax.block_until_ready(m)
         samples = []
@@ -184,16 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
             jax.block_until_ready(m)
             samples.append((time.perf_counter() - t0) / args.steps * 1e3)
         record["step_ms"] = statistics.median(samples)
-        jax.block_until_ready(eval_c(state["params"], state["rest"], eval_batch, weights))
-        t0 = time.perf_counter()
-        jax.block_until_ready(eval_c(state["params"], state["rest"], eval_batch, weights))
-        record["eval_batch_ms"] = (time.perf_counter() - t0) * 1e3
         tokens = args.batch_size * (args.k + 1)
-        print(
-            f"train step {record['step_ms']:.2f} ms ({tokens / record['step_ms'] * 1e3:,.0f} "
-            f"tokens/s); eval batch {record['eval_batch_ms']:.2f} ms",
-            flush=True,
-        )
+        rate = tokens / record["step_ms"] * 1e3
+        msg = f"train step {record['step_ms']:.2f} ms ({rate:,.0f} tokens/s)"
+        if with_eval:
+            jax.block_until_ready(eval_c(*eval_args()))
+            t0 = time.perf_counter()
+            jax.block_until_ready(eval_c(*eval_args()))
+            record["eval_batch_ms"] = (time.perf_counter() - t0) * 1e3
+            msg += f"; eval batch {record['eval_batch_ms']:.2f} ms"
+        print(msg, flush=True)
         trace_dir = os.path.join(args.out, "trace")
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for i in range(args.trace_steps):

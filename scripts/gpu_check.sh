@@ -57,7 +57,7 @@ for stage in $STAGES; do
     lm)
       for p in dn dp2 dp3; do
         timeout 170 python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
-          --k 4095 --eval_length 4095 --eval_batch_size 8 --steps 5 --repeats 3 --remat block \
+          --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat block \
           --impl auto --top 20 --out "$OUT/lm_$p" 2>&1 | grep -v "^WARNING" | tail -26
       done ;;
     *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, split, lm)"; exit 2 ;;

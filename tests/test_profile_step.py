@@ -53,3 +53,11 @@ def test_profiles_a_tiny_state_tracking_step(prof, tmp_path):
     assert 0 < len(rec["top_ops_ms_per_step"]) <= 5
     saved = json.loads((tmp_path / "profile_step.json").read_text())
     assert saved["step_ms"] == rec["step_ms"]
+
+
+def test_profile_without_eval_step(prof, tmp_path):
+    rec = prof.main(
+        "--batch_size 8 --k 16 --eval_length 0 --steps 1 --repeats 1 --trace_steps 1 "
+        f"--impl chunked --top 3 --out {tmp_path}".split()
+    )
+    assert "eval_compile_s" not in rec and rec["step_ms"] > 0
