@@ -41,7 +41,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, chain_pieces, element_select, mm, pallas_call
+from pallas_kernels.common import (
+    CHUNK,
+    DotMode,
+    chain_pieces,
+    element_select,
+    identity_columns,
+    mm,
+    pallas_call,
+)
 
 
 def _kernel(
@@ -69,9 +77,7 @@ def _kernel(
     local = 1.0  # weight of the terms that do not depend on dE (dv_out, the output's read)
     if transfer:  # value tiles from zero; identity tiles (tile >= transfer_tiles) from I
         tile = pl.program_id(0)
-        rows_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 0)
-        cols_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 1) + (tile - transfer_tiles) * bv
-        d_start = jnp.where(rows_i == cols_i, 1.0, 0.0).astype(jnp.float32)
+        d_start = identity_columns(kp, bv, (tile - transfer_tiles) * bv)
         local = (tile < transfer_tiles).astype(jnp.float32)
     else:
         d_start = dht_ref[...].astype(jnp.float32)

@@ -15,7 +15,8 @@ Everything here is plain JAX; nothing imports ``dpjax`` (arrows point from ``dpj
 * ``element_select``: one element of a 1-D value (Triton cannot slice values: mask + sum).
 * ``segment_cumsum``: within-chunk gate cumsums where ``-inf`` log-gates are document resets.
 * ``pallas_call``: ``pl.pallas_call`` with the Triton parameters and optional NaN-poisoned outputs.
-* ``chain_pieces``: join the pieces of a sequence-split state pass through their affine maps.
+* ``identity_columns`` / ``chain_pieces``: the identity start of a sequence split's transfer
+  launch, and the join of its pieces through their affine maps.
 """
 
 from __future__ import annotations
@@ -207,6 +208,14 @@ def pallas_call(
         name=name,
     )(*inputs)
     return list(outs)
+
+
+def identity_columns(rows: int, cols: int, first: jax.Array) -> jax.Array:
+    """Columns ``first .. first + cols - 1`` of the ``rows x rows`` identity, fp32 ``[rows, cols]``
+    (zero where they fall outside it); ``first`` may be traced (a program id)."""
+    r = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    c = lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + first
+    return jnp.where(r == c, 1.0, 0.0).astype(jnp.float32)
 
 
 def chain_pieces(

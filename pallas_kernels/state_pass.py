@@ -43,7 +43,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, chain_pieces, element_select, mm, pallas_call
+from pallas_kernels.common import (
+    CHUNK,
+    DotMode,
+    chain_pieces,
+    element_select,
+    identity_columns,
+    mm,
+    pallas_call,
+)
 
 
 def _kernel(
@@ -74,13 +82,9 @@ def _kernel(
         hmid_ref = rest[3] if mid_states else None
 
     kp, bv = final_ref.shape
-    value_scale = 1.0
     if transfer:  # value tiles from zero; identity tiles (tile >= transfer_tiles) from I
         tile = pl.program_id(0)
-        first_col = (tile - transfer_tiles) * bv
-        rows_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 0)
-        cols_i = lax.broadcasted_iota(jnp.int32, (kp, bv), 1) + first_col
-        state = jnp.where(rows_i == cols_i, 1.0, 0.0).astype(jnp.float32)
+        state = identity_columns(kp, bv, (tile - transfer_tiles) * bv)
         value_scale = (tile < transfer_tiles).astype(jnp.float32)
     elif with_h0:
         state = h0_ref[...].astype(jnp.float32)
