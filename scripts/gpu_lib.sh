@@ -30,3 +30,17 @@ archive_runs() {
   tar czf "$OUT/$archive" "${exclude[@]}" "$runs" "$@"
   ls -la "$OUT"
 }
+
+# keep_finished_runs RUNS_DIR KEEP_DIR: copy results.json, config.json and curve_*.json of every
+# finished run (no "time_limited": true) in RUNS_DIR to KEEP_DIR/<run> (small files to commit).
+keep_finished_runs() {
+  local runs=$1 keep=$2
+  for r in "$runs"/*/results.json; do
+    [ -f "$r" ] || continue
+    grep -q '"time_limited": true' "$r" && continue
+    local d
+    d=$(dirname "$r")
+    mkdir -p "$keep/$(basename "$d")"
+    cp "$d"/results.json "$d"/config.json "$d"/curve_*.json "$keep/$(basename "$d")/" 2>/dev/null
+  done
+}
