@@ -118,6 +118,13 @@ def floor_ms(c: Case) -> dict[str, float]:
     }
 
 
+def with_state_split(config_for: Callable, split: int) -> Callable:
+    """``config_for(key_dim, value_dim)`` (forward or backward) with ``state_split`` replaced."""
+    return lambda key_dim, value_dim: dataclasses.replace(
+        config_for(key_dim, value_dim), state_split=split
+    )
+
+
 def kernel_case(c: Case) -> Case:
     """``c`` with T rounded up to a whole chunk and K, V to the kernels' padded head dims."""
     Kp, Vp = kernels.padded_dims(c.K, c.V)
@@ -241,7 +248,7 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
             num_warps=config.state_warps,
             num_stages=config.state_stages,
             tf32_state=config.state_tf32,
-            pieces=kernels.split_pieces(c.T // 64, config.state_split),
+            split=config.state_split,
             interpret=default_interpret(),
         )
     )
@@ -609,10 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tune:  # the op uses the tuned config (else its own per-head-dim choice)
         dp_pallas.config_for = lambda key_dim, value_dim, _c=config: _c
     elif args.state_split:
-        per_dims = dp_pallas.config_for
-        dp_pallas.config_for = lambda key_dim, value_dim: dataclasses.replace(
-            per_dims(key_dim, value_dim), state_split=args.state_split
-        )
+        dp_pallas.config_for = with_state_split(dp_pallas.config_for, args.state_split)
     bconfig = kernel_backward.BackwardConfig()
     if args.bwd_tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[1]]
@@ -626,10 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.bwd_tune:
         backward_config_for = lambda key_dim, value_dim, _c=bconfig: _c  # noqa: E731
     if args.state_split:
-        per_dims_bwd = backward_config_for
-        backward_config_for = lambda key_dim, value_dim: dataclasses.replace(  # noqa: E731
-            per_dims_bwd(key_dim, value_dim), state_split=args.state_split
-        )
+        backward_config_for = with_state_split(backward_config_for, args.state_split)
     dp_pallas.backward_config_for = backward_config_for
     if args.memory:
         records += memory_report(log, with_chunked=not args.no_chunked)

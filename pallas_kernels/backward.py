@@ -49,7 +49,7 @@ from pallas_kernels.backward_state_adjoint import state_adjoint
 from pallas_kernels.backward_state_pass import state_pass_backward
 from pallas_kernels.backward_wy import wy_backward, wy_backward_fused
 from pallas_kernels.common import CHUNK, default_interpret, pad_to, padded_length
-from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims, split_pieces
+from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims
 
 
 @dataclass(frozen=True)
@@ -163,12 +163,6 @@ def reverse_local_cumsum(x: jax.Array) -> jax.Array:
     return (total - jnp.cumsum(x, axis=-1) + x).reshape(shape)
 
 
-def _split_state_pass(a, k, beta, dv_out, q, *rest, split: int, **kwargs):
-    """The reverse state pass with ``split_pieces(T / 64, split)`` pieces (q: ``[B, T, H, Kp]``)."""
-    pieces = split_pieces(q.shape[1] // CHUNK, split)
-    return state_pass_backward(a, k, beta, dv_out, q, *rest, pieces=pieces, **kwargs)
-
-
 def stage_kernels(
     config: BackwardConfig,
     *,
@@ -199,7 +193,7 @@ def stage_kernels(
             **common,
         ),
         "state_pass": partial(
-            _split_state_pass,
+            state_pass_backward,
             split=config.state_split,
             **op,
             block_v=config.state_block_v,

@@ -49,6 +49,7 @@ from pallas_kernels.common import (
     identity_columns,
     mm,
     pallas_call,
+    split_pieces,
 )
 
 
@@ -138,7 +139,7 @@ def state_pass_backward(
     block_v: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
-    pieces: int = 1,
+    split: int = 1,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -150,19 +151,17 @@ def state_pass_backward(
         dht: ``[B, H, Kp, Vp]`` fp32 final-state cotangent; gam, fdec: ``[B, H, L]`` fp32 or
         None; gam_tok: ``[B, H, T]`` fp32 decay of the token-chunk start state to each token
         (0 after a reset) or None.
-      pieces: split the sequence into this many pieces of whole token chunks walked in parallel
-        (as the forward's ``state_pass``: a transfer launch gives each piece's map
+      split: walk the sequence as up to this many pieces of whole token chunks in parallel (as
+        the forward's ``state_pass``: a transfer launch gives each piece's map
         ``dE_start = M dE_end + E``, the pieces' end gradients follow in plain JAX, then every
-        piece runs again from its own); must divide ``T / 64``.
+        piece runs again from its own; ``common.split_pieces`` picks the count).
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
       w.r.t. the state at the *end* of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
     """
     B, L, H, Kp = k.shape
-    NT = L // (CHUNK * num_householder)
-    if pieces < 1 or NT % pieces:
-        raise ValueError(f"pieces must divide the {NT} token chunks, got {pieces}")
+    pieces = split_pieces(L // (CHUNK * num_householder), split)
     launch = functools.partial(
         _launch,
         a,

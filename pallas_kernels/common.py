@@ -15,8 +15,8 @@ Everything here is plain JAX; nothing imports ``dpjax`` (arrows point from ``dpj
 * ``element_select``: one element of a 1-D value (Triton cannot slice values: mask + sum).
 * ``segment_cumsum``: within-chunk gate cumsums where ``-inf`` log-gates are document resets.
 * ``pallas_call``: ``pl.pallas_call`` with the Triton parameters and optional NaN-poisoned outputs.
-* ``identity_columns`` / ``chain_pieces``: the identity start of a sequence split's transfer
-  launch, and the join of its pieces through their affine maps.
+* ``split_pieces`` / ``identity_columns`` / ``chain_pieces``: a sequence split's piece count,
+  the identity start of its transfer launch, and the join of its pieces through their maps.
 """
 
 from __future__ import annotations
@@ -208,6 +208,12 @@ def pallas_call(
         name=name,
     )(*inputs)
     return list(outs)
+
+
+def split_pieces(token_chunks: int, most: int) -> int:
+    """The largest piece count ``<= most`` that divides ``token_chunks`` (at least 1): how many
+    pieces a sequence-split state pass uses for ``state_split = most``."""
+    return max(p for p in range(1, max(1, min(most, token_chunks)) + 1) if token_chunks % p == 0)
 
 
 def identity_columns(rows: int, cols: int, first: jax.Array) -> jax.Array:

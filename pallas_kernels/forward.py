@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import CHUNK, default_interpret, next_pow2, pad_to, padded_length
+from pallas_kernels.common import default_interpret, next_pow2, pad_to, padded_length
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -66,11 +66,6 @@ class Residuals(NamedTuple):
     h: jax.Array  # [B, H, NT, Kp, Vp]
     v_new: jax.Array | None = None  # [B, H, L_pad, Vp]
     h_mid: jax.Array | None = None  # [B, H, NT*(n-1), Kp, Vp] (n > 1)
-
-
-def split_pieces(token_chunks: int, most: int) -> int:
-    """The largest piece count ``<= most`` that divides ``token_chunks`` (at least 1)."""
-    return max(p for p in range(1, max(1, min(most, token_chunks)) + 1) if token_chunks % p == 0)
 
 
 def padded_dims(key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -182,7 +177,7 @@ def forward(
         num_stages=config.state_stages,
         tf32_state=config.state_tf32,
         mid_states=save_states,
-        pieces=split_pieces(Tp // CHUNK, config.state_split),
+        split=config.state_split,
         **common,
     )
     o = output(

@@ -51,6 +51,7 @@ from pallas_kernels.common import (
     identity_columns,
     mm,
     pallas_call,
+    split_pieces,
 )
 
 
@@ -145,7 +146,7 @@ def state_pass(
     num_stages: int = 3,
     tf32_state: bool = False,
     mid_states: bool = False,
-    pieces: int = 1,
+    split: int = 1,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -161,8 +162,9 @@ def state_pass(
         fp32 state to the input dtype.
       mid_states: also return the start states of the interleaved chunks that do not start a token
         chunk (only meaningful for ``n_h > 1``).
-      pieces: split the sequence into this many pieces of whole token chunks that run in
-        parallel (``sequence_split``; must divide ``T_pad / 64``); 1 = one sequential walk.
+      split: walk the sequence as up to this many pieces of whole token chunks in parallel
+        (``common.split_pieces`` picks the largest count dividing ``T_pad / 64``); 1 = one
+        sequential walk.
 
     Returns:
       ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``, plus
@@ -171,9 +173,7 @@ def state_pass(
       k.dtype, ``NT = T_pad / 64``.
     """
     B, L, H, Kp = k.shape
-    NT = L // (CHUNK * num_householder)
-    if pieces < 1 or NT % pieces:
-        raise ValueError(f"pieces must divide the {NT} token chunks, got {pieces}")
+    pieces = split_pieces(L // (CHUNK * num_householder), split)
     launch = functools.partial(
         _launch,
         a,

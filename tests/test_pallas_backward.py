@@ -25,6 +25,7 @@ from dpjax.ops import pallas as dp_pallas
 from dpjax.ops.chunked_forward import CHUNK, group_by_token_chunk
 from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
+from pallas_kernels.common import split_pieces
 
 NAMES = ("dq", "dk", "dv", "dbeta", "dg", "dh0")
 FP32_TOL = 1e-4
@@ -133,7 +134,7 @@ def test_sequence_split_grads_match_chunked(rng, monkeypatch, n, T, gated, h0, r
         "backward_config_for",
         lambda K, V: dataclasses.replace(bwd_config(K, V), state_split=split),
     )
-    assert kernels.split_pieces(-(-T // 64), split) > 1
+    assert split_pieces(-(-T // 64), split) > 1
     B, H, K, V = 2, 2, 20, 36
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
     starts = jnp.asarray(random_resets(rng, B, T)) if resets else None

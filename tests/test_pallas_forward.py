@@ -26,6 +26,7 @@ from dpjax.ops import chunked, reference
 from dpjax.ops import pallas as dp_pallas
 from dpjax.ops.validation import CallShape
 from pallas_kernels import forward as kernels
+from pallas_kernels.common import split_pieces
 from pallas_kernels.prepare import prepare
 
 FP32_TOL = 1e-4
@@ -133,7 +134,7 @@ def test_sequence_split_matches_oracle_and_unsplit(rng, n, T, gated, h0, resets,
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
     starts = random_resets(rng, B, T) if resets else None
     config = kernels.KernelConfig(state_split=split)
-    assert kernels.split_pieces(-(-T // 64), split) > 1
+    assert split_pieces(-(-T // 64), split) > 1
     o, final = run_pallas(p, starts, dtype, 0.3, n, config=config)
     r = rounded(p, dtype)
     ref_o, ref_final = delta_product_np(
@@ -166,8 +167,8 @@ def test_sequence_split_matches_oracle_and_unsplit(rng, n, T, gated, h0, resets,
 
 
 def test_split_pieces_divides_the_token_chunks():
-    assert [kernels.split_pieces(12, p) for p in (1, 2, 5, 7, 12, 64)] == [1, 2, 4, 6, 12, 12]
-    assert kernels.split_pieces(7, 4) == 1 and kernels.split_pieces(1, 8) == 1
+    assert [split_pieces(12, p) for p in (1, 2, 5, 7, 12, 64)] == [1, 2, 4, 6, 12, 12]
+    assert split_pieces(7, 4) == 1 and split_pieces(1, 8) == 1
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
