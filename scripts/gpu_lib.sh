@@ -15,32 +15,32 @@ gpu_setup() {
 # The Grain wheels and their dependencies (the experiments' data pipelines).
 GRAIN_WHEELS=("grain*.whl" "array_record*.whl" "portpicker*.whl" "cloudpickle*.whl")
 
+# finished_runs RUNS_DIR: the directories of the runs in RUNS_DIR that finished (a results.json
+# without "time_limited": true), one per line.
+finished_runs() {
+  for r in "$1"/*/results.json; do
+    [ -f "$r" ] || continue
+    grep -q '"time_limited": true' "$r" || dirname "$r"
+  done
+}
+
 # archive_runs ARCHIVE RUNS_DIR [MORE_PATHS...]: tar RUNS_DIR (and MORE_PATHS) into $OUT/ARCHIVE,
-# leaving out the checkpoints of runs that finished (results.json without "time_limited": true).
+# leaving out the checkpoints of runs that finished.
 archive_runs() {
-  local archive=$1 runs=$2
+  local archive=$1 runs=$2 d
   shift 2
   local exclude=()
-  for r in "$runs"/*/results.json; do
-    [ -f "$r" ] || continue
-    if ! grep -q '"time_limited": true' "$r"; then
-      exclude+=(--exclude "$(dirname "$r")/checkpoints")
-    fi
-  done
+  while read -r d; do exclude+=(--exclude "$d/checkpoints"); done < <(finished_runs "$runs")
   tar czf "$OUT/$archive" "${exclude[@]}" "$runs" "$@"
   ls -la "$OUT"
 }
 
 # keep_finished_runs RUNS_DIR KEEP_DIR: copy results.json, config.json and curve_*.json of every
-# finished run (no "time_limited": true) in RUNS_DIR to KEEP_DIR/<run> (small files to commit).
+# finished run in RUNS_DIR to KEEP_DIR/<run> (small files to commit).
 keep_finished_runs() {
-  local runs=$1 keep=$2
-  for r in "$runs"/*/results.json; do
-    [ -f "$r" ] || continue
-    grep -q '"time_limited": true' "$r" && continue
-    local d
-    d=$(dirname "$r")
-    mkdir -p "$keep/$(basename "$d")"
-    cp "$d"/results.json "$d"/config.json "$d"/curve_*.json "$keep/$(basename "$d")/" 2>/dev/null
-  done
+  local d
+  while read -r d; do
+    mkdir -p "$2/$(basename "$d")"
+    cp "$d"/results.json "$d"/config.json "$d"/curve_*.json "$2/$(basename "$d")/" 2>/dev/null
+  done < <(finished_runs "$1")
 }
