@@ -4,6 +4,7 @@ gates, output norm) and hybrid softmax attention (RoPE, GQA, sliding window)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -271,3 +272,59 @@ def test_embedding_lookup_and_gradient(vocab, dtype):
     assert dtable.dtype == dtype and dtable.shape == table.shape
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert rel_err(want, dtable) < tol
+
+
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype,compute,out",
+    [
+        (jnp.float32, jnp.float32, jnp.bfloat16, jnp.bfloat16),  # fp32 master weights, bf16 compute
+        (jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.float32),  # bf16 activations, fp32 logits
+        (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),  # all bf16 (state tracking)
+        (jnp.float32, jnp.float32, jnp.float32, jnp.float32),  # fp32 throughout
+    ],
+)
+def test_mixed_matmul_values_gradients_and_dtypes(x_dtype, w_dtype, compute, out):
+    from dpjax.nn.linear import mixed_matmul
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(3, 5, 24)), x_dtype)
+    w = jnp.asarray(rng.normal(size=(24, 40)) * 0.2, w_dtype)
+    dy = jnp.asarray(rng.normal(size=(3, 5, 40)), jnp.float32)
+
+    def ours(x, w):
+        return jnp.sum(mixed_matmul(x, w, compute, out).astype(jnp.float32) * dy)
+
+    def exact(x, w):  # fp32 maths on the operands rounded to the compute dtype
+        xc = x.astype(compute).astype(jnp.float32)
+        wc = w.astype(compute).astype(jnp.float32)
+        return jnp.sum(jnp.einsum("bti,io->bto", xc, wc) * dy)
+
+    y = mixed_matmul(x, w, compute, out)
+    assert y.dtype == out and y.shape == (3, 5, 40)
+    (dx, dw), (rx, rw) = jax.grad(ours, (0, 1))(x, w), jax.grad(exact, (0, 1))(x, w)
+    assert dx.dtype == x_dtype and dw.dtype == w_dtype  # an fp32 master weight gets an fp32 grad
+    # the backward rounds the cotangent (and dx) to the compute dtype once: bf16 rounding, no more
+    tol = 1e-5 if compute == jnp.float32 else 2e-2
+    for got, ref in ((dx, rx), (dw, rw)):
+        got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+        assert np.all(np.isfinite(got))
+        assert np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref**2)) < tol
+
+
+def test_mixed_matmul_backward_runs_in_the_compute_dtype():
+    """No fp32 x bf16 dot (an fp32/TF32 GEMM on a GPU) in the gradient, lowered for CUDA."""
+    from dpjax.nn.linear import mixed_matmul
+
+    x = jnp.ones((4, 8, 16), jnp.float32)
+    w = jnp.ones((16, 32), jnp.float32)
+
+    def loss(x, w):
+        return jnp.sum(mixed_matmul(x, w, jnp.bfloat16, jnp.bfloat16).astype(jnp.float32) ** 2)
+
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    hlo = grad.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 3, dots  # forward, dx, dw
+    for line in dots:
+        operands = line.split(":")[-1].split("->")[0]
+        assert "f32" not in operands, line

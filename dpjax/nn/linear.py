@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dpjax.nn.init import Initializer, zeros
 from dpjax.nn.param import make_param
@@ -44,14 +47,11 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """``x [..., in] -> [..., out]`` in ``out_dtype`` (default ``dtype``); fp32 accumulation."""
-        y = jnp.dot(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype if out_dtype is None else out_dtype)
+        out_dtype = self.dtype if out_dtype is None else out_dtype
+        if self.bias is None:
+            return mixed_matmul(x, self.kernel[...], self.dtype, out_dtype)
+        y = mixed_matmul(x, self.kernel[...], self.dtype, jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(out_dtype)
 
 
 class Embedding(nnx.Module):
@@ -78,10 +78,64 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """``x [..., D] -> [..., vocab]`` fp32 logits against the table (tied head)."""
-        table = self.embedding[...].astype(self.dtype)
-        return jnp.einsum(
-            "...d,vd->...v", x.astype(self.dtype), table, preferred_element_type=jnp.float32
-        )
+        return mixed_matmul(x, self.embedding[...].T, self.dtype, jnp.float32)
+
+
+def mixed_matmul(
+    x: jax.Array, w: jax.Array, compute_dtype: jnp.dtype, out_dtype: jnp.dtype
+) -> jax.Array:
+    """``x [..., in] @ w [in, out] -> [..., out]`` in ``out_dtype``: both operands cast to
+    ``compute_dtype``, fp32 accumulation, and a backward that stays in ``compute_dtype``.
+
+    Autodiff of ``dot(x.astype(c), w.astype(c), preferred_element_type=f32).astype(out)`` gives
+    the backward matmuls an fp32 cotangent against a ``c`` operand, which XLA runs as fp32 (TF32)
+    GEMMs — 33 % of the DP2-392M train step on an H200 (docs/LM.md) — and rounds the weight
+    gradient to ``c`` before it reaches the fp32 master weights. Here the cotangent is cast to
+    ``compute_dtype`` once, both backward matmuls run in it with fp32 accumulation, and the
+    gradients come back in the dtypes of ``x`` and ``w`` (an fp32 master ``w`` gets an
+    unrounded fp32 gradient). The output carries the remat name ``"dense"``.
+    """
+    y = _mixed_matmul(x, w, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), x.dtype)
+    return checkpoint_name(y, "dense")
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple) -> jax.Array:
+    """fp32-accumulated ``dot_general`` contracting ``a``'s axes ``contract[0]`` with ``b``'s
+    ``contract[1]``. XLA:CPU cannot run some bf16 x bf16 -> f32 dots ("Unsupported element type
+    for DotThunk"), so on CPU the (exactly representable) operands are upcast to fp32 first."""
+    dims = ((contract[0], contract[1]), ((), ()))
+
+    def native(a, b):
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+    def upcast(a, b):
+        return native(a.astype(jnp.float32), b.astype(jnp.float32))
+
+    return jax.lax.platform_dependent(a, b, cpu=upcast, default=native)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mixed_matmul(x, w, compute_dtype, out_dtype, x_dtype):
+    return _dot(x.astype(compute_dtype), w.astype(compute_dtype), ((x.ndim - 1,), (0,))).astype(
+        out_dtype
+    )
+
+
+def _mixed_matmul_fwd(x, w, compute_dtype, out_dtype, x_dtype):
+    xc = x.astype(compute_dtype)
+    y = _dot(xc, w.astype(compute_dtype), ((x.ndim - 1,), (0,)))
+    return y.astype(out_dtype), (xc, w)
+
+
+def _mixed_matmul_bwd(compute_dtype, out_dtype, x_dtype, res, dy):
+    xc, w = res
+    dyc = dy.astype(compute_dtype)
+    dx = _dot(dyc, w.astype(compute_dtype), ((dy.ndim - 1,), (1,))).astype(x_dtype)
+    lead = tuple(range(dy.ndim - 1))
+    return dx, _dot(xc, dyc, (lead, lead)).astype(w.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 ONE_HOT_GRAD_MAX_VOCAB = 4096

@@ -8,7 +8,8 @@ softmax cross-entropy:
 
 * ``remat="block"``: every block runs under ``nnx.remat`` (``jax.checkpoint``): its activations
   are recomputed in the backward pass, only the block inputs ``[B, T, D]`` are stored;
-  ``"block_save_dots"`` keeps the matmul outputs that have no batch dimension
+  ``"block_save_dots"`` keeps the outputs of the dense layers (remat name ``"dense"``,
+  ``dpjax.nn.linear.mixed_matmul``) and of other matmuls without a batch dimension
   (``dots_with_no_batch_dims_saveable``) and recomputes the rest; ``"none"`` stores everything.
 * the head: logits and their cross-entropy are made ``block`` positions at a time under
   ``jax.checkpoint`` inside a ``lax.map`` (peak memory ``[B, block, vocab]`` instead of
@@ -29,7 +30,10 @@ __all__ = ["REMAT_POLICIES", "hidden_states", "lm_token_fn"]
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
-    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "block_save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("dense"),
+    ),
 }
 
 
