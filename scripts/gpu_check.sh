@@ -10,7 +10,12 @@
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
 #      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune);
 #   6. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
-#      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops.
+#      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
+#      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
+#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat" pairs, ";"-separated);
+#   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
+#      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
+#      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
 # Device tool: carry [".whl"] (bash scripts/fetch_gpu_wheels.sh fills it); a call may run 10
 # minutes, so use separate calls:
 #   bash scripts/gpu_check.sh tests           # about 6 minutes (29 tests; 27 took 280 s)
@@ -18,6 +23,8 @@
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
+#   bash scripts/gpu_check.sh lm_remat        # at most 6 minutes
+#   bash scripts/gpu_check.sh multi           # at most 9.5 minutes (nvidia-h200-x2)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGES=${*:-bench jla fla}
@@ -54,12 +61,32 @@ for stage in $STAGES; do
           --repeats 5 --out "$OUT/split_${case//,/_}" > "$OUT/split_${case//,/_}.stdout" 2>&1
         tail -12 "$OUT/split_${case//,/_}/bench_op.md"
       done ;;
-    lm)
-      for p in dn dp2 dp3; do
-        timeout 170 python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
-          --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat block \
-          --impl auto --top 20 --out "$OUT/lm_$p" 2>&1 | grep -v "^WARNING" | tail -26
+    lm|lm_remat)
+      runs=("dn block" "dp2 block" "dp3 block")
+      [ "$stage" = lm_remat ] && runs=("dp2 none" "dp2 block_save_dots")
+      [ -n "${LM_RUNS:-}" ] && IFS=';' read -ra runs <<< "$LM_RUNS"
+      for run in "${runs[@]}"; do
+        read -r p remat <<< "$run"
+        timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
+          --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" \
+          --impl auto --top 20 --out "$OUT/lm_${p}_$remat" 2>&1 | grep -v "^WARNING" | tail -26
       done ;;
-    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, split, lm)"; exit 2 ;;
+    multi)
+      python3 experiments/language_model.py prepare --corpus stdlib \
+        --tokenizer .gpu_data/bpe32k.json --seq_len 4096 --out /tmp/lm4096 --quiet True
+      gpus=$(nvidia-smi -L | wc -l)
+      for run in "$gpus 1" "$gpus $gpus" "1 1"; do
+        read -r n fsdp <<< "$run"
+        name=multi_${n}gpu_fsdp$fsdp
+        CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) NCCL_NVLS_ENABLE=0 timeout 150 \
+          python3 experiments/language_model.py train --preset dp2-392m --data /tmp/lm4096 \
+          --steps 16 --batch_size $((8 * n)) --fsdp "$fsdp" --remat block --log_every 2 \
+          --eval_every 1000 --eval_rows 8 --progress False --tensorboard False \
+          --out_dir "/tmp/$name" 2>&1 | grep -v "^WARNING" | tail -4
+        mkdir -p "$OUT/$name"
+        cp /tmp/"$name"/*.json* "$OUT/$name/" 2>/dev/null
+        rm -rf "/tmp/$name"
+      done ;;
+    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, split, lm, lm_remat, multi)"; exit 2 ;;
   esac
 done

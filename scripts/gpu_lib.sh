@@ -2,9 +2,15 @@
 
 # gpu_setup [WHEEL_GLOB...]: $OUT as an absolute path (created), the carried .whl/ wheels (all, or
 # those matching the globs) installed into /tmp/site, and PYTHONPATH set to use them and the tree.
+# With GPU_SETUP_DONE set (scripts/gpu_parallel.sh installs once for all its commands), only the
+# environment is set.
 gpu_setup() {
   OUT=$(realpath -m "${OUT:-gpu_out}")
   mkdir -p "$OUT"
+  if [ -n "${GPU_SETUP_DONE:-}" ]; then
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT
+    return 0
+  fi
   local wheels=()
   if [ $# -eq 0 ]; then wheels=(.whl/*.whl); else for g in "$@"; do wheels+=(.whl/$g); done; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
