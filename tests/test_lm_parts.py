@@ -385,3 +385,52 @@ def test_cli_bad_paths_give_clear_errors(tmp_path, capsys):
     args = cli.build_parser().parse_args(["train", "--model_config", str(tmp_path / "m.json")])
     with pytest.raises(ValueError, match="no such file"):
         cli.model_config(args, None, 32)
+
+
+def _collective_bytes(hlo: str) -> int:
+    """Bytes of the results of every collective in compiled HLO text."""
+    import re
+
+    width = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
+    total = 0
+    for line in hlo.splitlines():
+        m = re.search(
+            r"= (.+?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+            r"(-start)?\(",
+            line,
+        )
+        for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)) if m else ():
+            total += width.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def test_fsdp_step_computes_as_data_parallel():
+    """FSDP-sharded weights are gathered for the step: per-device FLOPs equal data
+    parallelism's and the collectives move parameters, not activations."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    from dpjax.train.loop import TrainConfig, init_train_state, make_steps
+    from dpjax.train.optimizer import OptimizerConfig
+
+    mcfg = get_preset("tiny", impl="chunked", param_dtype="float32", max_position_embeddings=64)
+    ids = np.random.default_rng(0).integers(0, mcfg.vocab_size, (16, 65), dtype=np.int32)
+    stats = {}
+    for fsdp in (1, 2):
+        tcfg = TrainConfig(total_steps=10, optimizer=OptimizerConfig(lr=1e-3), fsdp=fsdp)
+        mesh = mesh_lib.make_mesh(fsdp)
+        graphdef, state, shardings, tx, schedule = init_train_state(
+            lambda: DeltaProductLM(mcfg, rngs=nnx.Rngs(0)),
+            tcfg,
+            mesh,
+            mesh_lib.default_rules(fsdp=fsdp > 1),
+        )
+        step, _ = make_steps(graphdef, tx, shardings, mesh, schedule, lm_step.lm_token_fn("block"))
+        batch = mesh_lib.shard_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1)}, mesh)
+        compiled = step.lower(state, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        stats[fsdp] = (cost["flops"], _collective_bytes(compiled.as_text()))
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
+    assert stats[2][0] <= 1.02 * stats[1][0], stats
+    # data parallelism all-reduces the gradients; FSDP adds parameter-sized gathers/reductions
+    assert stats[2][1] <= stats[1][1] + 2 * param_bytes, (stats, param_bytes)

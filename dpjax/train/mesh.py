@@ -2,8 +2,9 @@
 
 The mesh has two axes, ``("data", "fsdp")``, over all devices (all processes): the batch is split
 over both; parameters are replicated by default (pure data parallelism, ``fsdp=1``) and, with
-``fsdp > 1``, their ``embed`` dimension is split over the ``fsdp`` axis (ZeRO-3 style; XLA inserts
-the all-gathers). Both axes are ``AxisType.Auto`` (GSPMD propagation; JAX_NOTES §0.9).
+``fsdp > 1``, their ``embed`` dimension is split over the ``fsdp`` axis: stored, updated and
+checkpointed sharded, gathered whole for each step's compute (``dpjax.train.step.gather_parameters``
+says why). Both axes are ``AxisType.Auto`` (GSPMD propagation; JAX_NOTES §0.9).
 
 Parameters carry logical names in their ``out_sharding`` metadata (``dpjax.nn.sharding_names``:
 ``vocab``, ``embed``, ``heads``, ``mlp`` or ``None``); ``rules`` map them to mesh axes. A
