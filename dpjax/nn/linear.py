@@ -116,9 +116,7 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _mixed_matmul(x, w, compute_dtype, out_dtype, x_dtype):
-    return _dot(x.astype(compute_dtype), w.astype(compute_dtype), ((x.ndim - 1,), (0,))).astype(
-        out_dtype
-    )
+    return _mixed_matmul_fwd(x, w, compute_dtype, out_dtype, x_dtype)[0]
 
 
 def _mixed_matmul_fwd(x, w, compute_dtype, out_dtype, x_dtype):
