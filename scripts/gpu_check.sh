@@ -34,8 +34,9 @@ gpu_setup || exit 1
 # allocate on demand, but up to 95 % of the GPU (without preallocation JAX otherwise caps its pool
 # at 75 %: 60 GB of an H100, too little for DP2-392M without remat)
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
-export XLA_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION
+# (JAX 0.11.2's name; with the deprecated XLA_PYTHON_CLIENT_MEM_FRACTION also set, the CUDA plugin
+# refuses to start and JAX runs on the CPU)
+export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-.95}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for stage in $STAGES; do
   case $stage in
