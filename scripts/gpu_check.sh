@@ -37,6 +37,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # (JAX 0.11.2's name; with the deprecated XLA_PYTHON_CLIENT_MEM_FRACTION also set, the CUDA plugin
 # refuses to start and JAX runs on the CPU)
 export XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-.95}
+require_jax_gpu || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for stage in $STAGES; do
   case $stage in

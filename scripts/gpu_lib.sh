@@ -18,6 +18,13 @@ gpu_setup() {
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT
 }
 
+# require_jax_gpu: fail unless JAX's default backend is the GPU (a CUDA plugin that cannot start,
+# e.g. over conflicting XLA_*MEM_FRACTION variables, otherwise leaves JAX quietly on the CPU).
+require_jax_gpu() {
+  python3 -c 'import jax, sys; b = jax.default_backend()
+sys.exit(0 if b == "gpu" else f"JAX found no GPU (backend {b!r}); see the errors above")'
+}
+
 # The Grain wheels and their dependencies (the experiments' data pipelines).
 GRAIN_WHEELS=("grain*.whl" "array_record*.whl" "portpicker*.whl" "cloudpickle*.whl")
 

@@ -14,7 +14,7 @@ MINUTES=${1:-8}
 SCALE=${SCALE:-gpu}  # smoke: a seconds-long check of this script
 # shellcheck source=scripts/gpu_lib.sh
 source scripts/gpu_lib.sh
-gpu_setup "${GRAIN_WHEELS[@]}" || exit 1
+gpu_setup "${GRAIN_WHEELS[@]}" && require_jax_gpu || exit 1
 python3 experiments/lm_study.py --scale "$SCALE" --out_dir runs/lm_study_gpu --time_limit "$MINUTES" \
   --progress False --compilation_cache runs/xla_cache_lm \
   2>&1 | grep -v "^WARNING" | tee "$OUT/lm_study.log" | tail -30

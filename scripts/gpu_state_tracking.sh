@@ -23,7 +23,7 @@ CACHE=runs/xla_cache
 [ "$RUNS" = runs/st_paper ] || CACHE=${RUNS}_xla
 # shellcheck source=scripts/gpu_lib.sh
 source scripts/gpu_lib.sh
-gpu_setup "${GRAIN_WHEELS[@]}" || exit 1
+gpu_setup "${GRAIN_WHEELS[@]}" && require_jax_gpu || exit 1
 # finished runs kept in the repository (results, config, curves) count as done: restore the ones
 # this call did not bring
 mkdir -p "$RUNS"
