@@ -48,7 +48,7 @@ from pallas_kernels.backward_recompute import recompute
 from pallas_kernels.backward_state_adjoint import state_adjoint
 from pallas_kernels.backward_state_pass import state_pass_backward
 from pallas_kernels.backward_wy import wy_backward, wy_backward_fused
-from pallas_kernels.common import CHUNK, default_interpret, pad_to, padded_length
+from pallas_kernels.common import AUTO_SPLIT, CHUNK, default_interpret, pad_to, padded_length
 from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims
 
 
@@ -70,7 +70,7 @@ class BackwardConfig:
     state_block_v: int = 32
     state_warps: int = 4
     state_stages: int = 3
-    state_split: int = 1  # sequence split of the reverse state pass (KernelConfig.state_split)
+    state_split: int = AUTO_SPLIT  # sequence split of the reverse state pass (as the forward's)
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)

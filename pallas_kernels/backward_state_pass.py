@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
+    AUTO_SPLIT,
     CHUNK,
     DotMode,
     chain_pieces,
@@ -49,7 +50,7 @@ from pallas_kernels.common import (
     identity_columns,
     mm,
     pallas_call,
-    split_pieces,
+    state_pass_pieces,
 )
 
 
@@ -139,7 +140,7 @@ def state_pass_backward(
     block_v: int = 32,
     num_warps: int = 4,
     num_stages: int = 3,
-    split: int = 1,
+    split: int = AUTO_SPLIT,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -154,14 +155,16 @@ def state_pass_backward(
       split: walk the sequence as up to this many pieces of whole token chunks in parallel (as
         the forward's ``state_pass``: a transfer launch gives each piece's map
         ``dE_start = M dE_end + E``, the pieces' end gradients follow in plain JAX, then every
-        piece runs again from its own; ``common.split_pieces`` picks the count).
+        piece runs again from its own; ``common.split_pieces`` picks the count; ``AUTO_SPLIT``,
+        the default: ``common.auto_split`` of the ``B * H * Vp / BV`` programs).
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
       w.r.t. the state at the *end* of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
     """
     B, L, H, Kp = k.shape
-    pieces = split_pieces(L // (CHUNK * num_householder), split)
+    programs = B * H * -(-dv_out.shape[-1] // min(block_v, dv_out.shape[-1]))
+    pieces = state_pass_pieces(split, L // (CHUNK * num_householder), programs)
     launch = functools.partial(
         _launch,
         a,

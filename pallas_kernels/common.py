@@ -216,6 +216,38 @@ def split_pieces(token_chunks: int, most: int) -> int:
     return max(p for p in range(1, max(1, min(most, token_chunks)) + 1) if token_chunks % p == 0)
 
 
+# ``state_split = AUTO_SPLIT``: split the sequence only where the state pass has too few programs
+# to fill the GPU. Measured on an H100 (132 SMs; docs/BENCHMARKS.md "sequence split"): at 128
+# programs (B=4, H=8, four value tiles) no split is fastest (forward 0.264 ms, split 2: 0.440);
+# at 32 programs (B=1, T=32768) split 8 is fastest (forward 1.842 -> 0.882 ms, backward
+# 3.263 -> 1.504 ms), split 4 next (1.026 / 1.786).
+AUTO_SPLIT = 0
+SPLIT_FREE_PROGRAMS = 96  # at least this many (B * H * value tiles) programs: no split
+SPLIT_TARGET_PROGRAMS = 256  # else double the pieces until programs x pieces reach this
+MAX_AUTO_SPLIT = 8
+
+
+def auto_split(programs: int) -> int:
+    """The sequence split ``AUTO_SPLIT`` picks for a state pass of ``programs`` programs per
+    piece (``B * H * Vp / BV``): 1 from ``SPLIT_FREE_PROGRAMS`` on, else the smallest power of two
+    that brings ``programs x pieces`` to ``SPLIT_TARGET_PROGRAMS`` (at most ``MAX_AUTO_SPLIT``)."""
+    if programs >= SPLIT_FREE_PROGRAMS:
+        return 1
+    pieces = 1
+    while pieces < MAX_AUTO_SPLIT and programs * pieces < SPLIT_TARGET_PROGRAMS:
+        pieces *= 2
+    return pieces
+
+
+def state_pass_pieces(split: int, token_chunks: int, programs: int) -> int:
+    """How many pieces a state pass (forward or backward) walks: ``split`` (``AUTO_SPLIT``:
+    ``auto_split(programs)``) clipped to a count dividing ``token_chunks``."""
+    if split < 0:
+        raise ValueError(f"state_split must be >= 0 (0 = automatic), got {split}")
+    most = auto_split(programs) if split == AUTO_SPLIT else split
+    return split_pieces(token_chunks, most)
+
+
 def identity_columns(rows: int, cols: int, first: jax.Array) -> jax.Array:
     """Columns ``first .. first + cols - 1`` of the ``rows x rows`` identity, fp32 ``[rows, cols]``
     (zero where they fall outside it); ``first`` may be traced (a program id)."""

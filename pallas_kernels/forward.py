@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import default_interpret, next_pow2, pad_to, padded_length
+from pallas_kernels.common import AUTO_SPLIT, default_interpret, next_pow2, pad_to, padded_length
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -51,7 +51,8 @@ class KernelConfig:
     # ``end = M start + E``; the pieces' start states follow in plain JAX, then every piece runs
     # again from its true start, writing the states and ``v_new``: about 2 + K/V times the
     # sequential work, for P times the parallelism (long single sequences, few heads).
-    state_split: int = 1
+    # AUTO_SPLIT (0): ``common.auto_split`` picks it from the program count.
+    state_split: int = AUTO_SPLIT
 
 
 class Residuals(NamedTuple):

@@ -27,7 +27,8 @@ BV`` extra tiles with zero values), giving the affine map ``end = M start + E`` 
 ``common.chain_pieces`` chains them in plain JAX (``P - 1`` products ``[Kp, Kp] x [Kp, Vp]``),
 and the second launch runs every piece from its true start, writing the states and ``v_new``.
 That is ``2 + Kp/Vp`` times the sequential work for ``P`` times the programs: it pays only where
-``B * H * Vp / BV`` programs leave SMs idle (long single sequences, few heads).
+``B * H * Vp / BV`` programs leave SMs idle (long single sequences, few heads). ``AUTO_SPLIT``, the
+default, splits exactly there (``common.auto_split``: below 96 programs, up to 8 pieces).
 
 Products for 16-bit inputs: ``K S`` with the state rounded to the input dtype (TF32 with
 ``tf32_state``), ``A x`` in TF32, ``K^T v_new`` with ``v_new`` split into two 16-bit halves (nearly
@@ -44,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
+    AUTO_SPLIT,
     CHUNK,
     DotMode,
     chain_pieces,
@@ -51,7 +53,7 @@ from pallas_kernels.common import (
     identity_columns,
     mm,
     pallas_call,
-    split_pieces,
+    state_pass_pieces,
 )
 
 
@@ -146,7 +148,7 @@ def state_pass(
     num_stages: int = 3,
     tf32_state: bool = False,
     mid_states: bool = False,
-    split: int = 1,
+    split: int = AUTO_SPLIT,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -164,7 +166,8 @@ def state_pass(
         chunk (only meaningful for ``n_h > 1``).
       split: walk the sequence as up to this many pieces of whole token chunks in parallel
         (``common.split_pieces`` picks the largest count dividing ``T_pad / 64``); 1 = one
-        sequential walk.
+        sequential walk; ``AUTO_SPLIT`` (0, the default) = ``common.auto_split`` of the
+        ``B * H * Vp / BV`` programs (a split only where they leave SMs idle).
 
     Returns:
       ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``, plus
@@ -173,7 +176,8 @@ def state_pass(
       k.dtype, ``NT = T_pad / 64``.
     """
     B, L, H, Kp = k.shape
-    pieces = split_pieces(L // (CHUNK * num_householder), split)
+    programs = B * H * -(-v.shape[-1] // min(block_v, v.shape[-1]))
+    pieces = state_pass_pieces(split, L // (CHUNK * num_householder), programs)
     launch = functools.partial(
         _launch,
         a,

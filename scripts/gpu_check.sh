@@ -8,7 +8,8 @@
 #   4. `shapes`: the other shapes of the issues (gated n_h=2; n_h=4, K=V=64, H=16; B=1, T=32768)
 #      and the state-tracking shape (B=2048, T=129, H=8, K=V=32, n_h=1, 2, 4), stages included;
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
-#      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune);
+#      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune;
+#      SPLIT_CASES="4,4096,8,128,128,2" overrides the B,T,H,K,V,n_h cases);
 #   6. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
 #      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
@@ -62,7 +63,7 @@ for stage in $STAGES; do
         --out "$OUT/st_shape" > "$OUT/st_shape.stdout" 2>&1
       tail -30 "$OUT/st_shape/bench_op.md" ;;
     split)
-      for case in 1,32768,8,128,128,2 4,4096,8,128,128,2; do
+      for case in ${SPLIT_CASES:-1,32768,8,128,128,2 4,4096,8,128,128,2}; do
         timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \
           --repeats 5 --out "$OUT/split_${case//,/_}" > "$OUT/split_${case//,/_}.stdout" 2>&1
         tail -12 "$OUT/split_${case//,/_}/bench_op.md"

@@ -26,7 +26,7 @@ from dpjax.ops import chunked, reference
 from dpjax.ops import pallas as dp_pallas
 from dpjax.ops.validation import CallShape
 from pallas_kernels import forward as kernels
-from pallas_kernels.common import split_pieces
+from pallas_kernels.common import AUTO_SPLIT, auto_split, split_pieces, state_pass_pieces
 from pallas_kernels.prepare import prepare
 
 FP32_TOL = 1e-4
@@ -157,7 +157,7 @@ def test_sequence_split_matches_oracle_and_unsplit(rng, n, T, gated, h0, resets,
     run = lambda cfg: kernels.forward(
         *args, num_householder=n, scale=0.3, config=cfg, save_states=True
     )[2]
-    seq, split_res = run(kernels.KernelConfig()), run(config)
+    seq, split_res = run(kernels.KernelConfig(state_split=1)), run(config)
     for name in ("h", "v_new", "h_mid"):
         a, b = getattr(seq, name), getattr(split_res, name)
         if a is None:
@@ -169,6 +169,32 @@ def test_sequence_split_matches_oracle_and_unsplit(rng, n, T, gated, h0, resets,
 def test_split_pieces_divides_the_token_chunks():
     assert [split_pieces(12, p) for p in (1, 2, 5, 7, 12, 64)] == [1, 2, 4, 6, 12, 12]
     assert split_pieces(7, 4) == 1 and split_pieces(1, 8) == 1
+
+
+def test_automatic_split_only_where_programs_are_few():
+    """``AUTO_SPLIT``: no split from 96 programs on (B=4, H=8, V=128 in 32-wide tiles: 128),
+    pieces up to 256 programs below (B=1, H=8: 32 programs -> 8 pieces), clipped to a divisor of
+    the token chunks; an explicit count is kept; a negative one is refused."""
+    assert [auto_split(p) for p in (1, 16, 32, 64, 95, 96, 128, 4096)] == [8, 8, 8, 4, 4, 1, 1, 1]
+    assert state_pass_pieces(AUTO_SPLIT, 512, 32) == 8  # B=1, T=32768
+    assert state_pass_pieces(AUTO_SPLIT, 64, 128) == 1  # B=4, T=4096
+    assert state_pass_pieces(AUTO_SPLIT, 3, 8) == 3  # T=192: three token chunks
+    assert state_pass_pieces(1, 512, 32) == 1 and state_pass_pieces(2, 512, 4096) == 2
+    assert kernels.KernelConfig().state_split == AUTO_SPLIT
+    with pytest.raises(ValueError, match="state_split must be >= 0"):
+        state_pass_pieces(-1, 64, 32)
+
+
+def test_default_config_splits_few_program_calls(rng):
+    """The default (automatic) split on a call with few programs gives the unsplit results."""
+    B, T, H, K, V, n = 1, 320, 2, 16, 32, 2
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    assert state_pass_pieces(AUTO_SPLIT, 5, B * H * 1) == 5
+    o_auto, f_auto = run_pallas(p, None, jnp.float32, 0.3, n, config=kernels.KernelConfig())
+    o_seq, f_seq = run_pallas(
+        p, None, jnp.float32, 0.3, n, config=kernels.KernelConfig(state_split=1)
+    )
+    assert rel_rmse(o_seq, o_auto) < FP32_TOL and rel_rmse(f_seq, f_auto) < FP32_TOL
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

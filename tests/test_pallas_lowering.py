@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
+from pallas_kernels import common
 from pallas_kernels import forward as kernels
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
@@ -19,6 +20,14 @@ from pallas_kernels.state_pass import state_pass
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 B, T, H = 2, 256, 4
+
+
+@pytest.fixture(autouse=True)
+def no_automatic_split(monkeypatch):
+    """These small shapes (``B * H = 8``) would get the automatic sequence split
+    (``common.auto_split``); the launch counts below are those of the unsplit passes, and the
+    split passes are lowered by the tests that ask for them (``state_split`` > 1)."""
+    monkeypatch.setattr(common, "SPLIT_FREE_PROGRAMS", 0)
 
 
 def lower_text(fn, *args) -> str:
@@ -172,6 +181,26 @@ def test_sequence_split_forward_lowers(n, gated):
         *args,
     )
     assert text.count(TRITON_CALL) == 4
+
+
+def test_default_config_splits_few_programs(monkeypatch):
+    """The default configs on ``B * H = 8`` heads: the automatic split's transfer launch in the
+    forward and the backward state passes (4 forward + 5 + 1 backward launches)."""
+    from pallas_kernels import backward as kernel_backward
+
+    monkeypatch.setattr(common, "SPLIT_FREE_PROGRAMS", 96)
+    n, K, V = 2, 128, 128
+    args = forward_args(n, K, V, gated=True, h0=True)
+
+    def fwd_bwd(*a):
+        o, final, res = kernels.forward(
+            *a, num_householder=n, scale=0.1, interpret=False, save_states=True
+        )
+        return kernel_backward.backward(
+            *a[:4], res, o, final, num_householder=n, scale=0.1, interpret=False
+        )
+
+    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 4 + 5 + 1
 
 
 def test_vmapped_forward_lowers():
