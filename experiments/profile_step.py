@@ -13,7 +13,11 @@ batch, then
    the DeltaProduct Pallas kernels (``dp_*``) and the MFU (model FLOPs, ``dpjax.train.flops``,
    over the device's dense bf16 peak).
 
-Writes ``profile_step.json`` (all of the above) and the trace folder to ``--out``.
+Each listed XLA fusion is traced to what it is made of (``hlo_sources``: the JAX primitives and
+Python lines its instructions came from, read from the compiled HLO).
+
+Writes ``profile_step.json`` (all of the above), the compiled train step's HLO
+(``train_step.hlo.txt.gz``) and the trace folder to ``--out``.
 
 Examples::
 
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from cli_types import str2bool
 from flax import nnx
+from hlo_sources import fusion_sources, op_key
 
 from dpjax.nn import DeltaProductLM
 from dpjax.nn.presets import get_preset, state_tracking
@@ -175,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         step_c = train_step.lower(state, batches[0]).compile()
         record["train_compile_s"] = time.perf_counter() - t0
+        hlo = step_c.as_text()
+        with gzip.open(os.path.join(args.out, "train_step.hlo.txt.gz"), "wt") as f:
+            f.write(hlo)
         msg = f"compile: train step {record['train_compile_s']:.1f} s"
         if with_eval:
             t0 = time.perf_counter()
@@ -212,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     record["device_ms_per_step"] = total / args.trace_steps / 1e3
     record["top_ops_ms_per_step"] = top
+    sources = fusion_sources(hlo)
+    record["top_op_sources"] = {
+        name: sources[op_key(name)] for name, _ in top if op_key(name) in sources
+    }
     # the DeltaProduct Pallas kernels are named dp_* (pallas_kernels); the chunked path's ops
     # are XLA fusions that cannot be told apart from the rest of the model
     record["op_kernels_ms_per_step"] = sum(v for k, v in per_step.items() if k.startswith("dp_"))
@@ -227,10 +239,12 @@ def main(argv: list[str] | None = None) -> dict:
         + (f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a (unknown peak)")
         + f" ({record['model_tflop_per_step']:.2f} model TFLOP per step)"
     )
-    print("| op | ms / step | share |\n|---|---|---|")
+    print("| op | ms / step | share | made of (XLA fusions: primitive @ source line) |")
+    print("|---|---|---|---|")
     for name, ms in top:
         share = ms / max(record["device_ms_per_step"], 1e-9)
-        print(f"| {name[:90]} | {ms:.3f} | {share:.1%} |")
+        made_of = "; ".join(record["top_op_sources"].get(name, []))
+        print(f"| {name[:90]} | {ms:.3f} | {share:.1%} | {made_of} |")
     with open(os.path.join(args.out, "profile_step.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +55,28 @@ def test_profiles_a_tiny_state_tracking_step(prof, tmp_path):
     assert 0 < len(rec["top_ops_ms_per_step"]) <= 5
     saved = json.loads((tmp_path / "profile_step.json").read_text())
     assert saved["step_ms"] == rec["step_ms"]
+    with gzip.open(tmp_path / "train_step.hlo.txt.gz", "rt") as f:
+        assert "HloModule" in f.read(200)
+    assert set(rec["top_op_sources"]) <= {name for name, _ in rec["top_ops_ms_per_step"]}
+
+
+def test_fusion_sources_name_primitives_and_lines(prof):
+    """A compiled fusion is traced to the primitives and the Python lines it was made of."""
+    from hlo_sources import fusion_sources, op_key
+
+    def loss(x, w):
+        y = jnp.tanh(x @ w).astype(jnp.bfloat16)  # the line the fusions must point at
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    x, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+    hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).compile().as_text()
+    sources = fusion_sources(hlo)
+    assert sources and all(isinstance(v, list) for v in sources.values())
+    line = loss.__code__.co_firstlineno + 1
+    described = " ".join(d for v in sources.values() for d in v)
+    assert f"test_profile_step.py:{line} (" in described and "loss)" in described
+    assert "tanh" in described or "dot_general" in described
+    assert op_key("input_convert_reduce_fusion.95") == "input_convert_reduce_fusion_95"
 
 
 def test_profile_without_eval_step(prof, tmp_path):
