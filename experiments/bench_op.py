@@ -357,9 +357,12 @@ def backward_stage_fns(
 # the fused stage 3 + 4 kernel at 8 warps
 OLD_BACKWARD = kernel_backward.BackwardConfig(save_states=False, wy_fused=True, output_warps=8)
 
-BWD_TUNE_SPACE = {  # stage -> variants (BackwardConfig fields); the first is the default
+# stage -> variants (BackwardConfig fields); the first has the default tiles. The tile variants
+# of the state passes run unsplit (state_split=1) and the split ones with the default tiles, so
+# that the automatic split (the default) is compared against both.
+BWD_TUNE_SPACE = {
     "bwd_state_pass": [
-        dict(state_block_v=bv, state_warps=w, state_stages=s)
+        dict(state_block_v=bv, state_warps=w, state_stages=s, state_split=1)
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ]
     + [dict(state_split=p) for p in (2, 4, 8)],
@@ -469,10 +472,10 @@ def memory_report(log: Callable, with_chunked: bool = True) -> list[dict]:
 TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 (ptxas, sm_90)
     "prepare": [dict(prep_warps=w) for w in (4, 8, 2)],
     "state_pass": [
-        dict(state_block_v=bv, state_warps=w, state_stages=s)
+        dict(state_block_v=bv, state_warps=w, state_stages=s, state_split=1)
         for bv, w, s in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2))
     ]
-    + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True)]
+    + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True, state_split=1)]
     + [dict(state_split=p) for p in (2, 4, 8)],
     "output": [
         dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8), (64, 2))
@@ -555,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="sequence split of the forward and backward state passes (KernelConfig / "
-        "BackwardConfig.state_split: up to this many pieces walked in parallel)",
+        "BackwardConfig.state_split: up to this many pieces walked in parallel; 1 = never; "
+        "unset = the default, automatic where B*H*V/BV programs are few)",
     )
     ap.add_argument("--peers", action="store_true", help="merge peers_*.json from --out")
     ap.add_argument("--only", type=int, nargs="*", help="indices of cases to run")
