@@ -21,6 +21,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import functools
 import glob
@@ -116,6 +117,23 @@ def floor_ms(c: Case) -> dict[str, float]:
         "flop_ms": flops / (PEAK_TFLOPS * 1e12) * 1e3,
         "byte_ms": nbytes / (PEAK_TBPS * 1e12) * 1e3,
     }
+
+
+def backward_fields(spec: str) -> dict:
+    """``"grad_dtype=input,wy_warps=8"`` -> BackwardConfig fields (values as Python literals
+    where they parse, else strings); unknown fields raise a ValueError naming them."""
+    fields = {}
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name not in {
+            f.name for f in dataclasses.fields(kernel_backward.BackwardConfig)
+        }:
+            raise ValueError(f"--bwd-variant: expected BackwardConfig FIELD=VALUE, got {item!r}")
+        try:
+            fields[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[name] = value
+    return fields
 
 
 def with_state_split(config_for: Callable, split: int) -> Callable:
@@ -365,7 +383,8 @@ BWD_TUNE_SPACE = {
         dict(state_block_v=bv, state_warps=w, state_stages=s, state_split=1)
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ]
-    + [dict(state_split=p) for p in (2, 4, 8)],
+    + [dict(state_split=p) for p in (2, 4, 8)]
+    + [dict(state_read_masked=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_split=sp)
@@ -545,6 +564,14 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the op with the previous backward (recompute + fused stage 3 + 4)",
     )
     ap.add_argument(
+        "--bwd-variant",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE[,FIELD=VALUE]",
+        help="also time the op's forward+backward with these BackwardConfig fields changed "
+        "(repeatable; e.g. grad_dtype=input), side by side with the default",
+    )
+    ap.add_argument(
         "--memory", action="store_true", help="compiled memory of fwd+bwd (pallas vs chunked)"
     )
     ap.add_argument(
@@ -643,6 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     impls = {"pallas": dp_pallas.forward}
     if args.bwd_old:
         impls["pallas_old_bwd"] = dp_pallas.forward  # traced with OLD_BACKWARD (below)
+    variants = {f"pallas[{v}]": backward_fields(v) for v in args.bwd_variant}
+    impls |= dict.fromkeys(variants, dp_pallas.forward)  # fwd+bwd only, traced with the fields
     if not args.no_chunked:
         impls["chunked"] = chunked.forward
     for index, c in enumerate(cases):
@@ -654,13 +683,18 @@ def main(argv: list[str] | None = None) -> None:
             case_impls["reference"] = reference.forward
         fwd_fns, bwd_fns, compiles = {}, {}, {}
         for name, impl in case_impls.items():
-            if name == "pallas_old_bwd":  # same forward kernels; timed for fwd+bwd only
-                if not with_bwd:
-                    continue
+            bwd_only = name == "pallas_old_bwd" or name in variants
+            if bwd_only and not with_bwd:  # same forward kernels; timed for fwd+bwd only
+                continue
+            if name == "pallas_old_bwd":
                 dp_pallas.backward_config_for = lambda key_dim, value_dim: OLD_BACKWARD
+            elif name in variants:
+                dp_pallas.backward_config_for = lambda key_dim, value_dim, f=variants[name]: (
+                    dataclasses.replace(backward_config_for(key_dim, value_dim), **f)
+                )
             f, fb = op_fns(impl, c)
             try:
-                if name != "pallas_old_bwd":
+                if not bwd_only:
                     fwd_fns[name], compiles[(name, "fwd")] = compile_time(f, arg_sets[0])
                 if with_bwd:
                     bwd_fns[name], compiles[(name, "fwdbwd")] = compile_time(fb, arg_sets[0])

@@ -25,7 +25,8 @@ and the recompute stage already tile V by a grid axis (narrower tiles and 8 warp
 
 Memory: besides the residuals, the backward holds ``dv_out``, ``dv_new`` (``[B, H, L, Vp]``,
 input dtype), the chunk-end state gradients ``dh_il`` (``[B, H, L/64, Kp, Vp]``, input dtype),
-the output's ``dk`` and stage 3's ``dW``, ``dkp`` (``[B, L, H, Kp]``-sized, fp32); without saved
+the output's ``dk`` and stage 3's ``dW``, ``dkp`` (``[B, L, H, Kp]``-sized, fp32, or the input
+dtype with ``BackwardConfig(grad_dtype="input")``); without saved
 states also ``v_new`` and ``h_mid``. Nothing per token is ``K x V``.
 
 The per-row gate vectors of the reverse scan (``gam``, ``fdec`` and the token ``gam``) are
@@ -71,6 +72,7 @@ class BackwardConfig:
     state_warps: int = 4
     state_stages: int = 3
     state_split: int = AUTO_SPLIT  # sequence split of the reverse state pass (as the forward's)
+    state_read_masked: bool = False  # its read term without a branch (state_pass_backward)
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -90,6 +92,15 @@ class BackwardConfig:
     wy_split: bool = False  # its fp32-operand products as two 16-bit products (else TF32)
     wy_fused: bool = False  # stages 3 + 4 as the previous single kernel (for comparison)
     fused_warps: int = 8  # launch parameters of that kernel
+    # dtype of the [L, Kp] intermediates dk_out, dW, dkp between stages 1, 3 and 4: "float32", or
+    # "input" (16-bit inputs: half their traffic, and P = dW K^T in 16 bits; fp32 inputs: fp32)
+    grad_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.grad_dtype not in ("float32", "input"):
+            raise ValueError(
+                f"BackwardConfig.grad_dtype must be 'float32' or 'input', got {self.grad_dtype!r}"
+            )
 
 
 # Wide heads (padded K or V above 128): tiles and launch parameters chosen offline with ptxas for
@@ -195,6 +206,7 @@ def stage_kernels(
         "state_pass": partial(
             state_pass_backward,
             split=config.state_split,
+            read_masked=config.state_read_masked,
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,
@@ -288,20 +300,20 @@ def stages(
     gate_tok, gate_sub = res.gate_tokens, res.gate_substeps
     gam, fdec, gam_tok = gate_vectors(res)
     kern = stage_kernels(config, num_householder=n, scale=scale, interpret=interpret, poison=poison)
+    grad_dtype = jnp.float32 if config.grad_dtype == "float32" else q.dtype
+    output = partial(kern["output"], dk_dtype=grad_dtype)
     if res.v_new is None:  # the forward kept no states: recompute them
         vnew, h_mid, dv_out = kern["recompute"](
             res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
         )
-        dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
+        dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     elif config.output_dv and Kp <= config.output_block_k:
         vnew, h_mid = res.v_new, res.h_mid
-        dq, dk_out, dG_tok, dv_out = kern["output"](
-            qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True
-        )
+        dq, dk_out, dG_tok, dv_out = output(qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True)
     else:
         vnew, h_mid = res.v_new, res.h_mid
         dv_out = kern["dv_out"](kp, qp, dop, gate_tok)
-        dq, dk_out, dG_tok = kern["output"](qp, dop, res.h, kp, vnew, gate_tok)
+        dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     dvnew, dh_il, dh0 = kern["state_pass"](res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok)
     if config.wy_fused:
         h_il = interleaved_states(res.h, h_mid, n)
@@ -311,7 +323,7 @@ def stages(
         dw = dkp = dG_st = None
     else:
         dw, dkp, dG_st = kern["state_adjoint"](
-            res.h, h_mid, dh_il, vnew, dvnew, dk_out, kp, gam, fdec
+            res.h, h_mid, dh_il, vnew, dvnew, dk_out, kp, gam, fdec, out_dtype=grad_dtype
         )
         dk, dv, dbeta, dG_il = kern["wy"](res.a, kp, vp, bp, dw, dvnew, dkp, gate_sub, dG_st)
     return dict(

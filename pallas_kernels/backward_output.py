@@ -132,6 +132,7 @@ def output_backward(
     block_v: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
+    dk_dtype=jnp.float32,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -144,9 +145,10 @@ def output_backward(
         then summed over the tiles here). block_v: value tile of the in-kernel sums over V.
         Powers of two, clipped to ``Kp``, ``Vp``; one tile each up to 128 by default.
       with_dv_out: also ``dv_out`` (needs the whole key dim in one program: ``Kp <= block_k``).
+      dk_dtype: dtype of the output's ``dk`` (fp32; ``BackwardConfig.grad_dtype``).
 
     Returns:
-      ``dq [B, T, H, Kp]`` (q.dtype), the output's ``dk [B, L, H, Kp]`` fp32,
+      ``dq [B, T, H, Kp]`` (q.dtype), the output's ``dk [B, L, H, Kp]`` (``dk_dtype``),
       ``dG_tok [B, H, T]`` fp32 (None without decay) and, with ``with_dv_out``, the output's
       ``dv_new`` part ``dv_out [B, H, L, Vp]`` in q.dtype.
     """
@@ -185,7 +187,7 @@ def output_backward(
         in_specs.append(vec)
     out_shapes = [
         jax.ShapeDtypeStruct((B, T, H, Kp), dtype),
-        jax.ShapeDtypeStruct((B, T, n, H, Kp), jnp.float32),
+        jax.ShapeDtypeStruct((B, T, n, H, Kp), dk_dtype),
     ]
     out_specs = [q_spec, dk_spec]
     if decay and nk == 1:

@@ -75,9 +75,9 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list
             ds = tile(ds_ref, i, j)
             dw = add(dw, mm(cols(dvnew_ref, v_tiles, j), s, mode, trans_b=True, **dots))
             if j == nv - 1 and nk == 1:
-                dw_ref[...] = -dw
+                dw_ref[...] = (-dw).astype(dw_ref.dtype)
             elif j == nv - 1:
-                dw_ref[:, k_tiles[i]] = -dw
+                dw_ref[:, k_tiles[i]] = (-dw).astype(dw_ref.dtype)
             dk_st = add(dk_st, mm(cols(vnew_ref, v_tiles, j), ds, mode, trans_b=True, **dots))
             if decay:
                 pending.append((s, ds))
@@ -86,7 +86,9 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list
         if decay:
             dk_st = dk_st * fdec_ref[...][:, None]
             p_end = add(p_end, jnp.sum(dk_st * cols(k_ref, k_tiles, i).astype(jnp.float32), 1))
-        dkp = lambda i=i, dk_st=dk_st: cols(dkout_ref, k_tiles, i) + dk_st
+        dkp = lambda i=i, dk_st=dk_st: (
+            cols(dkout_ref, k_tiles, i).astype(jnp.float32) + dk_st
+        ).astype(dkp_ref.dtype)
         if i < nk - 1:
             dkp_ref[:, k_tiles[i]] = dkp()
     if decay:
@@ -122,6 +124,7 @@ def state_adjoint(
     block_v: int = 128,
     num_warps: int = 8,
     num_stages: int = 1,
+    out_dtype=jnp.float32,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -131,13 +134,16 @@ def state_adjoint(
       h: ``[B, H, NT, Kp, Vp]`` token-chunk start states; h_mid: ``[B, H, NT*(n-1), Kp, Vp]``
         the other interleaved chunk-start states (None when n == 1); dh_il:
         ``[B, H, NI, Kp, Vp]`` chunk-end state gradients; vnew, dvnew: ``[B, H, L, Vp]``;
-        dk_out: ``[B, L, H, Kp]`` fp32 (output adjoint); k: ``[B, L, H, Kp]`` (used with decay);
+        dk_out: ``[B, L, H, Kp]`` fp32 or 16-bit (output adjoint); k: ``[B, L, H, Kp]`` (used
+        with decay);
         gam, fdec: ``[B, H, L]`` fp32 or None (no decay).
       block_k, block_v: state tile (powers of two; clipped to ``Kp``, ``Vp``): ``dW`` and
         ``dk_st`` are formed per K tile, summed over V tiles (one tile up to 128 by default).
+      out_dtype: dtype of ``dW`` and ``dkp`` (fp32; the input dtype halves their traffic,
+        ``BackwardConfig.grad_dtype``).
 
     Returns:
-      ``dW [B, H, L, Kp]`` fp32, ``dkp = dk_out + dk_st [B, L, H, Kp]`` fp32 and
+      ``dW [B, H, L, Kp]``, ``dkp = dk_out + dk_st [B, L, H, Kp]`` (``out_dtype``) and
       ``dG_st [B, H, L]`` fp32 (None without decay).
     """
     B, H, NT, Kp, Vp = h.shape
@@ -165,8 +171,8 @@ def state_adjoint(
         inputs += [k, gam, fdec]
         in_specs += [rows, vec, vec]
     out_shapes = [
-        jax.ShapeDtypeStruct((B, H, L, Kp), jnp.float32),
-        jax.ShapeDtypeStruct((B, L, H, Kp), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, L, Kp), out_dtype),
+        jax.ShapeDtypeStruct((B, L, H, Kp), out_dtype),
     ]
     out_specs = [head_rows(Kp), rows]
     if decay:

@@ -62,6 +62,7 @@ def _kernel(
     decay: bool,
     pieces: int,
     transfer_tiles: int | None,
+    read_masked: bool,
     mode: dict,
     dots: dict,
 ):
@@ -118,7 +119,10 @@ def _kernel(
 
         if n == 1:
             return read_term(d_state)
-        return lax.cond(lax.rem(c, n) == 0, read_term, lambda x: x, d_state)
+        first = lax.rem(c, n) == 0
+        if read_masked:  # loads and product every sub-chunk (no branch), kept on the first
+            return jnp.where(first, read_term(d_state), d_state)
+        return lax.cond(first, read_term, lambda x: x, d_state)
 
     dh0_ref[...] = lax.fori_loop(0, per_piece, chunk, d_start)
 
@@ -141,6 +145,7 @@ def state_pass_backward(
     num_warps: int = 4,
     num_stages: int = 3,
     split: int = AUTO_SPLIT,
+    read_masked: bool = False,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -157,6 +162,9 @@ def state_pass_backward(
         ``dE_start = M dE_end + E``, the pieces' end gradients follow in plain JAX, then every
         piece runs again from its own; ``common.split_pieces`` picks the count; ``AUTO_SPLIT``,
         the default: ``common.auto_split`` of the ``B * H * Vp / BV`` programs).
+      read_masked: for ``n_h > 1``, load ``Q``, ``dO`` and form the read term on every sub-chunk
+        and keep it on the first (no ``lax.cond``: the loads can be pipelined), instead of a
+        branch on the first sub-chunk of each token chunk.
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
@@ -181,6 +189,7 @@ def state_pass_backward(
         block_v=block_v,
         num_warps=num_warps,
         num_stages=num_stages,
+        read_masked=read_masked,
         interpret=interpret,
         poison=poison,
     )
@@ -212,6 +221,7 @@ def _launch(
     interpret: bool,
     poison: bool,
     pieces: int,
+    read_masked: bool = False,
     transfer: bool = False,
 ) -> list[jax.Array]:
     """One ``pallas_call`` of the reverse-pass kernel; ``pieces`` and ``transfer`` as the
@@ -278,6 +288,7 @@ def _launch(
         decay=decay,
         pieces=P,
         transfer_tiles=nv if transfer else None,
+        read_masked=read_masked,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
     )

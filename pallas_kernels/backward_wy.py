@@ -84,7 +84,7 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     # P and Q share one MMA layout, so A is needed in registers in one layout only.
     p = q = None
     for cols_k in k_tiles:
-        term = mm(dw_ref[:, cols_k], k_ref[:, cols_k], mode["fx"], trans_b=True, **dots)
+        term = mm(dw_ref[:, cols_k], k_ref[:, cols_k], mode["p"], trans_b=True, **dots)
         p = term if p is None else p + term
     for cols_v in v_tiles:
         dvnew = dvnew_ref[:, cols_v]
@@ -115,7 +115,7 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     bd = beta[:, None] * d_kk
     for cols_k in k_tiles:
         k = k_ref[:, cols_k]
-        dk = dkp_ref[:, cols_k] + coef[:, None] * mm(
+        dk = dkp_ref[:, cols_k].astype(jnp.float32) + coef[:, None] * mm(
             a, dw_ref[:, cols_k], mode["tf"], trans_a=True, **dots
         )
         dk = dk + mm(bd, k, mode["fx"], **dots)
@@ -123,20 +123,26 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
         dk_ref[:, cols_k] = dk.astype(dk_ref.dtype)
 
 
-def _modes(dtype, split: bool = False) -> dict:
+def _modes(dtype, split: bool = False, low_grads: bool = False) -> dict:
     """Dot modes: ``in`` 16-bit operands, ``tf`` TF32, ``split_a`` (fused kernel) the fp32
     operand split into 16-bit halves; ``fx`` / ``fx_exact``: the slim kernel's products with an
     fp32 operand / with exact 16-bit operands, TF32 (one product) or, with ``split``, split
-    halves (two products: more accurate, but each product its own accumulator)."""
+    halves (two products: more accurate, but each product its own accumulator); ``p``: that of
+    ``P = dW K^T`` (``fx``; with ``low_grads``, ``dW`` stored in the input dtype, ``P`` and
+    ``Q = dV_new V^T`` are plain 16-bit products)."""
     if dtype == jnp.float32:
-        return dict.fromkeys(("in", "tf", "split_a", "fx", "fx_exact"), DotMode.IEEE)
+        return dict.fromkeys(("in", "tf", "split_a", "fx", "fx_exact", "p"), DotMode.IEEE)
     fx, fx_exact = (DotMode.SPLIT_A, DotMode.INPUT) if split else (DotMode.TF32, DotMode.TF32)
+    p = fx
+    if low_grads:
+        p = fx_exact = DotMode.INPUT
     return {
         "in": DotMode.INPUT,
         "tf": DotMode.TF32,
         "split_a": DotMode.SPLIT_A,
         "fx": fx,
         "fx_exact": fx_exact,
+        "p": p,
     }
 
 
@@ -162,7 +168,8 @@ def wy_backward(
 
     Args:
       a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; v: ``[B, L, H, Vp]``; beta: ``[B, L, H]``;
-        dw: ``[B, H, L, Kp]`` fp32 and dkp: ``[B, L, H, Kp]`` fp32 (stage 3);
+        dw: ``[B, H, L, Kp]`` and dkp: ``[B, L, H, Kp]`` (stage 3; fp32, or the input dtype
+        with ``BackwardConfig.grad_dtype = "input"``: ``P = dW K^T`` then in 16 bits);
         dvnew: ``[B, H, L, Vp]`` (reverse state pass); gate_sub: ``[B, H, L]`` fp32 interleaved
         log-gate or None; dg_st: ``[B, H, L]`` fp32 gate terms of stage 3 (None without gate).
       block: column tile of the ``[64, Kp|Vp]`` operands (power of two; at most ``Kp``, ``Vp``).
@@ -208,7 +215,7 @@ def wy_backward(
         _kernel,
         decay=decay,
         block=min(block, Kp, Vp),
-        mode=_modes(dtype, split),
+        mode=_modes(dtype, split, low_grads=dw.dtype != jnp.float32),
         dots=dict(dtype=dtype, interpret=interpret),
     )
     outs = pallas_call(
@@ -261,7 +268,7 @@ def _fused_kernel(*refs, decay: bool, mode: dict, dots: dict):
     d_w = -mm(dvnew, s_ref[...], mode["in"], trans_b=True, **dots)  # [64, Kp]
     d_a = mm(d_w, x_w, mode["tf"], trans_b=True, **dots)
     dx_w = mm(a, d_w, mode["tf"], trans_a=True, **dots)  # [64, Kp]
-    dk = dkout_ref[...] + coef[:, None] * dx_w
+    dk = dkout_ref[...].astype(jnp.float32) + coef[:, None] * dx_w
     wk = jnp.sum(dx_w * kf, axis=1)
     dbeta = wk * gam if decay else wk
     if decay:

@@ -7,6 +7,8 @@
 #      (FLA autotunes for minutes on its first calls: it gets the longest slice);
 #   4. `shapes`: the other shapes of the issues (gated n_h=2; n_h=4, K=V=64, H=16; B=1, T=32768)
 #      and the state-tracking shape (B=2048, T=129, H=8, K=V=32, n_h=1, 2, 4), stages included;
+#   4b. `variants`: forward+backward at the targets with other BackwardConfig fields side by side
+#      with the default (grad_dtype=input, plus BWD_VARIANTS="--bwd-variant FIELD=VALUE ...");
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
 #      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune;
 #      SPLIT_CASES="4,4096,8,128,128,2" overrides the B,T,H,K,V,n_h cases);
@@ -21,6 +23,7 @@
 # minutes, so use separate calls:
 #   bash scripts/gpu_check.sh tests           # about 6 minutes (29 tests; 27 took 280 s)
 #   bash scripts/gpu_check.sh bench jla fla   # about 9 minutes: ours and the peers in one job
+#   bash scripts/gpu_check.sh variants        # at most 4.5 minutes
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
@@ -54,6 +57,12 @@ for stage in $STAGES; do
       limit=70; [ "$stage" = fla ] && limit=260
       (cd .whl && CFGS='[[4,4096,8,128]]' NH='[1,2,3]' GATES='[false]' OUT="$OUT" \
         timeout $limit python3 bench_peers.py "$peer") 2>&1 | grep -v Warning | tail -5 ;;
+    variants)
+      # shellcheck disable=SC2086
+      timeout 240 python3 experiments/bench_op.py --only 0 1 2 --no-chunked --repeats 5 \
+        --bwd-variant grad_dtype=input ${BWD_VARIANTS:-} --out "$OUT/variants" \
+        > "$OUT/variants.stdout" 2>&1
+      tail -12 "$OUT/variants/bench_op.md" ;;
     shapes)
       timeout 240 python3 experiments/bench_op.py --only 4 6 7 --stages --bwd-stages \
         --no-chunked --repeats 5 --out "$OUT/shapes" > "$OUT/shapes.stdout" 2>&1

@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "experiments")
 
@@ -35,3 +37,22 @@ def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
     timed = [r for r in saved["records"] if "ms" in r]
     assert timed and all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in timed)
     assert (tmp_path / "bench_op.md").read_text().count("|") > 10
+
+
+def test_bench_op_times_backward_variants_side_by_side(tmp_path):
+    bench = _load()
+    bench.main(
+        "--case 1,70,2,32,20,2 --no-chunked --repeats 1 --bwd-variant grad_dtype=input "
+        f"--bwd-variant wy_warps=8,grad_dtype=input --out {tmp_path}".split()
+    )
+    saved = json.loads((tmp_path / "bench_op.json").read_text())
+    ops = {(r["impl"], r["mode"]) for r in saved["records"] if r["kind"] == "op"}
+    assert ("pallas", "fwdbwd") in ops and ("pallas[grad_dtype=input]", "fwdbwd") in ops, ops
+    assert ("pallas[wy_warps=8,grad_dtype=input]", "fwdbwd") in ops, ops
+    assert ("pallas[grad_dtype=input]", "fwd") not in ops  # same forward kernels
+    assert bench.backward_fields("grad_dtype=input,wy_block=32") == {
+        "grad_dtype": "input",
+        "wy_block": 32,
+    }
+    with pytest.raises(ValueError, match="no_such_field"):
+        bench.backward_fields("no_such_field=1")

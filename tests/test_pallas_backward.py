@@ -197,7 +197,9 @@ def test_wide_heads_use_the_kernel_backward(
     monkeypatch.setattr(dp_pallas, "_fallback_bwd", no_fallback)
     if fields is not None:
         config = kernel_backward.BackwardConfig(**fields)
-        monkeypatch.setattr(dp_pallas, "backward_config_for", lambda key_dim, value_dim: config)
+        monkeypatch.setattr(
+            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
+        )
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
     starts = jnp.asarray(random_resets(rng, B, T)) if resets else None
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
@@ -243,6 +245,71 @@ def test_bf16_grads_spec_tolerances(rng, n, gated):
     for name in got:
         err = rel_rmse(want[name], got[name])
         assert np.isfinite(got[name]).all() and err < LOW_TOL[name], (name, err)
+
+
+@pytest.mark.parametrize("n,gated", [(1, False), (2, True), (3, False), (4, True)])
+def test_16_bit_intermediates_keep_spec_tolerances(rng, monkeypatch, n, gated):
+    """``BackwardConfig(grad_dtype="input")``: the output's dk, dW and dkp stored in bf16 (and
+    ``dW K^T`` in 16 bits) stay within SPEC §9 of the fp32 chunked path, and at most a little
+    further from it than the fp32 intermediates."""
+    B, T, H, K, V = 1, 130, 2, 32, 32
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    low = inputs(p, jnp.bfloat16)
+    rounded = [None if a is None else a.astype(jnp.float32) for a in low]
+    want = grads(chunked.forward, rounded, starts, cot_o, cot_s, n, K**-0.5)
+    errs = {}
+    for grad_dtype in ("float32", "input"):
+        config = kernel_backward.BackwardConfig(grad_dtype=grad_dtype)
+        monkeypatch.setattr(
+            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
+        )
+        got = grads(dp_pallas.forward, low, starts, cot_o, cot_s, n, K**-0.5)
+        errs[grad_dtype] = {name: rel_rmse(want[name], got[name]) for name in got}
+        for name, err in errs[grad_dtype].items():
+            assert np.isfinite(got[name]).all() and err < LOW_TOL[name], (grad_dtype, name, err)
+    for name, err in errs["input"].items():
+        assert err <= 2.0 * errs["float32"][name] + 2e-3, (name, err, errs["float32"][name])
+
+
+def test_16_bit_intermediates_leave_fp32_inputs_alone(rng, monkeypatch):
+    """fp32 inputs keep fp32 intermediates under ``grad_dtype="input"``: identical gradients."""
+    B, T, H, K, V, n = 1, 70, 2, 16, 16, 2
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    out = []
+    for grad_dtype in ("float32", "input"):
+        config = kernel_backward.BackwardConfig(grad_dtype=grad_dtype)
+        monkeypatch.setattr(
+            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
+        )
+        out.append(grads(dp_pallas.forward, args, None, cot_o, cot_s, n, 0.25))
+    for name in out[0]:
+        np.testing.assert_array_equal(out[0][name], out[1][name], err_msg=name)
+    with pytest.raises(ValueError, match="grad_dtype must be 'float32' or 'input', got 'bf16'"):
+        kernel_backward.BackwardConfig(grad_dtype="bf16")
+
+
+@pytest.mark.parametrize("n,split", [(2, 1), (3, 2)])
+def test_masked_read_term_matches_the_branch(rng, monkeypatch, n, split):
+    """``state_read_masked``: the reverse pass's read term without ``lax.cond`` (also in the
+    split pass's transfer launch) gives the branch's gradients."""
+    B, T, H, K, V = 1, 200, 2, 16, 24
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    out = []
+    for masked in (False, True):
+        config = kernel_backward.BackwardConfig(state_split=split, state_read_masked=masked)
+        monkeypatch.setattr(
+            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
+        )
+        out.append(grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.3))
+    for name in out[0]:
+        assert rel_rmse(out[0][name], out[1][name]) < 1e-6, name
 
 
 def test_segment_ids_and_cu_seqlens(rng):
@@ -426,9 +493,18 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,T,H,K,V,n,gated,extras", GPU_CASES)
-def test_gpu_bf16_grads(rng, B, T, H, K, V, n, gated, extras):
+@pytest.mark.parametrize(
+    "B,T,H,K,V,n,gated,extras,grad_dtype",
+    [(*case, "float32") for case in GPU_CASES] + [(*case, "input") for case in GPU_CASES[:3]],
+)
+def test_gpu_bf16_grads(rng, monkeypatch, B, T, H, K, V, n, gated, extras, grad_dtype):
+    """bf16 kernels vs the fp32 chunked path at real sizes (``grad_dtype="input"``: the 16-bit
+    backward intermediates, on the first three shapes)."""
     from test_pallas_forward import record
+
+    if grad_dtype != "float32":
+        config = dataclasses.replace(dp_pallas.backward_config_for(K, V), grad_dtype=grad_dtype)
+        monkeypatch.setattr(dp_pallas, "backward_config_for", lambda key_dim, value_dim: config)
 
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=extras)
     starts = jnp.asarray(random_resets(rng, B, T, first=False)) if extras else None
@@ -451,7 +527,9 @@ def test_gpu_bf16_grads(rng, B, T, H, K, V, n, gated, extras):
         a = np.asarray(a.astype(jnp.float32))
         assert np.isfinite(a).all(), NAMES[i]
         errs[NAMES[i]] = rel_rmse(np.asarray(b), a)
-    record(case=[B, T, H, K, V, n, gated, extras, "bf16"], backward=True, **errs)
+    record(
+        case=[B, T, H, K, V, n, gated, extras, "bf16"], backward=True, grad_dtype=grad_dtype, **errs
+    )
     for name, err in errs.items():
         assert err < LOW_TOL[name], (name, err)
 

@@ -278,7 +278,7 @@ def test_sequence_split_backward_lowers(n):
     from pallas_kernels import backward as kernel_backward
 
     args = forward_args(n, 128, 64, gated=True, h0=True, resets=True)
-    config = kernel_backward.BackwardConfig(state_split=4)
+    config = kernel_backward.BackwardConfig(state_split=4, state_read_masked=n > 1)
     text = lower_forward_backward(n, args, config)
     assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS) + 1
     assert "dp_bwd_state_transfer" in text
@@ -306,6 +306,9 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(wy_warps=8, wy_block=128),
         dict(wy_split=True),
         dict(state_block_v=16, state_stages=2, adjoint_warps=4, dv_block_v=128),
+        dict(grad_dtype="input"),
+        dict(grad_dtype="input", wy_split=True, wy_fused=True),
+        dict(state_read_masked=True),
     ],
 )
 def test_backward_lowers_other_configs(fields):
@@ -314,6 +317,7 @@ def test_backward_lowers_other_configs(fields):
     args = forward_args(2, 128, 128, gated=True, h0=True, resets=True)
     text = lower_forward_backward(2, args, kernel_backward.BackwardConfig(**fields))
     expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
+    expected -= bool(fields.get("wy_fused"))  # one kernel for the state and WY adjoints
     assert text.count(TRITON_CALL) == expected
 
 
