@@ -353,8 +353,9 @@ def test_backward_lowers_wide_heads(K, V, n, gated):
             dict(save_states=False, adjoint_block_k=32, output_block_k=32, output_block_v=32),
             ("dp_bwd_recompute", *BACKWARD_KERNELS[1:]),
         ),
+        (dict(adjoint_block_k=64, grad_dtype="input"), BACKWARD_KERNELS),  # 16-bit dk, dW, dkp
     ],
-    ids=["defaults", "output_dv", "recompute_small_tiles"],
+    ids=["defaults", "output_dv", "recompute_small_tiles", "grad_dtype_input"],
 )
 def test_backward_lowers_wide_heads_other_configs(fields, kernels_expected):
     from pallas_kernels import backward as kernel_backward
