@@ -23,13 +23,14 @@ def _load():
     return module
 
 
+def _run(bench, tmp_path, flags: str) -> dict:
+    """``bench_op.main`` at a shape the kernels must pad; returns the saved bench_op.json."""
+    bench.main(f"--case 1,70,2,32,20,2 --no-chunked --repeats 1 {flags} --out {tmp_path}".split())
+    return json.loads((tmp_path / "bench_op.json").read_text())
+
+
 def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
-    bench = _load()
-    bench.main(
-        "--case 1,70,2,32,20,2 --stages --bwd-stages --tune --bwd-tune --no-chunked "
-        f"--repeats 1 --out {tmp_path}".split()
-    )
-    saved = json.loads((tmp_path / "bench_op.json").read_text())
+    saved = _run(_load(), tmp_path, "--stages --bwd-stages --tune --bwd-tune")
     kinds = {r["kind"] for r in saved["records"]}
     assert {"op", "stage", "tune", "bwd_tune", "floor"} <= kinds, kinds
     stages = {r["stage"] for r in saved["records"] if r["kind"] == "stage"}
@@ -41,11 +42,8 @@ def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
 
 def test_bench_op_times_backward_variants_side_by_side(tmp_path):
     bench = _load()
-    bench.main(
-        "--case 1,70,2,32,20,2 --no-chunked --repeats 1 --bwd-variant grad_dtype=input "
-        f"--bwd-variant wy_warps=8,grad_dtype=input --out {tmp_path}".split()
-    )
-    saved = json.loads((tmp_path / "bench_op.json").read_text())
+    flags = "--bwd-variant grad_dtype=input --bwd-variant wy_warps=8,grad_dtype=input"
+    saved = _run(bench, tmp_path, flags)
     ops = {(r["impl"], r["mode"]) for r in saved["records"] if r["kind"] == "op"}
     assert ("pallas", "fwdbwd") in ops and ("pallas[grad_dtype=input]", "fwdbwd") in ops, ops
     assert ("pallas[wy_warps=8,grad_dtype=input]", "fwdbwd") in ops, ops
