@@ -171,8 +171,8 @@ def state_pass_backward(
       w.r.t. the state at the *end* of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
     """
     B, L, H, Kp = k.shape
-    programs = B * H * -(-dv_out.shape[-1] // min(block_v, dv_out.shape[-1]))
-    pieces = state_pass_pieces(split, L // (CHUNK * num_householder), programs)
+    chunks = L // (CHUNK * num_householder)
+    pieces = state_pass_pieces(split, chunks, B * H, dv_out.shape[-1], block_v)
     launch = functools.partial(
         _launch,
         a,

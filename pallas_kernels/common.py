@@ -239,11 +239,16 @@ def auto_split(programs: int) -> int:
     return pieces
 
 
-def state_pass_pieces(split: int, token_chunks: int, programs: int) -> int:
-    """How many pieces a state pass (forward or backward) walks: ``split`` (``AUTO_SPLIT``:
-    ``auto_split(programs)``) clipped to a count dividing ``token_chunks``."""
+def state_pass_pieces(
+    split: int, token_chunks: int, batch_heads: int, value_dim: int, block_v: int
+) -> int:
+    """How many pieces a state pass (forward or backward) of ``batch_heads`` (B * H) heads walks,
+    its value dim ``value_dim`` in tiles of ``block_v`` (clipped to it): ``split``
+    (``AUTO_SPLIT``: ``auto_split`` of the programs) clipped to a count dividing
+    ``token_chunks``."""
     if split < 0:
         raise ValueError(f"state_split must be >= 0 (0 = automatic), got {split}")
+    programs = batch_heads * -(-value_dim // min(block_v, value_dim))
     most = auto_split(programs) if split == AUTO_SPLIT else split
     return split_pieces(token_chunks, most)
 

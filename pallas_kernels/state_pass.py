@@ -176,8 +176,8 @@ def state_pass(
       k.dtype, ``NT = T_pad / 64``.
     """
     B, L, H, Kp = k.shape
-    programs = B * H * -(-v.shape[-1] // min(block_v, v.shape[-1]))
-    pieces = state_pass_pieces(split, L // (CHUNK * num_householder), programs)
+    chunks = L // (CHUNK * num_householder)
+    pieces = state_pass_pieces(split, chunks, B * H, v.shape[-1], block_v)
     launch = functools.partial(
         _launch,
         a,

@@ -64,6 +64,11 @@ def grads(impl, args, resets, cot_o, cot_s, n, scale, jit=False):
     return {NAMES[i]: np.asarray(x.astype(jnp.float32)) for i, x in zip(argnums, got, strict=True)}
 
 
+def use_backward_config(monkeypatch, config) -> None:
+    """Make the op's custom_vjp run the backward kernels with ``config`` for every head dim."""
+    monkeypatch.setattr(dp_pallas, "backward_config_for", lambda key_dim, value_dim: config)
+
+
 def cotangents(rng, B, T, H, K, V):
     return (
         jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32),
@@ -197,9 +202,7 @@ def test_wide_heads_use_the_kernel_backward(
     monkeypatch.setattr(dp_pallas, "_fallback_bwd", no_fallback)
     if fields is not None:
         config = kernel_backward.BackwardConfig(**fields)
-        monkeypatch.setattr(
-            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
-        )
+        use_backward_config(monkeypatch, config)
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=h0)
     starts = jnp.asarray(random_resets(rng, B, T)) if resets else None
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
@@ -266,9 +269,7 @@ def test_16_bit_intermediates_keep_spec_tolerances(rng, monkeypatch, n, gated, K
     errs = {}
     for grad_dtype in ("float32", "input"):
         config = dataclasses.replace(kernel_backward.config_for(K, V), grad_dtype=grad_dtype)
-        monkeypatch.setattr(
-            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
-        )
+        use_backward_config(monkeypatch, config)
         got = grads(dp_pallas.forward, low, starts, cot_o, cot_s, n, K**-0.5)
         errs[grad_dtype] = {name: rel_rmse(want[name], got[name]) for name in got}
         for name, err in errs[grad_dtype].items():
@@ -286,9 +287,7 @@ def test_16_bit_intermediates_leave_fp32_inputs_alone(rng, monkeypatch):
     out = []
     for grad_dtype in ("float32", "input"):
         config = kernel_backward.BackwardConfig(grad_dtype=grad_dtype)
-        monkeypatch.setattr(
-            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
-        )
+        use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, None, cot_o, cot_s, n, 0.25))
     for name in out[0]:
         np.testing.assert_array_equal(out[0][name], out[1][name], err_msg=name)
@@ -308,9 +307,7 @@ def test_masked_read_term_matches_the_branch(rng, monkeypatch, n, split):
     out = []
     for masked in (False, True):
         config = kernel_backward.BackwardConfig(state_split=split, state_read_masked=masked)
-        monkeypatch.setattr(
-            dp_pallas, "backward_config_for", lambda key_dim, value_dim, c=config: c
-        )
+        use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.3))
     for name in out[0]:
         assert rel_rmse(out[0][name], out[1][name]) < 1e-6, name
@@ -508,7 +505,7 @@ def test_gpu_bf16_grads(rng, monkeypatch, B, T, H, K, V, n, gated, extras, grad_
 
     if grad_dtype != "float32":
         config = dataclasses.replace(dp_pallas.backward_config_for(K, V), grad_dtype=grad_dtype)
-        monkeypatch.setattr(dp_pallas, "backward_config_for", lambda key_dim, value_dim: config)
+        use_backward_config(monkeypatch, config)
 
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=extras)
     starts = jnp.asarray(random_resets(rng, B, T, first=False)) if extras else None

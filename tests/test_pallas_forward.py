@@ -176,20 +176,21 @@ def test_automatic_split_only_where_programs_are_few():
     pieces up to 256 programs below (B=1, H=8: 32 programs -> 8 pieces), clipped to a divisor of
     the token chunks; an explicit count is kept; a negative one is refused."""
     assert [auto_split(p) for p in (1, 16, 32, 64, 95, 96, 128, 4096)] == [8, 8, 8, 4, 4, 1, 1, 1]
-    assert state_pass_pieces(AUTO_SPLIT, 512, 32) == 8  # B=1, T=32768
-    assert state_pass_pieces(AUTO_SPLIT, 64, 128) == 1  # B=4, T=4096
-    assert state_pass_pieces(AUTO_SPLIT, 3, 8) == 3  # T=192: three token chunks
-    assert state_pass_pieces(1, 512, 32) == 1 and state_pass_pieces(2, 512, 4096) == 2
+    assert state_pass_pieces(AUTO_SPLIT, 512, 8, 128, 32) == 8  # B=1, T=32768, H=8
+    assert state_pass_pieces(AUTO_SPLIT, 64, 32, 128, 32) == 1  # B=4, T=4096, H=8
+    assert state_pass_pieces(AUTO_SPLIT, 3, 8, 16, 32) == 3  # T=192: three token chunks
+    assert state_pass_pieces(1, 512, 8, 128, 32) == 1
+    assert state_pass_pieces(2, 512, 1024, 128, 32) == 2
     assert kernels.KernelConfig().state_split == AUTO_SPLIT
     with pytest.raises(ValueError, match="state_split must be >= 0"):
-        state_pass_pieces(-1, 64, 32)
+        state_pass_pieces(-1, 64, 8, 128, 32)
 
 
 def test_default_config_splits_few_program_calls(rng):
     """The default (automatic) split on a call with few programs gives the unsplit results."""
     B, T, H, K, V, n = 1, 320, 2, 16, 32, 2
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
-    assert state_pass_pieces(AUTO_SPLIT, 5, B * H * 1) == 5
+    assert state_pass_pieces(AUTO_SPLIT, 5, B * H, V, 32) == 5
     o_auto, f_auto = run_pallas(p, None, jnp.float32, 0.3, n, config=kernels.KernelConfig())
     o_seq, f_seq = run_pallas(
         p, None, jnp.float32, 0.3, n, config=kernels.KernelConfig(state_split=1)
