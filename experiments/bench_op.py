@@ -387,13 +387,14 @@ BWD_TUNE_SPACE = {
     + [dict(state_read_masked=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
-        dict(wy_warps=w, wy_block=b, wy_split=sp)
-        for w, b, sp in (
-            (4, 64, False),
-            (8, 64, False),
-            (8, 128, False),
-            (4, 64, True),
-            (2, 64, False),
+        dict(wy_warps=w, wy_block=b, wy_split=sp, wy_stages=s)
+        for w, b, sp, s in (
+            (4, 64, False, 1),
+            (8, 64, False, 1),
+            (8, 128, False, 1),
+            (4, 64, True, 1),
+            (2, 64, False, 1),
+            (4, 64, False, 2),
         )
     ],
     "bwd_output": [dict(output_warps=w) for w in (8, 4, 2)],

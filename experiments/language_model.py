@@ -160,6 +160,13 @@ def _add_train(sub) -> None:
         help="DeltaProduct op implementation (auto: Pallas kernels on GPU)",
     )
     m.add_argument(
+        "--conv_backward",
+        default="xla",
+        choices=("auto", "xla", "pallas"),
+        help="backward of the short convolutions: xla (autodiff), auto (the Pallas kernel on a "
+        "GPU; not yet checked on a GPU, docs/LM.md), pallas (the kernel, interpret mode on CPU)",
+    )
+    m.add_argument(
         "--compute_dtype",
         default="bf16",
         choices=sorted(DTYPES),
@@ -520,6 +527,7 @@ def model_config(args: argparse.Namespace, tok, seq_len: int):
         "pad_token_id": tok.pad_id,
         "max_position_embeddings": seq_len,
         "impl": args.impl,
+        "conv_backward": args.conv_backward,
         "dtype": DTYPES[args.compute_dtype],
         "param_dtype": DTYPES[args.param_dtype],
     }

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_layers", type=int, default=1, help="ST model layers")
     p.add_argument("--impl", default="pallas", help="op implementation (pallas/chunked/auto)")
     p.add_argument(
+        "--conv_backward",
+        default="xla",
+        choices=("auto", "xla", "pallas"),
+        help="backward of a preset's short convolutions (dpjax.nn.conv; auto/pallas: the Pallas "
+        "kernel on a GPU)",
+    )
+    p.add_argument(
         "--param_dtype",
         choices=("bf16", "fp32"),
         default=None,
@@ -104,6 +111,7 @@ def model_config(args: argparse.Namespace):
         return get_preset(
             args.preset,
             impl=args.impl,
+            conv_backward=args.conv_backward,
             dtype="bfloat16",
             param_dtype=param_dtype,
             max_position_embeddings=args.k + 1,

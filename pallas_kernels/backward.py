@@ -94,7 +94,7 @@ class BackwardConfig:
     fused_warps: int = 8  # launch parameters of that kernel
     # dtype of the [L, Kp] intermediates dk_out, dW, dkp between stages 1, 3 and 4: "float32", or
     # "input" (16-bit inputs: half their traffic, and P = dW K^T in 16 bits; fp32 inputs: fp32)
-    grad_dtype: str = "float32"
+    grad_dtype: str = "input"
 
     def __post_init__(self):
         if self.grad_dtype not in ("float32", "input"):

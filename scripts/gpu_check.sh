@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in a few device calls, all logs under $OUT:
-#   1. the GPU correctness tests of the forward and backward kernels (marker `gpu`);
+#   1. the GPU correctness tests of the forward and backward kernels and of the short
+#      convolution's backward (marker `gpu`);
 #   2. experiments/bench_op.py on the target shapes (B=4, T=4096, H=8, K=V=128, n_h=1..3):
 #      forward, forward+backward, each kernel alone with its compile time, peak memory;
 #   3. the peers in the same job, each in its own process: jax-linear-attention, then FLA
@@ -9,22 +10,27 @@
 #      and the state-tracking shape (B=2048, T=129, H=8, K=V=32, n_h=1, 2, 4), stages included;
 #   4b. `variants`: forward+backward at the targets with other BackwardConfig fields side by side
 #      with the default (grad_dtype=input, plus BWD_VARIANTS="--bwd-variant FIELD=VALUE ...");
+#   4c. `conv`: the short convolution's backward, XLA's autodiff against the Pallas kernel
+#      (experiments/bench_conv.py, the 392M models' shapes);
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
 #      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune;
 #      SPLIT_CASES="4,4096,8,128,128,2" overrides the B,T,H,K,V,n_h cases);
 #   6. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
 #      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
-#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat" pairs, ";"-separated);
+#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward]", ";"-
+#      separated; conv_backward xla by default, "auto" for the short convolution's Pallas backward);
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
 # Device tool: carry [".whl"] (bash scripts/fetch_gpu_wheels.sh fills it); a call may run 10
 # minutes, so use separate calls:
-#   bash scripts/gpu_check.sh tests           # about 6-7 minutes (32 tests; 27 took 280 s)
+#   bash scripts/gpu_check.sh tests           # about 7-8 minutes (37 tests; 27 took 280 s;
+#                                             # TEST_FILES=..., TESTS_TIMEOUT=s narrow it)
 #   bash scripts/gpu_check.sh bench jla fla   # about 9 minutes: ours and the peers in one job
 #   bash scripts/gpu_check.sh variants        # at most 4.5 minutes
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
+#   bash scripts/gpu_check.sh conv            # at most 2 minutes
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
 #   bash scripts/gpu_check.sh lm_remat        # at most 6 minutes
@@ -46,7 +52,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OU
 for stage in $STAGES; do
   case $stage in
     tests)
-      timeout 450 python3 -m pytest tests/test_pallas_forward.py tests/test_pallas_backward.py \
+      # shellcheck disable=SC2086
+      timeout "${TESTS_TIMEOUT:-450}" python3 -m pytest \
+        ${TEST_FILES:-tests/test_pallas_forward.py tests/test_pallas_backward.py tests/test_short_conv.py} \
         -m gpu -q -rA 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     bench)
       timeout 200 python3 experiments/bench_op.py --only 0 1 2 --stages --bwd-stages --memory \
@@ -71,6 +79,9 @@ for stage in $STAGES; do
         --case 2048,129,8,32,32,2 --case 2048,129,8,32,32,4 --stages --bwd-stages --repeats 5 \
         --out "$OUT/st_shape" > "$OUT/st_shape.stdout" 2>&1
       tail -30 "$OUT/st_shape/bench_op.md" ;;
+    conv)
+      timeout 120 python3 experiments/bench_conv.py --out "$OUT/conv" > "$OUT/conv.stdout" 2>&1
+      tail -14 "$OUT/conv/bench_conv.md" ;;
     split)
       for case in ${SPLIT_CASES:-1,32768,8,128,128,2 4,4096,8,128,128,2}; do
         timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \
@@ -82,10 +93,11 @@ for stage in $STAGES; do
       [ "$stage" = lm_remat ] && runs=("dp2 none" "dp2 block_save_dots")
       [ -n "${LM_RUNS:-}" ] && IFS=';' read -ra runs <<< "$LM_RUNS"
       for run in "${runs[@]}"; do
-        read -r p remat <<< "$run"
+        read -r p remat conv <<< "$run"
+        conv=${conv:-xla}
         timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
-          --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" \
-          --impl auto --top 20 --out "$OUT/lm_${p}_$remat" 2>&1 | grep -v "^WARNING" | tail -26
+          --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
+          --impl auto --top 20 --out "$OUT/lm_${p}_${remat}_$conv" 2>&1 | grep -v "^WARNING" | tail -26
       done ;;
     multi)
       python3 experiments/language_model.py prepare --corpus stdlib \

@@ -9,7 +9,6 @@ cotangents for both outputs (o and the final state).
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +29,6 @@ from pallas_kernels.common import split_pieces
 NAMES = ("dq", "dk", "dv", "dbeta", "dg", "dh0")
 FP32_TOL = 1e-4
 LOW_TOL = {"dq": 8e-3, "dk": 8e-3, "dv": 8e-3, "dh0": 8e-3, "dbeta": 2e-2, "dg": 2e-2}
-
-
-@pytest.fixture
-def rng(request):
-    seed = zlib.crc32(request.node.nodeid.encode())
-    return np.random.default_rng(seed)
 
 
 def random_resets(rng, B: int, T: int, first: bool = False) -> np.ndarray:
@@ -493,18 +486,26 @@ GPU_CASES = [
 ]
 
 
+# BackwardConfig fields changed from the default: every shape with the defaults, the first three
+# also with fp32 intermediates and with the reverse pass's branch-free read term
+GPU_VARIANTS = [
+    (*case, variant)
+    for variant in ("default", "grad_dtype=float32", "state_read_masked=True")
+    for case in (GPU_CASES if variant == "default" else GPU_CASES[:3])
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "B,T,H,K,V,n,gated,extras,grad_dtype",
-    [(*case, "float32") for case in GPU_CASES] + [(*case, "input") for case in GPU_CASES[:3]],
-)
-def test_gpu_bf16_grads(rng, monkeypatch, B, T, H, K, V, n, gated, extras, grad_dtype):
-    """bf16 kernels vs the fp32 chunked path at real sizes (``grad_dtype="input"``: the 16-bit
-    backward intermediates, on the first three shapes)."""
+@pytest.mark.parametrize("B,T,H,K,V,n,gated,extras,variant", GPU_VARIANTS)
+def test_gpu_bf16_grads(rng, monkeypatch, B, T, H, K, V, n, gated, extras, variant):
+    """bf16 kernels vs the fp32 chunked path at real sizes, with the default backward
+    configuration and (first three shapes) the variants of ``GPU_VARIANTS``."""
     from test_pallas_forward import record
 
-    if grad_dtype != "float32":
-        config = dataclasses.replace(dp_pallas.backward_config_for(K, V), grad_dtype=grad_dtype)
+    if variant != "default":
+        field, value = variant.split("=")
+        value = {"True": True, "False": False}.get(value, value)
+        config = dataclasses.replace(dp_pallas.backward_config_for(K, V), **{field: value})
         use_backward_config(monkeypatch, config)
 
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=extras)
@@ -528,9 +529,7 @@ def test_gpu_bf16_grads(rng, monkeypatch, B, T, H, K, V, n, gated, extras, grad_
         a = np.asarray(a.astype(jnp.float32))
         assert np.isfinite(a).all(), NAMES[i]
         errs[NAMES[i]] = rel_rmse(np.asarray(b), a)
-    record(
-        case=[B, T, H, K, V, n, gated, extras, "bf16"], backward=True, grad_dtype=grad_dtype, **errs
-    )
+    record(case=[B, T, H, K, V, n, gated, extras, "bf16"], backward=True, variant=variant, **errs)
     for name, err in errs.items():
         assert err < LOW_TOL[name], (name, err)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +30,6 @@ from pallas_kernels.prepare import prepare
 
 FP32_TOL = 1e-4
 LOW_TOL = {jnp.bfloat16: 5e-3, jnp.float16: 5e-3}
-
-
-@pytest.fixture
-def rng(request):
-    seed = zlib.crc32(request.node.nodeid.encode())
-    return np.random.default_rng(seed)
 
 
 @pytest.fixture

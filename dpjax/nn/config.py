@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dpjax.nn.conv import CONV_BACKWARDS
 from dpjax.nn.init import INIT_SCHEMES
 from dpjax.nn.mlp import intermediate_size
 from dpjax.ops.validation import IMPLS
@@ -56,6 +57,9 @@ class DeltaProductConfig:
 
     Ours:
       impl: implementation of the op (``"auto" | "chunked" | "reference" | "pallas"``).
+      conv_backward: the short convolutions' backward (``dpjax.nn.conv``): ``"xla"`` (default:
+        autodiff), ``"auto"`` (the one-pass Pallas kernel on a GPU, autodiff elsewhere; not yet
+        checked on a GPU) or ``"pallas"`` (interpret mode off the GPU).
       init_scheme: ``"paper"`` (DEFAULT, reproduces the paper's runs: mixer Linears
         xavier-uniform gain 2^-2.5; embedding/MLP gate, up ``N(0, initializer_range)``; MLP down
         kaiming-uniform / sqrt(2L)) or ``"fla"`` (current FLA/HF: every Linear/conv/embedding
@@ -101,6 +105,7 @@ class DeltaProductConfig:
     # --- ours ----------------------------------------------------------------------------
     conv_bias: bool = False
     impl: str = "auto"
+    conv_backward: str = "xla"
     init_scheme: str = "paper"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -163,6 +168,10 @@ class DeltaProductConfig:
             raise ValueError(f"hidden_act: expected one of {_ACTIVATIONS}, got {self.hidden_act!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {self.impl!r}")
+        if self.conv_backward not in CONV_BACKWARDS:
+            raise ValueError(
+                f"conv_backward: expected one of {CONV_BACKWARDS}, got {self.conv_backward!r}"
+            )
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(
                 f"init_scheme: expected one of {INIT_SCHEMES}, got {self.init_scheme!r}"

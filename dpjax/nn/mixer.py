@@ -73,6 +73,7 @@ class DeltaProductMixer(nnx.Module):
                     use_bias=c.conv_bias,
                     kernel_init=initializer(c, "conv_kernel"),
                     bias_init=initializer(c, "conv_bias"),
+                    backward=c.conv_backward,
                     **kw,
                 )
 

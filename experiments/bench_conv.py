@@ -1,0 +1,119 @@
+"""Time the short convolution's backward: XLA's autodiff against the one-pass Pallas kernel.
+
+For each shape (default: the 392M language models' convolutions, B=8, T=4096, C=1024 and 2048,
+bf16, packed documents), times forward + backward of ``<conv_silu(x), dy>`` w.r.t. ``x``, the
+kernel and the bias with ``ShortConv``'s two backwards, side by side (interleaved medians), plus
+the kernel alone at a few tile shapes. Writes ``bench_conv.json`` and ``bench_conv.md``.
+
+Example (GPU)::
+
+    python experiments/bench_conv.py --out /tmp/bench_conv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_op import time_round_robin  # noqa: E402
+
+from dpjax.nn.conv import conv_silu, conv_silu_kernel_vjp  # noqa: E402
+from pallas_kernels.common import default_interpret  # noqa: E402
+from pallas_kernels.short_conv import short_conv_backward  # noqa: E402
+
+TILES = [(32, 64, 4), (16, 128, 4), (64, 64, 8), (32, 32, 2)]  # (block_t, block_c, warps)
+
+
+def variants(interpret: bool) -> dict:
+    """name -> jitted ``f(x, dy, kernel, segment_ids)``: forward + backward with either backward,
+    and the kernel alone at each of ``TILES``."""
+
+    def grads(conv):
+        def f(x, dy, w, seg):
+            y = conv(x, w, None, seg, jnp.bfloat16).astype(jnp.float32)
+            return jnp.sum(y * dy.astype(jnp.float32))
+
+        return jax.jit(jax.grad(f, argnums=(0, 2)))
+
+    fns = {
+        "xla autodiff (fwd+bwd)": grads(conv_silu),
+        "pallas backward (fwd+bwd)": grads(lambda *a: conv_silu_kernel_vjp(*a, interpret)),
+    }
+    for bt, bc, warps in TILES:
+        fns[f"kernel alone BT={bt} BC={bc} warps={warps}"] = jax.jit(
+            lambda x, dy, w, seg, bt=bt, bc=bc, warps=warps: short_conv_backward(
+                x,
+                dy,
+                w,
+                None,
+                seg,
+                block_t=bt,
+                block_c=bc,
+                num_warps=warps,
+                interpret=interpret,
+            )  # fmt: skip
+        )
+    return fns
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--case",
+        action="append",
+        default=None,
+        help="B,T,C shape (repeatable; default: 8,4096,1024 and 8,4096,2048)",
+    )
+    p.add_argument("--width", type=int, default=4, help="kernel width W")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (medians)")
+    p.add_argument("--iters", type=int, default=10, help="calls per round")
+    p.add_argument("--out", default="bench_conv", help="output directory")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cases = [
+        tuple(int(v) for v in c.split(",")) for c in (args.case or ["8,4096,1024", "8,4096,2048"])
+    ]
+    interpret = default_interpret()
+    records = []
+    for B, T, C in cases:
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(B, T, C)), jnp.bfloat16)
+        dy = jnp.asarray(rng.normal(size=(B, T, C)), jnp.bfloat16)
+        w = jnp.asarray(rng.normal(size=(args.width, C)) * 0.3, jnp.float32)
+        seg = jnp.asarray(np.sort(rng.integers(0, 8, size=(B, T)), axis=1), jnp.int32)
+
+        fns = variants(interpret)
+        times = time_round_robin(fns, [(x, dy, w, seg)], args.repeats, args.iters)
+        bytes_min = 3 * B * T * C * 2  # read x, dy; write dx (bf16)
+        for name, ms in times.items():
+            rec = dict(B=B, T=T, C=C, W=args.width, variant=name, ms=ms, min_mb=bytes_min / 1e6)
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    device = jax.devices()[0].device_kind
+    with open(os.path.join(args.out, "bench_conv.json"), "w") as fh:
+        json.dump(dict(device=device, records=records), fh, indent=1)
+    lines = [f"Device: {device}", "", "| B, T, C | variant | ms |", "|---|---|---|"]
+    lines += [f"| {r['B']}, {r['T']}, {r['C']} | {r['variant']} | {r['ms']:.3f} |" for r in records]
+    with open(os.path.join(args.out, "bench_conv.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return records
+
+
+if __name__ == "__main__":
+    main()

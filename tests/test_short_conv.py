@@ -1,0 +1,215 @@
+"""The short convolution's one-pass Pallas backward (``pallas_kernels.short_conv``) against XLA's
+autodiff of the same forward: the kernel alone (interpret mode), inside ``ShortConv`` and the
+model config, under ``shard_map``, lowered for an H100, and on a real GPU (marker ``gpu``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_pallas_lowering import TRITON_CALL, lower_text, sds
+
+from dpjax.nn.config import DeltaProductConfig
+from dpjax.nn.conv import ShortConv, conv_silu
+from dpjax.nn.init import uniform
+from dpjax.ops import sharded
+from dpjax.train import mesh as mesh_lib
+from pallas_kernels.short_conv import channel_block, short_conv_backward
+
+
+def problem(rng, B, T, C, W, bias, segments, dtype=jnp.float32):
+    """Random ``x, dy [B, T, C]``, ``kernel [W, C]``, ``bias [C]`` / None, sorted segment ids
+    (several documents per row, some one token long) / None."""
+    x = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
+    dy = jnp.asarray(rng.normal(size=(B, T, C)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(W, C)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(C,)), jnp.float32) if bias else None
+    seg = None
+    if segments:
+        seg = jnp.asarray(np.sort(rng.integers(0, max(2, T // 5), size=(B, T)), axis=1), jnp.int32)
+    return x, dy, kernel, b, seg
+
+
+def autodiff(x, dy, kernel, b, seg):
+    """XLA's gradients of ``<conv_silu(x, kernel, b, seg), dy>`` (fp32 math)."""
+
+    def f(x, kernel, b):
+        return jnp.sum(conv_silu(x, kernel, b, seg, jnp.float32) * dy.astype(jnp.float32))
+
+    return jax.grad(f, argnums=(0, 1, 2))(x, kernel, b)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all()
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+@pytest.mark.parametrize(
+    "B, T, C, W, bias, segments, block_t",
+    [
+        (2, 50, 64, 4, True, True, 16),
+        (1, 33, 32, 4, False, False, 32),
+        (2, 64, 128, 3, True, False, 16),
+        (1, 17, 48, 2, False, True, 8),  # channel tile 16, one partial token tile
+        (3, 5, 16, 4, True, True, 16),  # fewer tokens than taps
+    ],
+)
+def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, block_t):
+    x, dy, kernel, b, seg = problem(rng, B, T, C, W, bias, segments)
+    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, block_t=block_t, interpret=True)
+    gx, gw, gb = autodiff(x, dy, kernel, b, seg)
+    assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == kernel.shape
+    assert rel_err(dx, gx) < 1e-6 and rel_err(dw, gw) < 1e-6
+    if bias:
+        assert rel_err(db, gb) < 1e-6
+    else:
+        assert db is None
+
+
+def test_kernel_bf16_inputs(rng):
+    """bf16 x, dy: the kernel's fp32 sums against fp32 autodiff of the same bf16 values."""
+    x, dy, kernel, b, seg = problem(rng, 2, 70, 64, 4, True, True, jnp.bfloat16)
+    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, block_t=32, interpret=True)
+    gx, gw, gb = autodiff(x.astype(jnp.float32), dy, kernel, b, seg)
+    assert dx.dtype == jnp.bfloat16
+    assert rel_err(dx, gx) < 8e-3  # one bf16 rounding of dx
+    assert rel_err(dw, gw) < 1e-5 and rel_err(db, gb) < 1e-5
+
+
+def test_bad_arguments_are_named(rng):
+    x, dy, kernel, b, seg = problem(rng, 1, 8, 24, 4, False, False)
+    with pytest.raises(ValueError, match="channel count 24"):
+        short_conv_backward(x, dy, kernel, b, seg, interpret=True)
+    x, dy, kernel, b, seg = problem(rng, 1, 8, 32, 4, False, False)
+    with pytest.raises(ValueError, match="dy: expected shape"):
+        short_conv_backward(x, dy[:, :4], kernel, b, seg, interpret=True)
+    with pytest.raises(ValueError, match="block_t"):
+        short_conv_backward(x, dy, kernel, b, seg, block_t=24, interpret=True)
+    assert channel_block(2048) == 128 and channel_block(96) == 32 and channel_block(40) is None
+
+
+def make_conv(C, backward, use_bias=True):
+    return ShortConv(
+        C,
+        kernel_size=4,
+        use_bias=use_bias,
+        kernel_init=uniform(0.5),
+        bias_init=uniform(0.5),
+        backward=backward,
+        rngs=nnx.Rngs(0),
+    )
+
+
+def module_grads(conv, x, seg, mask, cot):
+    def loss(conv, x):
+        return jnp.sum(conv(x, segment_ids=seg, mask=mask).astype(jnp.float32) * cot)
+
+    return nnx.grad(loss, argnums=(0, 1))(conv, x)
+
+
+def test_module_backward_pallas_equals_xla(rng):
+    """``ShortConv(backward="pallas")``: same output and gradients (x, kernel, bias) as XLA's
+    autodiff, with documents and padding."""
+    B, T, C = 2, 37, 64
+    x = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+    seg = jnp.asarray(np.sort(rng.integers(0, 5, size=(B, T)), axis=1), jnp.int32)
+    mask = jnp.asarray(rng.random((B, T)) > 0.2)
+    cot = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+    ref, fast = make_conv(C, "xla"), make_conv(C, "pallas")
+    np.testing.assert_array_equal(
+        fast(x, segment_ids=seg, mask=mask), ref(x, segment_ids=seg, mask=mask)
+    )
+    (g_ref, gx_ref), (g_fast, gx_fast) = (module_grads(m, x, seg, mask, cot) for m in (ref, fast))
+    assert rel_err(gx_fast, gx_ref) < 1e-6
+    assert rel_err(g_fast.kernel[...], g_ref.kernel[...]) < 1e-6
+    assert rel_err(g_fast.bias[...], g_ref.bias[...]) < 1e-6
+    assert float(jnp.max(jnp.abs(jnp.where(mask[..., None], 0.0, gx_fast)))) == 0.0
+
+
+def test_module_and_config_choices():
+    assert make_conv(64, "auto")._kernel_backward() == (jax.default_backend() == "gpu")
+    assert not make_conv(64, "xla")._kernel_backward()
+    assert make_conv(64, "pallas")._kernel_backward()
+    with pytest.raises(ValueError, match="backward: expected one of"):
+        make_conv(64, "triton")
+    with pytest.raises(ValueError, match="power-of-two divisor"):
+        make_conv(24, "pallas")
+    assert not make_conv(24, "auto")._kernel_backward()  # XLA for channel counts it can't tile
+    with pytest.raises(ValueError, match="conv_backward: expected one of"):
+        DeltaProductConfig(conv_backward="fast")
+
+
+def test_kernel_backward_under_shard_map(rng):
+    """Inside ``batch_parallel`` the kernel runs per device on its rows (a ``shard_map``) and
+    the kernel/bias gradients are summed over the shards."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = mesh_lib.make_mesh(fsdp=2)
+    B, T, C = 8, 20, 32
+    x = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+    seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(B, T)), axis=1), jnp.int32)
+    cot = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
+    conv, ref = make_conv(C, "pallas"), make_conv(C, "xla")
+    graph, state = nnx.split(conv)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graph, state)(x, segment_ids=seg) * cot)
+
+    with sharded.batch_parallel(mesh, mesh_lib.BATCH_AXES):
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        assert "shard_map" in str(jax.make_jaxpr(step)(state, x))
+        g_state, gx = step(state, x)
+    g_ref, gx_ref = module_grads(ref, x, seg, None, cot)
+    assert rel_err(gx, gx_ref) < 1e-6
+    assert rel_err(g_state["kernel"][...], g_ref.kernel[...]) < 1e-6
+    assert rel_err(g_state["bias"][...], g_ref.bias[...]) < 1e-6
+
+
+@pytest.mark.parametrize("bias, segments", [(False, True), (True, False)])
+def test_kernel_lowers_for_h100(bias, segments):
+    T, C = 4096, 2048
+    text = lower_text(
+        lambda x, dy, w, b, s: short_conv_backward(x, dy, w, b, s, interpret=False),
+        sds((2, T, C)),
+        sds((2, T, C)),
+        sds((4, C), jnp.float32),
+        sds((C,), jnp.float32) if bias else None,
+        sds((2, T), jnp.int32) if segments else None,
+    )
+    assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, T, C, bias", [(8, 4096, 2048, False), (2, 1000, 96, True)])
+def test_gpu_kernel_matches_autodiff(rng, B, T, C, bias):
+    x, dy, kernel, b, seg = problem(rng, B, T, C, 4, bias, True, jnp.bfloat16)
+    dx, dw, db = jax.jit(lambda *a: short_conv_backward(*a, interpret=False))(x, dy, kernel, b, seg)
+    gx, gw, gb = jax.jit(autodiff)(x.astype(jnp.float32), dy, kernel, b, seg)
+    assert rel_err(dx, gx) < 8e-3
+    assert rel_err(dw, gw) < 1e-4
+    if bias:
+        assert rel_err(db, gb) < 1e-4
+
+
+def test_bench_conv_runs(tmp_path):
+    """experiments/bench_conv.py end to end at a tiny shape (interpret mode on CPU)."""
+    exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    if exp not in sys.path:
+        sys.path.insert(0, exp)
+    import bench_conv
+
+    records = bench_conv.main(
+        ["--case", "2,40,32", "--repeats", "1", "--iters", "1", "--out", str(tmp_path)]
+    )
+    assert {r["variant"] for r in records} >= {
+        "xla autodiff (fwd+bwd)",
+        "pallas backward (fwd+bwd)",
+    }
+    assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in records)
+    assert (tmp_path / "bench_conv.md").exists()
