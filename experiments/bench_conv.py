@@ -29,7 +29,7 @@ from dpjax.nn.conv import conv_silu, conv_silu_kernel_vjp  # noqa: E402
 from pallas_kernels.common import default_interpret  # noqa: E402
 from pallas_kernels.short_conv import short_conv_backward  # noqa: E402
 
-TILES = [(32, 64, 4), (16, 128, 4), (64, 64, 8), (32, 32, 2)]  # (block_t, block_c, warps)
+TILES = [(32, 64, 4), (16, 64, 4), (32, 64, 8), (16, 128, 4)]  # (block_t, block_c, warps)
 
 
 def variants(interpret: bool) -> dict:
