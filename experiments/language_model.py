@@ -126,6 +126,7 @@ def _add_prepare(sub) -> None:
 
 
 def _add_train(sub) -> None:
+    from dpjax.nn.conv import CONV_BACKWARDS
     from dpjax.nn.presets import list_presets
 
     p = sub.add_parser(
@@ -162,7 +163,7 @@ def _add_train(sub) -> None:
     m.add_argument(
         "--conv_backward",
         default="xla",
-        choices=("auto", "xla", "pallas"),
+        choices=CONV_BACKWARDS,
         help="backward of the short convolutions: xla (autodiff), auto (the Pallas kernel on a "
         "GPU; not yet checked on a GPU, docs/LM.md), pallas (the kernel, interpret mode on CPU)",
     )

@@ -45,6 +45,7 @@ from flax import nnx
 from hlo_sources import fusion_sources, op_key
 
 from dpjax.nn import DeltaProductLM
+from dpjax.nn.conv import CONV_BACKWARDS
 from dpjax.nn.presets import get_preset, state_tracking
 from dpjax.train import mesh as mesh_lib
 from dpjax.train.flops import device_peak_flops, flops_per_token
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conv_backward",
         default="xla",
-        choices=("auto", "xla", "pallas"),
+        choices=CONV_BACKWARDS,
         help="backward of a preset's short convolutions (dpjax.nn.conv; auto/pallas: the Pallas "
         "kernel on a GPU)",
     )
