@@ -324,6 +324,7 @@ def backward_stage_fns(
         cfg, num_householder=n, scale=scale, interpret=default_interpret()
     )
     jit = lambda name, **kw: jax.jit(functools.partial(kern[name], **kw))
+    grad_dtype = cfg.intermediate_dtype(q.dtype)  # of dk_out, dW, dkp: as the op writes them
     out = {}
     if res.v_new is None:
         out["bwd_recompute"] = (
@@ -333,10 +334,8 @@ def backward_stage_fns(
     elif not cfg.output_dv:
         out["bwd_dv_out"] = (jit("dv_out"), (k, q, do, res.gate_tokens))
     output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
-    if res.v_new is not None and cfg.output_dv:
-        out["bwd_output"] = (jit("output", with_dv_out=True), output_args)
-    else:
-        out["bwd_output"] = (jit("output"), output_args)
+    with_dv_out = res.v_new is not None and cfg.output_dv
+    out["bwd_output"] = (jit("output", with_dv_out=with_dv_out, dk_dtype=grad_dtype), output_args)
     out["bwd_state_pass"] = (
         jit("state_pass"),
         (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok),
@@ -360,7 +359,7 @@ def backward_stage_fns(
         )
     else:
         out["bwd_state_adjoint"] = (
-            jit("state_adjoint"),
+            jit("state_adjoint", out_dtype=grad_dtype),
             (res.h, st["h_mid"], st["dh_il"], st["vnew"], st["dvnew"], st["dk_out"], k, gam, fdec),
         )
         out["bwd_wy"] = (

@@ -102,6 +102,10 @@ class BackwardConfig:
                 f"BackwardConfig.grad_dtype must be 'float32' or 'input', got {self.grad_dtype!r}"
             )
 
+    def intermediate_dtype(self, input_dtype) -> jnp.dtype:
+        """The dtype of ``dk_out``, ``dW`` and ``dkp`` for inputs of ``input_dtype``."""
+        return jnp.dtype(jnp.float32 if self.grad_dtype == "float32" else input_dtype)
+
 
 # Wide heads (padded K or V above 128): tiles and launch parameters chosen offline with ptxas for
 # sm_90 (pip Triton 3.6; docs/BENCHMARKS.md "night", docs/DESIGN_DECISIONS.md): state-adjoint
@@ -300,7 +304,7 @@ def stages(
     gate_tok, gate_sub = res.gate_tokens, res.gate_substeps
     gam, fdec, gam_tok = gate_vectors(res)
     kern = stage_kernels(config, num_householder=n, scale=scale, interpret=interpret, poison=poison)
-    grad_dtype = jnp.float32 if config.grad_dtype == "float32" else q.dtype
+    grad_dtype = config.intermediate_dtype(q.dtype)
     output = partial(kern["output"], dk_dtype=grad_dtype)
     if res.v_new is None:  # the forward kept no states: recompute them
         vnew, h_mid, dv_out = kern["recompute"](
