@@ -19,6 +19,8 @@ Scales::
 
 On a GPU lent in short slices, ``--time_limit MINUTES`` stops the model in training with a
 checkpoint when the minutes are spent; the same command continues where it stopped.
+``--seeds 0 1 2`` runs the whole study once per seed (``<out_dir>/seed_<s>``) and writes the mean
+and standard deviation over seeds (``summary_seeds.md/json``, ``per_position_seeds.png``).
 
 Outputs in ``--out_dir``: one run directory per model (skipped when its ``eval/eval.json``
 exists, so an interrupted study continues), ``summary.md`` / ``summary.json`` (table), and
@@ -37,6 +39,8 @@ import os
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="op implementation for training",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run the whole study once per seed (in <out_dir>/seed_<s>) and write the mean and "
+        "spread over seeds (summary_seeds.md/json, per_position_seeds.png); overrides --seed",
+    )
     p.add_argument(
         "--skip_existing",
         type=lm.str2bool,
@@ -312,8 +324,106 @@ def _plot_val(out_dir: str, names: list[str]) -> None:
     plt.close(fig)
 
 
+def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_study`` once per seed of ``args.seeds`` (one time budget for all), then the mean and
+    standard deviation over seeds of every table entry and of the per-position curves."""
+    from dpjax.eval.per_position import PerPositionLoss
+
+    out_dir = args.out_dir or os.path.join("runs", f"lm_study_{args.scale}")
+    deadline = None if args.time_limit is None else time.time() + 60 * args.time_limit
+    summaries, curves = {}, {}
+    for seed in args.seeds:
+        left = None if deadline is None else (deadline - time.time()) / 60
+        if left is not None and left <= 0:
+            return _stopped(out_dir)
+        seed_dir = os.path.join(out_dir, f"seed_{seed}")
+        seed_args = argparse.Namespace(
+            **{**vars(args), "seed": seed, "time_limit": left, "out_dir": seed_dir}
+        )
+        summary = run_study(seed_args)
+        if summary.get("incomplete"):
+            return _stopped(out_dir)
+        summaries[seed] = summary
+        for name in summary["models"]:
+            path = os.path.join(seed_dir, name, "eval", "per_position.json")
+            curves.setdefault(name, []).append(PerPositionLoss.load_json(path))
+    table, stats = seed_table(summaries)
+    result = {"scale": args.scale, "seeds": list(args.seeds), "models": stats}
+    with open(os.path.join(out_dir, "summary_seeds.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, "summary_seeds.md"), "w") as f:
+        f.write(table + "\n")
+    scale = SCALES[args.scale]
+    plot_seed_curves(
+        curves,
+        os.path.join(out_dir, "per_position_seeds.png"),
+        title=f"Per-position loss, trained at T={scale['seq_len']}, {len(args.seeds)} seeds "
+        f"(mean ± std)",
+    )
+    print(table, flush=True)
+    print(f"wrote {out_dir}/summary_seeds.md, per_position_seeds.png", flush=True)
+    return result
+
+
+def seed_table(summaries: dict[int, dict[str, Any]]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Markdown table and statistics (mean, std over seeds) of validation loss and the
+    per-position buckets, from each seed's ``run_study`` summary."""
+    names = list(next(iter(summaries.values()))["models"])
+    buckets = list(next(iter(summaries.values()))["models"][names[0]]["per_position"])
+    stats: dict[str, dict[str, Any]] = {}
+    for name in names:
+        rows = [s["models"][name] for s in summaries.values()]
+        entry = {"val_loss": [r["val_loss"] for r in rows]}
+        entry |= {f"loss@[{b})": [r["per_position"][b] for r in rows] for b in buckets}
+        stats[name] = {
+            key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
+            for key, v in entry.items()
+        }
+    head = ["model", *next(iter(stats.values()))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, entry in stats.items():
+        cells = [f"{e['mean']:.4f} ± {e['std']:.4f}" for e in entry.values()]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines), stats
+
+
+def plot_seed_curves(curves, path: str, *, title: str, num_buckets: int = 32) -> None:
+    """Like ``plot_study_per_position`` with several seeds per model: mean curves with a ±1 std
+    band, and each model minus the first model, per seed, averaged (same sequences)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    names = list(curves)
+    per_seed = {n: np.stack([c.bucketed(num_buckets)[1] for c in curves[n]]) for n in names}
+    x = curves[names[0]][0].bucketed(num_buckets)[0]
+    for name in names:
+        for ax, y in ((top, per_seed[name]), (bottom, per_seed[name] - per_seed[names[0]])):
+            mean, std = y.mean(0), y.std(0)
+            label = name if ax is top else f"{name} - {names[0]}"
+            ax.plot(x, mean, marker=".", ms=3, label=label)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    train_length = curves[names[0]][0].train_length
+    for ax in (top, bottom):
+        if train_length:
+            ax.axvline(train_length, color="gray", ls="--", lw=1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    top.set_ylabel("mean token loss (nats)")
+    top.set_title(title)
+    bottom.axhline(0.0, color="k", lw=0.8)
+    bottom.set_ylabel(f"loss - {names[0]}")
+    bottom.set_xlabel("position (tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run_study(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return run_seeds(args) if args.seeds else run_study(args)
 
 
 if __name__ == "__main__":

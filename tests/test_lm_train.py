@@ -247,3 +247,26 @@ def test_lm_study_time_limit_then_resume(tmp_path):
     assert set(done["models"]) == {"DeltaNet", "DeltaProduct_2"}
     assert all(m["steps"] == 20 for m in done["models"].values())
     assert (tmp_path / "study" / "summary.md").is_file()
+
+
+def test_lm_study_over_seeds(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, name in enumerate(("textwrap.py", "shlex.py")):
+        src = Path(os.__file__).parent / name
+        (corpus / f"doc{i}.py").write_text(src.read_text(encoding="utf-8"))
+    study = _load("lm_study")
+    out = tmp_path / "study"
+    result = study.main([
+        "--scale", "smoke", "--models", "DeltaNet", "DeltaProduct_2", "--corpus", str(corpus),
+        "--data", str(tmp_path / "data"), "--out_dir", str(out), "--impl", "reference",
+        "--length_factor", "2", "--progress", "False", "--steps", "6", "--seeds", "0", "1",
+    ])  # fmt: skip
+    assert result["seeds"] == [0, 1]
+    for seed in (0, 1):
+        assert (out / f"seed_{seed}" / "summary.json").is_file()
+    dn = result["models"]["DeltaNet"]["val_loss"]
+    assert len(dn["values"]) == 2 and dn["values"][0] != dn["values"][1]  # seeds differ
+    assert np.isclose(dn["mean"], np.mean(dn["values"]))
+    assert (out / "summary_seeds.md").read_text().count("±") >= 2
+    assert (out / "per_position_seeds.png").stat().st_size > 0
