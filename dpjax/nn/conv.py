@@ -7,7 +7,7 @@ contributes nothing (``mask``), so each document's outputs equal those of runnin
 For decoding, ``window`` extracts the last ``W-1`` inputs and ``step`` advances one token.
 
 The backward (``backward=``): XLA's autodiff of the forward writes the pre-activation gradient in
-fp32 and reads it back for the kernel's gradient (separate fusions, ≈ 12 % of a 392M language
+fp32 and reads it back for the kernel's gradient (separate fusions, ≈ 10 % of a 392M language
 model's train step on an H100); ``backward="auto"`` runs it on a GPU as one Pallas kernel instead
 (``pallas_kernels.short_conv``: reads ``x`` and ``dy`` once, writes ``dx`` once), under
 ``shard_map`` over the batch when ``dpjax.ops.sharded.batch_parallel`` is active. It is tested on
