@@ -58,6 +58,8 @@ def rel_err(a, b) -> float:
         (2, 64, 128, 3, True, False, 16),
         (1, 17, 48, 2, False, True, 8),  # channel tile 16, one partial token tile
         (3, 5, 16, 4, True, True, 16),  # fewer tokens than taps
+        (2, 9, 32, 1, True, True, 8),  # one tap
+        (2, 3, 64, 6, False, True, 8),  # a width that is no power of two, longer than T
     ],
 )
 def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, block_t):
