@@ -274,34 +274,12 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_study_per_position(curves, path: str, *, title: str, num_buckets: int = 32) -> None:
-    """Two panels: bucketed per-position loss of every model, and each model minus the first
-    (the sequences are the same for all models, so content noise cancels in the difference)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
-    names = list(curves)
-    base_x, base = curves[names[0]].bucketed(num_buckets)
-    for name in names:
-        x, y = curves[name].bucketed(num_buckets)
-        top.plot(x, y, marker=".", ms=3, label=name)
-        bottom.plot(x, y - base, marker=".", ms=3, label=f"{name} - {names[0]}")
-    train_length = curves[names[0]].train_length
-    for ax in (top, bottom):
-        if train_length:
-            ax.axvline(train_length, color="gray", ls="--", lw=1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    top.set_ylabel("mean token loss (nats)")
-    top.set_title(title)
-    bottom.axhline(0.0, color="k", lw=0.8)
-    bottom.set_ylabel(f"loss - {names[0]}")
-    bottom.set_xlabel("position (tokens)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Two panels: bucketed per-position loss of every model (``{name: PerPositionLoss}``), and
+    each model minus the first (the sequences are the same for all models, so content noise
+    cancels in the difference)."""
+    plot_seed_curves(
+        {n: [c] for n, c in curves.items()}, path, title=title, num_buckets=num_buckets
+    )
 
 
 def _plot_val(out_dir: str, names: list[str]) -> None:
@@ -388,8 +366,9 @@ def seed_table(summaries: dict[int, dict[str, Any]]) -> tuple[str, dict[str, dic
 
 
 def plot_seed_curves(curves, path: str, *, title: str, num_buckets: int = 32) -> None:
-    """Like ``plot_study_per_position`` with several seeds per model: mean curves with a ±1 std
-    band, and each model minus the first model, per seed, averaged (same sequences)."""
+    """``plot_study_per_position`` with several seeds per model (``{name: [PerPositionLoss]}``):
+    mean curves with a ±1 std band where there are several seeds, and each model minus the first
+    model, per seed, averaged (same sequences)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,7 +383,8 @@ def plot_seed_curves(curves, path: str, *, title: str, num_buckets: int = 32) ->
             mean, std = y.mean(0), y.std(0)
             label = name if ax is top else f"{name} - {names[0]}"
             ax.plot(x, mean, marker=".", ms=3, label=label)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+            if len(y) > 1:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
     train_length = curves[names[0]][0].train_length
     for ax in (top, bottom):
         if train_length:
