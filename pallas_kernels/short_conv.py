@@ -79,14 +79,16 @@ def _kernel(*refs, width: int, tokens: int, block_t: int, has_bias: bool, has_se
             ok = ok & (seg_at(a) == seg_at(b))
         return ok
 
-    def x_at(offset: int) -> jax.Array:
-        return x_ref[idx(offset), :].astype(jnp.float32)
+    def tap_input(s: int, i: int) -> jax.Array:
+        """x at rows + s - i where tap i of the output at rows + s sees it, else 0 [BT, BC]."""
+        x = x_ref[idx(s - i), :].astype(jnp.float32)
+        return jnp.where(linked(s - i, s)[:, None], x, 0.0)
 
     def dz_at(s: int) -> jax.Array:
         """dz at rows + s ([BT, BC] fp32; 0 where rows + s is past the end)."""
         z = jnp.zeros((block_t, w.shape[1]), jnp.float32) if bias is None else bias[None, :]
         for i in range(width):
-            z = z + jnp.where(linked(s - i, s)[:, None], x_at(s - i), 0.0) * taps[i]
+            z = z + tap_input(s, i) * taps[i]
         sig = jax.nn.sigmoid(z)
         dy = dy_ref[idx(s), :].astype(jnp.float32)
         valid = (rows + s < tokens)[:, None]
@@ -101,7 +103,7 @@ def _kernel(*refs, width: int, tokens: int, block_t: int, has_bias: bool, has_se
     dw = jnp.zeros(w.shape, jnp.float32)
     slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
     for i in range(width):
-        part = jnp.sum(jnp.where(linked(-i, 0)[:, None], x_at(-i), 0.0) * dz0, axis=0)
+        part = jnp.sum(tap_input(0, i) * dz0, axis=0)
         dw = jnp.where(slot == width - 1 - i, part[None, :], dw)
     dw_ref[...] = dw
     db_ref[...] = jnp.sum(dz0, axis=0)
