@@ -74,12 +74,8 @@ def _kernel_backward(x, dy, kernel, bias, segment_ids, interpret: bool):
     setting = sharded.active()
     if setting is None or "pallas" not in setting.impls:
         return run(x, dy, kernel, bias, segment_ids)
-    rows = P(setting.axes[0] if len(setting.axes) == 1 else setting.axes)
-    if x.shape[0] % setting.size:
-        raise ValueError(
-            f"batch_parallel: the short convolution's batch {x.shape[0]} does not divide by the "
-            f"{setting.size} shards of mesh axes {setting.axes}"
-        )
+    sharded.check_rows(x.shape[0], setting.size, setting.axes, "the short convolution's batch")
+    rows = sharded.row_spec(setting.axes)
 
     def local(x, dy, kernel, bias, segment_ids):
         dx, dw, db = run(x, dy, kernel, bias, segment_ids)

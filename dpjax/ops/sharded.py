@@ -47,7 +47,9 @@ __all__ = [
     "BatchParallel",
     "active",
     "batch_parallel",
+    "check_rows",
     "hook_installed",
+    "row_spec",
     "shard_forward",
     "wrap_forward",
 ]
@@ -112,6 +114,23 @@ def batch_parallel(
         _ACTIVE.reset(token)
 
 
+def row_spec(axes: Sequence[str]) -> P:
+    """The ``PartitionSpec`` splitting a leading (batch) dimension over mesh ``axes``."""
+    axes = tuple(axes)
+    return P(axes[0] if len(axes) == 1 else axes)
+
+
+def check_rows(n: int, n_shards: int, axes: Sequence[str], what: str) -> None:
+    """``ValueError`` unless ``what`` (a leading dimension of size ``n``) splits evenly into the
+    ``n_shards`` shards of mesh ``axes``."""
+    if n % n_shards:
+        raise ValueError(
+            f"batch_parallel: {what} is {n}, which does not divide by the {n_shards} shards of "
+            f"mesh axes {tuple(axes)}; use a batch that is a multiple of {n_shards}, or leave "
+            "the batch_parallel context"
+        )
+
+
 def shard_forward(forward: Forward, mesh: Mesh, axes: Sequence[str]) -> Forward:
     """``forward`` run per device on its rows: ``shard_map`` over ``axes``, batch-leading specs.
 
@@ -125,17 +144,15 @@ def shard_forward(forward: Forward, mesh: Mesh, axes: Sequence[str]) -> Forward:
     """
     axes = tuple(axes)
     n_shards = int(np.prod([mesh.shape[a] for a in axes]))
-    spec_axes = axes[0] if len(axes) == 1 else axes
+    rows = row_spec(axes)
 
     def wrapped(q, k, v, beta, g, h0, resets, *, num_householder: int, scale: float):
-        n = q.shape[0]
-        if n % n_shards:
-            raise ValueError(
-                f"batch_parallel: the op's leading dimension (batch rows, or documents with "
-                f"cu_seqlens) is {n}, which does not divide by the {n_shards} shards of mesh "
-                f"axes {axes}; use a batch that is a multiple of {n_shards}, or leave the "
-                "batch_parallel context"
-            )
+        check_rows(
+            q.shape[0],
+            n_shards,
+            axes,
+            "the op's leading dimension (batch rows, or documents with cu_seqlens)",
+        )
         arrays = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "h0": h0, "resets": resets}
         present = {name: x for name, x in arrays.items() if x is not None}
 
@@ -146,12 +163,12 @@ def shard_forward(forward: Forward, mesh: Mesh, axes: Sequence[str]) -> Forward:
                 num_householder=num_householder, scale=scale,
             )  # fmt: skip
 
-        specs = {name: P(spec_axes) for name in present}
+        specs = {name: rows for name in present}
         run = jax.shard_map(
             local,
             mesh=mesh,
             in_specs=(specs,),
-            out_specs=(P(spec_axes), P(spec_axes)),
+            out_specs=(rows, rows),
             check_vma=False,
         )
         return run(present)
