@@ -156,7 +156,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     from dpjax.eval.per_position import PerPositionLoss
 
     scale = SCALES[args.scale]
-    out_dir = args.out_dir or os.path.join("runs", f"lm_study_{args.scale}")
+    out_dir = _study_dir(args)
     os.makedirs(out_dir, exist_ok=True)
     data = args.data or lm.default_data_dir(args.corpus, "bytes", scale["seq_len"])
     lm.ensure_data(
@@ -209,7 +209,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             ev = json.load(f)
         with open(os.path.join(run_dir, "results.json")) as f:
             res = json.load(f)
-        curves[name] = PerPositionLoss.load_json(os.path.join(run_dir, "eval", "per_position.json"))
+        curves[name] = _per_position(run_dir)
         rows[name] = {
             "n_h": MODELS[name][0],
             "heads": MODELS[name][1],
@@ -237,6 +237,17 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     print(table, flush=True)
     print(f"wrote {out_dir}/summary.md, per_position.png, val_loss.png", flush=True)
     return summary
+
+
+def _study_dir(args: argparse.Namespace) -> str:
+    return args.out_dir or os.path.join("runs", f"lm_study_{args.scale}")
+
+
+def _per_position(run_dir: str):
+    """The ``PerPositionLoss`` a model's evaluation wrote."""
+    from dpjax.eval.per_position import PerPositionLoss
+
+    return PerPositionLoss.load_json(os.path.join(run_dir, "eval", "per_position.json"))
 
 
 def _results(run_dir: str) -> dict | None:
@@ -305,9 +316,7 @@ def _plot_val(out_dir: str, names: list[str]) -> None:
 def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
     """``run_study`` once per seed of ``args.seeds`` (one time budget for all), then the mean and
     standard deviation over seeds of every table entry and of the per-position curves."""
-    from dpjax.eval.per_position import PerPositionLoss
-
-    out_dir = args.out_dir or os.path.join("runs", f"lm_study_{args.scale}")
+    out_dir = _study_dir(args)
     deadline = None if args.time_limit is None else time.time() + 60 * args.time_limit
     summaries, curves = {}, {}
     for seed in args.seeds:
@@ -323,8 +332,7 @@ def run_seeds(args: argparse.Namespace) -> dict[str, Any]:
             return _stopped(out_dir)
         summaries[seed] = summary
         for name in summary["models"]:
-            path = os.path.join(seed_dir, name, "eval", "per_position.json")
-            curves.setdefault(name, []).append(PerPositionLoss.load_json(path))
+            curves.setdefault(name, []).append(_per_position(os.path.join(seed_dir, name)))
     table, stats = seed_table(summaries)
     result = {"scale": args.scale, "seeds": list(args.seeds), "models": stats}
     with open(os.path.join(out_dir, "summary_seeds.json"), "w") as f:
