@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from oracle import rel_rmse
 from test_pallas_lowering import TRITON_CALL, lower_text, sds
 
 from dpjax.nn.config import DeltaProductConfig
@@ -44,10 +45,10 @@ def autodiff(x, dy, kernel, b, seg):
     return jax.grad(f, argnums=(0, 1, 2))(x, kernel, b)
 
 
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.isfinite(a).all()
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+def rel_err(got, want) -> float:
+    """``oracle.rel_rmse(want, got)``, after checking ``got`` is finite."""
+    assert np.isfinite(np.asarray(got, np.float64)).all()
+    return rel_rmse(want, got)
 
 
 @pytest.mark.parametrize(
