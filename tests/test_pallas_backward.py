@@ -488,9 +488,14 @@ GPU_CASES = [
 
 # BackwardConfig fields changed from the default: every shape with the defaults, the first three
 # also with fp32 intermediates and with the reverse pass's branch-free read term
+BACKWARD_VARIANTS = {
+    "default": {},
+    "grad_dtype=float32": {"grad_dtype": "float32"},
+    "state_read_masked=True": {"state_read_masked": True},
+}
 GPU_VARIANTS = [
     (*case, variant)
-    for variant in ("default", "grad_dtype=float32", "state_read_masked=True")
+    for variant in BACKWARD_VARIANTS
     for case in (GPU_CASES if variant == "default" else GPU_CASES[:3])
 ]
 
@@ -502,10 +507,10 @@ def test_gpu_bf16_grads(rng, monkeypatch, B, T, H, K, V, n, gated, extras, varia
     configuration and (first three shapes) the variants of ``GPU_VARIANTS``."""
     from test_pallas_forward import record
 
-    if variant != "default":
-        field, value = variant.split("=")
-        value = {"True": True, "False": False}.get(value, value)
-        config = dataclasses.replace(dp_pallas.backward_config_for(K, V), **{field: value})
+    if BACKWARD_VARIANTS[variant]:
+        config = dataclasses.replace(
+            dp_pallas.backward_config_for(K, V), **BACKWARD_VARIANTS[variant]
+        )
         use_backward_config(monkeypatch, config)
 
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=extras)
