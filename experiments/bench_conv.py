@@ -29,7 +29,16 @@ from dpjax.nn.conv import conv_silu, conv_silu_kernel_vjp  # noqa: E402
 from pallas_kernels.common import default_interpret  # noqa: E402
 from pallas_kernels.short_conv import short_conv_backward  # noqa: E402
 
-TILES = [(32, 64, 4), (16, 64, 4), (32, 64, 8), (16, 128, 4)]  # (block_t, block_c, warps)
+# (block_t, tiles, block_c, warps)
+TILES = [
+    (16, 1, 64, 4),
+    (16, 8, 64, 4),
+    (16, 32, 64, 4),
+    (8, 1, 64, 4),
+    (32, 1, 64, 4),
+    (16, 1, 64, 8),
+    (16, 8, 128, 4),
+]
 
 
 def variants(interpret: bool) -> dict:
@@ -47,15 +56,16 @@ def variants(interpret: bool) -> dict:
         "xla autodiff (fwd+bwd)": grads(conv_silu),
         "pallas backward (fwd+bwd)": grads(lambda *a: conv_silu_kernel_vjp(*a, interpret)),
     }
-    for bt, bc, warps in TILES:
-        fns[f"kernel alone BT={bt} BC={bc} warps={warps}"] = jax.jit(
-            lambda x, dy, w, seg, bt=bt, bc=bc, warps=warps: short_conv_backward(
+    for bt, tiles, bc, warps in TILES:
+        fns[f"kernel alone BT={bt} tiles={tiles} BC={bc} warps={warps}"] = jax.jit(
+            lambda x, dy, w, seg, bt=bt, tiles=tiles, bc=bc, warps=warps: short_conv_backward(
                 x,
                 dy,
                 w,
                 None,
                 seg,
                 block_t=bt,
+                tiles=tiles,
                 block_c=bc,
                 num_warps=warps,
                 interpret=interpret,

@@ -383,17 +383,18 @@ BWD_TUNE_SPACE = {
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ]
     + [dict(state_split=p) for p in (2, 4, 8)]
-    + [dict(state_read_masked=True)],
+    + [dict(state_read_masked=m) for m in (True, False)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
-        dict(wy_warps=w, wy_block=b, wy_split=sp, wy_stages=s)
-        for w, b, sp, s in (
-            (4, 64, False, 1),
-            (8, 64, False, 1),
-            (8, 128, False, 1),
-            (4, 64, True, 1),
-            (2, 64, False, 1),
-            (4, 64, False, 2),
+        dict(wy_warps=w, wy_block=b, wy_dots=d, wy_stages=s)
+        for w, b, d, s in (
+            (4, 64, "tf32", 1),
+            (8, 64, "tf32", 1),
+            (8, 128, "tf32", 1),
+            (4, 64, "split", 1),
+            (4, 64, "input", 1),
+            (2, 64, "tf32", 1),
+            (4, 64, "tf32", 2),
         )
     ],
     "bwd_output": [dict(output_warps=w) for w in (8, 4, 2)],

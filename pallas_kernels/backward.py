@@ -72,7 +72,9 @@ class BackwardConfig:
     state_warps: int = 4
     state_stages: int = 3
     state_split: int = AUTO_SPLIT  # sequence split of the reverse state pass (as the forward's)
-    state_read_masked: bool = False  # its read term without a branch (state_pass_backward)
+    # its read term without a branch (state_pass_backward; faster at 128 programs, slower at 256
+    # and under the split on an H100: docs/BENCHMARKS.md)
+    state_read_masked: bool = False
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -89,7 +91,9 @@ class BackwardConfig:
     wy_warps: int = 4
     wy_stages: int = 1
     wy_block: int = 64  # column tile of the WY kernel's [64, K|V] operands
-    wy_split: bool = False  # its fp32-operand products as two 16-bit products (else TF32)
+    # operands of the WY adjoint's products with an fp32 value (A, dA, D): "tf32", "split" (two
+    # 16-bit products each) or "input" (rounded to the 16-bit input dtype, as FLA's backward)
+    wy_dots: str = "input"
     wy_fused: bool = False  # stages 3 + 4 as the previous single kernel (for comparison)
     fused_warps: int = 8  # launch parameters of that kernel
     # dtype of the [L, Kp] intermediates dk_out, dW, dkp between stages 1, 3 and 4: "float32", or
@@ -100,6 +104,10 @@ class BackwardConfig:
         if self.grad_dtype not in ("float32", "input"):
             raise ValueError(
                 f"BackwardConfig.grad_dtype must be 'float32' or 'input', got {self.grad_dtype!r}"
+            )
+        if self.wy_dots not in ("tf32", "split", "input"):
+            raise ValueError(
+                f"BackwardConfig.wy_dots must be 'tf32', 'split' or 'input', got {self.wy_dots!r}"
             )
 
     def intermediate_dtype(self, input_dtype) -> jnp.dtype:
@@ -238,7 +246,7 @@ def stage_kernels(
         "wy": partial(
             wy_backward,
             block=config.wy_block,
-            split=config.wy_split,
+            dots=config.wy_dots,
             num_warps=config.wy_warps,
             num_stages=config.wy_stages,
             **common,

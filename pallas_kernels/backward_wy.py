@@ -30,10 +30,12 @@ fp32 and, with decay, the interleaved log-gate and ``dG_st`` (``[B, H, L]`` fp32
 Writes ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (input dtype), ``dbeta [B, L, H]`` fp32 and,
 with decay, ``dG [B, H, L]`` fp32. Products with 16-bit inputs: ``K K^T`` with 16-bit operands,
 every product with an fp32 operand (``dW``, ``A``, ``dA``, ``D``) in TF32, one product each
-(``dV_new V^T`` too, exact in TF32, so that it shares ``dW K^T``'s MMA layout); ``split=True``
+(``dV_new V^T`` too, exact in TF32, so that it shares ``dW K^T``'s MMA layout); ``dots="split"``
 multiplies the fp32 operand as two 16-bit halves instead (no more accurate end to end in the
 bf16 interpret-mode checks, where the other roundings dominate, and slower on the H100: Triton
-gives each product its own accumulator). IEEE fp32 for fp32 inputs.
+gives each product its own accumulator); ``dots="input"`` rounds ``A``, ``dA`` and ``D`` to the
+input dtype and makes every product a 16-bit one (as FLA's backward does). IEEE fp32 for fp32
+inputs.
 
 ``wy_backward_fused`` is the previous single kernel that also did stage 3's products per
 interleaved chunk (``BackwardConfig(wy_fused=True)``; it needs every chunk-start state in one
@@ -64,6 +66,8 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     lower = rows > cols
     a = a_ref[...]
+    if mode["tf"] is DotMode.INPUT:  # dots="input": A held in 16 bits
+        a = a.astype(dots["dtype"])
     beta = beta_ref[...].astype(jnp.float32)
     if decay:
         g_cum, seg, _, _ = segment_cumsum(gate_ref[...])
@@ -78,24 +82,31 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     k_tiles = [pl.ds(j * block, block) for j in range(k_ref.shape[-1] // block)]
     v_tiles = [pl.ds(j * block, block) for j in range(v_ref.shape[-1] // block)]
 
-    # 64 x 64 products first: P = dW K^T, Q = dV_new V^T give dA and the dbeta terms
-    # (rowsum(dX_w * K) = colsum(A * P), rowsum(dX_u * V) = colsum(A * Q)), so dX_w is never
-    # formed and dk is assembled tile by tile at the end; all [64, .] values are [64, block].
-    # P and Q share one MMA layout, so A is needed in registers in one layout only.
-    p = q = None
-    for cols_k in k_tiles:
-        term = mm(dw_ref[:, cols_k], k_ref[:, cols_k], mode["p"], trans_b=True, **dots)
-        p = term if p is None else p + term
+    # 64 x 64 products first: P = dW K^T, Q = dV_new V^T give dA = (P diag(gam) + Q) diag(beta)
+    # and dbeta = colsum(A * (P diag(gam) + Q)) (rowsum(dX_w * K) = colsum(A * P), rowsum(dX_u
+    # * V) = colsum(A * Q)), so dX_w is never formed and dk is assembled tile by tile at the end;
+    # all [64, .] values are [64, block]. P and Q share one MMA layout (A is needed in registers
+    # in one layout only) and, without decay, one accumulator R = P + Q.
+    r = p = None
     for cols_v in v_tiles:
         dvnew = dvnew_ref[:, cols_v]
         # exact operands; in P's precision mode so that P and Q share an MMA layout
         term = mm(dvnew, v_ref[:, cols_v], mode["fx_exact"], trans_b=True, **dots)
-        q = term if q is None else q + term
+        r = term if r is None else r + term
         dx_u = mm(a, dvnew, mode["fx"], trans_a=True, **dots)  # [64, block]
         dv_ref[:, cols_v] = (beta[:, None] * dx_u).astype(dv_ref.dtype)
-    d_a = p * coef[None, :] + q * beta[None, :]
-    wk = jnp.sum(a * p, axis=0)
-    dbeta = (wk * gam if decay else wk) + jnp.sum(a * q, axis=0)
+    for cols_k in k_tiles:
+        term = mm(dw_ref[:, cols_k], k_ref[:, cols_k], mode["p"], trans_b=True, **dots)
+        if decay:
+            p = term if p is None else p + term
+        else:
+            r = r + term
+    if decay:
+        r = r + p * gam[None, :]
+    dbeta = jnp.sum(a.astype(jnp.float32) * r, axis=0)
+    d_a = r * beta[None, :]
+    if decay:
+        wk = jnp.sum(a.astype(jnp.float32) * p, axis=0)
 
     # through A = (I + M)^-1 and M = StrictLower(diag(beta) K K^T * E)
     at_da = mm(a, d_a, mode["tf"], trans_a=True, **dots)
@@ -123,15 +134,19 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
         dk_ref[:, cols_k] = dk.astype(dk_ref.dtype)
 
 
-def _modes(dtype, split: bool = False, low_grads: bool = False) -> dict:
+def _modes(dtype, dots: str = "tf32", low_grads: bool = False) -> dict:
     """Dot modes: ``in`` 16-bit operands, ``tf`` TF32, ``split_a`` (fused kernel) the fp32
     operand split into 16-bit halves; ``fx`` / ``fx_exact``: the slim kernel's products with an
-    fp32 operand / with exact 16-bit operands, TF32 (one product) or, with ``split``, split
-    halves (two products: more accurate, but each product its own accumulator); ``p``: that of
-    ``P = dW K^T`` (``fx``; with ``low_grads``, ``dW`` stored in the input dtype, ``P`` and
-    ``Q = dV_new V^T`` are plain 16-bit products)."""
+    fp32 operand / with exact 16-bit operands, TF32 (one product) or, with ``dots="split"``,
+    split halves (two products: more accurate, but each product its own accumulator); ``p``:
+    that of ``P = dW K^T`` (``fx``; with ``low_grads``, ``dW`` stored in the input dtype, ``P``
+    and ``Q = dV_new V^T`` are plain 16-bit products). ``dots="input"`` makes every product of
+    the slim kernel a 16-bit one (``A``, ``dA``, ``D`` rounded to the input dtype)."""
     if dtype == jnp.float32:
         return dict.fromkeys(("in", "tf", "split_a", "fx", "fx_exact", "p"), DotMode.IEEE)
+    if dots == "input":
+        return dict.fromkeys(("in", "tf", "split_a", "fx", "fx_exact", "p"), DotMode.INPUT)
+    split = dots == "split"
     fx, fx_exact = (DotMode.SPLIT_A, DotMode.INPUT) if split else (DotMode.TF32, DotMode.TF32)
     p = fx
     if low_grads:
@@ -158,7 +173,7 @@ def wy_backward(
     dg_st: jax.Array | None,
     *,
     block: int = 64,
-    split: bool = False,
+    dots: str = "tf32",
     num_warps: int = 4,
     num_stages: int = 1,
     interpret: bool = False,
@@ -173,7 +188,8 @@ def wy_backward(
         dvnew: ``[B, H, L, Vp]`` (reverse state pass); gate_sub: ``[B, H, L]`` fp32 interleaved
         log-gate or None; dg_st: ``[B, H, L]`` fp32 gate terms of stage 3 (None without gate).
       block: column tile of the ``[64, Kp|Vp]`` operands (power of two; at most ``Kp``, ``Vp``).
-      split: products with an fp32 operand as two 16-bit products (else TF32).
+      dots: operands of the products with an fp32 value: ``"tf32"``, ``"split"`` (two 16-bit
+        products each) or ``"input"`` (16-bit, the input dtype).
 
     Returns:
       ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (k.dtype), ``dbeta [B, L, H]`` fp32 and
@@ -215,7 +231,7 @@ def wy_backward(
         _kernel,
         decay=decay,
         block=min(block, Kp, Vp),
-        mode=_modes(dtype, split, low_grads=dw.dtype != jnp.float32),
+        mode=_modes(dtype, dots, low_grads=dw.dtype != jnp.float32),
         dots=dict(dtype=dtype, interpret=interpret),
     )
     outs = pallas_call(

@@ -15,7 +15,8 @@ Autodiff of the forward makes XLA write ``dz`` in fp32 and read it back in a sep
 ``z`` from ``x`` where it needs it and reads ``x`` and ``dy`` once, writes ``dx`` once and per-tile
 partial sums of ``dw``, ``db`` (summed in JAX).
 
-Grid ``(cdiv(T, BT), C / BC, B)``: each program owns ``BT`` tokens of ``BC`` channels of one row.
+Grid ``(cdiv(T, BT R), C / BC, B)``: each program owns ``R`` consecutive tiles (``tiles``) of ``BT``
+tokens of ``BC`` channels of one row, walked in a loop.
 Its rows ``t - i`` and ``t + i`` (``|i| < W``) are read through index arrays clamped to
 ``[0, T)`` and masked (tokens of the tile's neighbours come from the L1/L2 caches). All sums in
 fp32.
@@ -27,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import next_pow2, pallas_call
@@ -45,68 +47,76 @@ def channel_block(channels: int, most: int = MAX_BLOCK_C) -> int | None:
     return None
 
 
-def _kernel(*refs, width: int, tokens: int, block_t: int, has_bias: bool, has_seg: bool):
+def _kernel(
+    *refs, width: int, tokens: int, block_t: int, tiles: int, has_bias: bool, has_seg: bool
+):
     x_ref, dy_ref, w_ref = refs[:3]
     rest = list(refs[3:])
     b_ref = rest.pop(0) if has_bias else None
     seg_ref = rest.pop(0) if has_seg else None
     dx_ref, dw_ref, db_ref = rest
 
-    t0 = pl.program_id(0) * block_t
-    rows = t0 + jnp.arange(block_t, dtype=jnp.int32)
     w = w_ref[...].astype(jnp.float32)  # [Wp, BC]
     bias = b_ref[...].astype(jnp.float32) if has_bias else None
+    slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
 
     def tap(i: int) -> jax.Array:  # w[W-1-i] as a [1, BC] row
-        sel = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None] == width - 1 - i
-        return jnp.sum(jnp.where(sel, w, 0.0), axis=0, keepdims=True)
+        return jnp.sum(jnp.where(slot == width - 1 - i, w, 0.0), axis=0, keepdims=True)
 
     taps = [tap(i) for i in range(width)]
-    seg_cache: dict[int, jax.Array] = {}
+    first = pl.program_id(0) * tiles  # this program's first token tile
 
-    def idx(offset: int) -> jax.Array:
-        return jnp.clip(rows + offset, 0, tokens - 1)
+    def tile(j, sums):
+        """Token tile ``j`` of this program: writes its dx, adds its dw, db terms to ``sums``."""
+        rows = (first + j) * block_t + jnp.arange(block_t, dtype=jnp.int32)
+        seg_cache: dict[int, jax.Array] = {}
 
-    def seg_at(offset: int) -> jax.Array:
-        if offset not in seg_cache:
-            seg_cache[offset] = seg_ref[idx(offset)]
-        return seg_cache[offset]
+        def idx(offset: int) -> jax.Array:
+            return jnp.clip(rows + offset, 0, tokens - 1)
 
-    def linked(a: int, b: int) -> jax.Array:
-        """[BT] bool: rows+a and rows+b are real tokens of one document."""
-        ok = (rows + a >= 0) & (rows + a < tokens) & (rows + b >= 0) & (rows + b < tokens)
-        if has_seg:
-            ok = ok & (seg_at(a) == seg_at(b))
-        return ok
+        def seg_at(offset: int) -> jax.Array:
+            if offset not in seg_cache:
+                seg_cache[offset] = seg_ref[idx(offset)]
+            return seg_cache[offset]
 
-    def tap_input(s: int, i: int) -> jax.Array:
-        """x at rows + s - i where tap i of the output at rows + s sees it, else 0 [BT, BC]."""
-        x = x_ref[idx(s - i), :].astype(jnp.float32)
-        return jnp.where(linked(s - i, s)[:, None], x, 0.0)
+        def linked(a: int, b: int) -> jax.Array:
+            """[BT] bool: rows+a and rows+b are real tokens of one document."""
+            ok = (rows + a >= 0) & (rows + a < tokens) & (rows + b >= 0) & (rows + b < tokens)
+            if has_seg:
+                ok = ok & (seg_at(a) == seg_at(b))
+            return ok
 
-    def dz_at(s: int) -> jax.Array:
-        """dz at rows + s ([BT, BC] fp32; 0 where rows + s is past the end)."""
-        z = jnp.zeros((block_t, w.shape[1]), jnp.float32) if bias is None else bias[None, :]
+        def tap_input(s: int, i: int) -> jax.Array:
+            """x at rows + s - i where tap i of the output at rows + s sees it, else 0."""
+            x = x_ref[idx(s - i), :].astype(jnp.float32)
+            return jnp.where(linked(s - i, s)[:, None], x, 0.0)
+
+        def dz_at(s: int) -> jax.Array:
+            """dz at rows + s ([BT, BC] fp32; 0 where rows + s is past the end)."""
+            z = jnp.zeros((block_t, w.shape[1]), jnp.float32) if bias is None else bias[None, :]
+            for i in range(width):
+                z = z + tap_input(s, i) * taps[i]
+            sig = jax.nn.sigmoid(z)
+            dy = dy_ref[idx(s), :].astype(jnp.float32)
+            valid = (rows + s < tokens)[:, None]
+            return jnp.where(valid, dy * sig * (1.0 + z * (1.0 - sig)), 0.0)
+
+        dz0 = dz_at(0)
+        dx = dz0 * taps[0]
+        for s in range(1, width):
+            dx = dx + jnp.where(linked(0, s)[:, None], dz_at(s), 0.0) * taps[s]
+        dx_ref[pl.ds(j * block_t, block_t), :] = dx.astype(dx_ref.dtype)
+
+        dw, db = sums
         for i in range(width):
-            z = z + tap_input(s, i) * taps[i]
-        sig = jax.nn.sigmoid(z)
-        dy = dy_ref[idx(s), :].astype(jnp.float32)
-        valid = (rows + s < tokens)[:, None]
-        return jnp.where(valid, dy * sig * (1.0 + z * (1.0 - sig)), 0.0)
+            part = jnp.sum(tap_input(0, i) * dz0, axis=0)
+            dw = dw + jnp.where(slot == width - 1 - i, part[None, :], 0.0)
+        return dw, db + jnp.sum(dz0, axis=0)
 
-    dz0 = dz_at(0)
-    dx = dz0 * taps[0]
-    for s in range(1, width):
-        dx = dx + jnp.where(linked(0, s)[:, None], dz_at(s), 0.0) * taps[s]
-    dx_ref[...] = dx.astype(dx_ref.dtype)
-
-    dw = jnp.zeros(w.shape, jnp.float32)
-    slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
-    for i in range(width):
-        part = jnp.sum(tap_input(0, i) * dz0, axis=0)
-        dw = jnp.where(slot == width - 1 - i, part[None, :], dw)
+    zeros = (jnp.zeros(w.shape, jnp.float32), jnp.zeros((w.shape[1],), jnp.float32))
+    dw, db = tile(0, zeros) if tiles == 1 else lax.fori_loop(0, tiles, tile, zeros)
     dw_ref[...] = dw
-    db_ref[...] = jnp.sum(dz0, axis=0)
+    db_ref[...] = db
 
 
 def short_conv_backward(
@@ -116,7 +126,8 @@ def short_conv_backward(
     bias: jax.Array | None,
     segment_ids: jax.Array | None,
     *,
-    block_t: int = 32,
+    block_t: int = 16,
+    tiles: int = 1,
     block_c: int = 64,
     num_warps: int = 4,
     num_stages: int = 1,
@@ -129,8 +140,11 @@ def short_conv_backward(
       dy: ``[B, T, C]`` the output cotangent.
       kernel: ``[W, C]`` (``kernel[W-1]`` multiplies the current token); bias: ``[C]`` or None.
       segment_ids: ``[B, T]`` int document ids or None (one document per row).
-      block_t: tokens per program (power of two); block_c: channel tile, clipped to
-        ``channel_block(C, block_c)`` (``C`` must have a power-of-two divisor >= 16).
+      block_t: tokens per program (power of two; 16 was the fastest of 16 and 32 on an H100);
+        block_c: channel tile, clipped to ``channel_block(C, block_c)`` (``C`` must have a
+        power-of-two divisor >= 16).
+      tiles: token tiles per program, walked in a loop that keeps the kernel and bias gradient
+        partial sums in registers (fewer, longer programs and fewer partial sums to write).
 
     Returns:
       ``dx [B, T, C]`` (x.dtype), ``dkernel [W, C]`` fp32, ``dbias [C]`` fp32 (None without bias).
@@ -146,8 +160,11 @@ def short_conv_backward(
         raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
     if block_t & (block_t - 1):
         raise ValueError(f"block_t: expected a power of two, got {block_t}")
+    if tiles < 1:
+        raise ValueError(f"tiles: expected a positive count, got {tiles}")
     Wp = next_pow2(W)
-    NT = pl.cdiv(T, block_t)
+    span = block_t * tiles  # tokens per program
+    NT = pl.cdiv(T, span)
     w = jnp.pad(kernel.astype(jnp.float32), ((0, Wp - W), (0, 0)))
     has_bias, has_seg = bias is not None, segment_ids is not None
 
@@ -161,17 +178,23 @@ def short_conv_backward(
         inputs.append(segment_ids.astype(jnp.int32))
         in_specs.append(pl.BlockSpec((None, T), lambda j, c, b: (b, 0)))
     out_shapes = [
-        jax.ShapeDtypeStruct((B, NT * block_t, C), x.dtype),
+        jax.ShapeDtypeStruct((B, NT * span, C), x.dtype),
         jax.ShapeDtypeStruct((B, NT, Wp, C), jnp.float32),
         jax.ShapeDtypeStruct((B, NT, C), jnp.float32),
     ]
     out_specs = [
-        pl.BlockSpec((None, block_t, bc), lambda j, c, b: (b, j, c)),
+        pl.BlockSpec((None, span, bc), lambda j, c, b: (b, j, c)),
         pl.BlockSpec((None, None, Wp, bc), lambda j, c, b: (b, j, 0, c)),
         pl.BlockSpec((None, None, bc), lambda j, c, b: (b, j, c)),
     ]
     kern = functools.partial(
-        _kernel, width=W, tokens=T, block_t=block_t, has_bias=has_bias, has_seg=has_seg
+        _kernel,
+        width=W,
+        tokens=T,
+        block_t=block_t,
+        tiles=tiles,
+        has_bias=has_bias,
+        has_seg=has_seg,
     )
     dx, dw, db = pallas_call(
         kern,

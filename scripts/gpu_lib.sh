@@ -31,7 +31,7 @@ GRAIN_WHEELS=("grain*.whl" "array_record*.whl" "portpicker*.whl" "cloudpickle*.w
 # finished_runs RUNS_DIR: the directories of the runs in RUNS_DIR that finished (a results.json
 # without "time_limited": true), one per line.
 finished_runs() {
-  for r in "$1"/*/results.json; do
+  for r in "$1"/*/results.json "$1"/*/*/results.json; do  # RUNS_DIR/<run> or <seed>/<run>
     [ -f "$r" ] || continue
     grep -q '"time_limited": true' "$r" || dirname "$r"
   done
@@ -53,7 +53,7 @@ archive_runs() {
 keep_finished_runs() {
   local d
   while read -r d; do
-    mkdir -p "$2/$(basename "$d")"
-    cp "$d"/results.json "$d"/config.json "$d"/curve_*.json "$2/$(basename "$d")/" 2>/dev/null
+    mkdir -p "$2/${d#"$1"/}"
+    cp "$d"/results.json "$d"/config.json "$d"/curve_*.json "$2/${d#"$1"/}/" 2>/dev/null
   done < <(finished_runs "$1")
 }

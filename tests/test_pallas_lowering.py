@@ -304,10 +304,11 @@ def test_backward_lowers_recomputing_states(n, fused):
     [
         dict(output_dv=True),
         dict(wy_warps=8, wy_block=128),
-        dict(wy_split=True),
+        dict(wy_dots="split"),
+        dict(wy_dots="input"),
         dict(state_block_v=16, state_stages=2, adjoint_warps=4, dv_block_v=128),
         dict(grad_dtype="input"),
-        dict(grad_dtype="input", wy_split=True, wy_fused=True),
+        dict(grad_dtype="input", wy_dots="split", wy_fused=True),
         dict(state_read_masked=True),
     ],
 )

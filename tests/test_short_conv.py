@@ -52,20 +52,22 @@ def rel_err(got, want) -> float:
 
 
 @pytest.mark.parametrize(
-    "B, T, C, W, bias, segments, block_t",
+    "B, T, C, W, bias, segments, block_t, tiles",
     [
-        (2, 50, 64, 4, True, True, 16),
-        (1, 33, 32, 4, False, False, 32),
-        (2, 64, 128, 3, True, False, 16),
-        (1, 17, 48, 2, False, True, 8),  # channel tile 16, one partial token tile
-        (3, 5, 16, 4, True, True, 16),  # fewer tokens than taps
-        (2, 9, 32, 1, True, True, 8),  # one tap
-        (2, 3, 64, 6, False, True, 8),  # a width that is no power of two, longer than T
+        (2, 50, 64, 4, True, True, 16, 2),  # two programs of two tiles, the last partial
+        (1, 33, 32, 4, False, False, 32, 1),
+        (2, 64, 128, 3, True, False, 16, 4),  # one program walks the whole row
+        (1, 17, 48, 2, False, True, 8, 3),  # channel tile 16; the third tile past the end
+        (3, 5, 16, 4, True, True, 16, 1),  # fewer tokens than taps
+        (2, 9, 32, 1, True, True, 8, 1),  # one tap
+        (2, 3, 64, 6, False, True, 8, 2),  # a width that is no power of two, longer than T
     ],
 )
-def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, block_t):
+def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, block_t, tiles):
     x, dy, kernel, b, seg = problem(rng, B, T, C, W, bias, segments)
-    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, block_t=block_t, interpret=True)
+    dx, dw, db = short_conv_backward(
+        x, dy, kernel, b, seg, block_t=block_t, tiles=tiles, interpret=True
+    )
     gx, gw, gb = autodiff(x, dy, kernel, b, seg)
     assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == kernel.shape
     assert rel_err(dx, gx) < 1e-6 and rel_err(dw, gw) < 1e-6
@@ -94,6 +96,8 @@ def test_bad_arguments_are_named(rng):
         short_conv_backward(x, dy[:, :4], kernel, b, seg, interpret=True)
     with pytest.raises(ValueError, match="block_t"):
         short_conv_backward(x, dy, kernel, b, seg, block_t=24, interpret=True)
+    with pytest.raises(ValueError, match="tiles: expected a positive count, got 0"):
+        short_conv_backward(x, dy, kernel, b, seg, tiles=0, interpret=True)
     assert channel_block(2048) == 128 and channel_block(96) == 32 and channel_block(40) is None
 
 
@@ -178,11 +182,11 @@ def test_kernel_backward_under_shard_map(rng, use_bias, segments):
         assert rel_err(g_state["bias"][...], g_ref.bias[...]) < 1e-6
 
 
-@pytest.mark.parametrize("bias, segments", [(False, True), (True, False)])
-def test_kernel_lowers_for_h100(bias, segments):
+@pytest.mark.parametrize("bias, segments, tiles", [(False, True, 1), (True, False, 8)])
+def test_kernel_lowers_for_h100(bias, segments, tiles):
     T, C = 4096, 2048
     text = lower_text(
-        lambda x, dy, w, b, s: short_conv_backward(x, dy, w, b, s, interpret=False),
+        lambda x, dy, w, b, s: short_conv_backward(x, dy, w, b, s, tiles=tiles, interpret=False),
         sds((2, T, C)),
         sds((2, T, C)),
         sds((4, C), jnp.float32),
@@ -193,10 +197,14 @@ def test_kernel_lowers_for_h100(bias, segments):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B, T, C, bias", [(8, 4096, 2048, False), (2, 1000, 96, True)])
-def test_gpu_kernel_matches_autodiff(rng, B, T, C, bias):
+@pytest.mark.parametrize(
+    "B, T, C, bias, tiles",
+    [(8, 4096, 2048, False, 1), (8, 4096, 2048, False, 8), (2, 1000, 96, True, 4)],
+)
+def test_gpu_kernel_matches_autodiff(rng, B, T, C, bias, tiles):
     x, dy, kernel, b, seg = problem(rng, B, T, C, 4, bias, True, jnp.bfloat16)
-    dx, dw, db = jax.jit(lambda *a: short_conv_backward(*a, interpret=False))(x, dy, kernel, b, seg)
+    run = jax.jit(lambda *a: short_conv_backward(*a, tiles=tiles, interpret=False))
+    dx, dw, db = run(x, dy, kernel, b, seg)
     gx, gw, gb = jax.jit(autodiff)(x.astype(jnp.float32), dy, kernel, b, seg)
     assert rel_err(dx, gx) < 8e-3
     assert rel_err(dw, gw) < 1e-4
