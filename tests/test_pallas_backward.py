@@ -282,20 +282,23 @@ def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, 
 
 
 def test_16_bit_intermediates_leave_fp32_inputs_alone(rng, monkeypatch):
-    """fp32 inputs keep fp32 intermediates under ``grad_dtype="input"``: identical gradients."""
+    """fp32 inputs keep fp32 intermediates and products under ``grad_dtype="input"`` and
+    ``wy_dots="input"``: identical gradients."""
     B, T, H, K, V, n = 1, 70, 2, 16, 16, 2
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
     args = inputs(p, jnp.float32)
     out = []
-    for grad_dtype in ("float32", "input"):
-        config = kernel_backward.BackwardConfig(grad_dtype=grad_dtype)
+    for grad_dtype, wy_dots in (("float32", "tf32"), ("input", "input")):
+        config = kernel_backward.BackwardConfig(grad_dtype=grad_dtype, wy_dots=wy_dots)
         use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, None, cot_o, cot_s, n, 0.25))
     for name in out[0]:
         np.testing.assert_array_equal(out[0][name], out[1][name], err_msg=name)
     with pytest.raises(ValueError, match="grad_dtype must be 'float32' or 'input', got 'bf16'"):
         kernel_backward.BackwardConfig(grad_dtype="bf16")
+    with pytest.raises(ValueError, match="wy_dots must be 'tf32', 'split' or 'input', got 'fp8'"):
+        kernel_backward.BackwardConfig(wy_dots="fp8")
 
 
 @pytest.mark.parametrize("n,split", [(2, 1), (3, 2)])
