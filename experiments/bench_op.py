@@ -383,7 +383,7 @@ BWD_TUNE_SPACE = {
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ]
     + [dict(state_split=p) for p in (2, 4, 8)]
-    + [dict(state_read_masked=True)],
+    + [dict(state_read_masked=True), dict(state_dots="input")],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_dots=d, wy_stages=s)

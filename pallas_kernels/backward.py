@@ -75,6 +75,10 @@ class BackwardConfig:
     # its read term without a branch (state_pass_backward; faster at 128 programs, slower at 256
     # and under the split on an H100: docs/BENCHMARKS.md)
     state_read_masked: bool = False
+    # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves) or
+    # "input" (16-bit operands, one product each; not the default: on long ungated sequences the
+    # rounding accumulates towards SPEC §9's bounds, docs/DESIGN_DECISIONS.md)
+    state_dots: str = "split"
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -104,6 +108,10 @@ class BackwardConfig:
         if self.grad_dtype not in ("float32", "input"):
             raise ValueError(
                 f"BackwardConfig.grad_dtype must be 'float32' or 'input', got {self.grad_dtype!r}"
+            )
+        if self.state_dots not in ("split", "input"):
+            raise ValueError(
+                f"BackwardConfig.state_dots must be 'split' or 'input', got {self.state_dots!r}"
             )
         if self.wy_dots not in ("tf32", "split", "input"):
             raise ValueError(
@@ -219,6 +227,7 @@ def stage_kernels(
             state_pass_backward,
             split=config.state_split,
             read_masked=config.state_read_masked,
+            dots=config.state_dots,
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,

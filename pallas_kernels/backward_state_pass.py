@@ -28,8 +28,8 @@ local ``dv_out`` and read terms) and from the identity (extra tiles without them
 the first, and the second launch runs every piece from its true end gradient.
 
 Products for 16-bit inputs as in the forward pass: ``K dE`` with ``dE`` rounded to the input
-dtype, ``A^T dv_new`` in TF32, ``K^T x`` with ``x`` split into two 16-bit halves; fp32 inputs:
-IEEE.
+dtype, ``A^T dv_new`` in TF32, ``K^T x`` with ``x`` split into two 16-bit halves (``dots="split"``)
+or, with ``dots="input"``, all three with 16-bit operands; fp32 inputs: IEEE.
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def state_pass_backward(
     num_stages: int = 3,
     split: int = AUTO_SPLIT,
     read_masked: bool = False,
+    dots: str = "split",
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -167,6 +168,9 @@ def state_pass_backward(
         branch on the first sub-chunk of each token chunk (on an H100 2 % faster with 128
         programs, B=4, H=8; slower with 256, in the 392M model's step, and with the 8-piece
         split at B=1, T=32768).
+      dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
+        with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
+        16-bit product each, as FLA's backward).
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
@@ -192,6 +196,7 @@ def state_pass_backward(
         num_warps=num_warps,
         num_stages=num_stages,
         read_masked=read_masked,
+        dots=dots,
         interpret=interpret,
         poison=poison,
     )
@@ -224,6 +229,7 @@ def _launch(
     poison: bool,
     pieces: int,
     read_masked: bool = False,
+    dots: str = "split",
     transfer: bool = False,
 ) -> list[jax.Array]:
     """One ``pallas_call`` of the reverse-pass kernel; ``pieces`` and ``transfer`` as the
@@ -281,7 +287,9 @@ def _launch(
     if dtype == jnp.float32:
         modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.IEEE)
     else:
-        modes = dict(ks=DotMode.INPUT, ax=DotMode.TF32, kv=DotMode.SPLIT_B, **{"in": DotMode.INPUT})
+        modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.INPUT)
+        if dots == "split":
+            modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
     kernel = functools.partial(
         _kernel,
         n=n,

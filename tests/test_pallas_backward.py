@@ -245,10 +245,11 @@ def test_bf16_grads_spec_tolerances(rng, n, gated):
 
 # (field, the baseline value, the 16-bit value) of the BackwardConfig choices that trade accuracy
 # for speed: the intermediates dk_out, dW, dkp stored in bf16 (and dW K^T in 16 bits); every
-# product of the WY adjoint with 16-bit operands
+# product of the WY adjoint, and of the reverse state pass's chain, with 16-bit operands
 SIXTEEN_BIT_CHOICES = {
     "grad_dtype": ("float32", "input"),
     "wy_dots": ("tf32", "input"),
+    "state_dots": ("split", "input"),
 }
 
 
@@ -256,7 +257,9 @@ SIXTEEN_BIT_CHOICES = {
     "field,n,gated,K,V",
     [("grad_dtype", *case) for case in [(1, False, 32, 32), (2, True, 32, 32), (3, False, 32, 32)]]
     + [("grad_dtype", 4, True, 32, 32), ("grad_dtype", 2, True, 200, 136)]  # 200: tiled adjoints
-    + [("wy_dots", 2, True, 32, 32), ("wy_dots", 3, False, 64, 64), ("wy_dots", 4, True, 32, 32)],
+    + [("wy_dots", 2, True, 32, 32), ("wy_dots", 3, False, 64, 64), ("wy_dots", 4, True, 32, 32)]
+    + [("state_dots", 1, False, 64, 64), ("state_dots", 2, True, 32, 32)]
+    + [("state_dots", 3, False, 64, 64)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
     """Each 16-bit choice of ``SIXTEEN_BIT_CHOICES`` stays within SPEC §9 of the fp32 chunked path,
@@ -299,6 +302,8 @@ def test_16_bit_intermediates_leave_fp32_inputs_alone(rng, monkeypatch):
         kernel_backward.BackwardConfig(grad_dtype="bf16")
     with pytest.raises(ValueError, match="wy_dots must be 'tf32', 'split' or 'input', got 'fp8'"):
         kernel_backward.BackwardConfig(wy_dots="fp8")
+    with pytest.raises(ValueError, match="state_dots must be .split. or .input., got .tf32."):
+        kernel_backward.BackwardConfig(state_dots="tf32")
 
 
 @pytest.mark.parametrize("n,split", [(2, 1), (3, 2)])

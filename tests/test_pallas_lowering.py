@@ -310,6 +310,7 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(grad_dtype="input"),
         dict(grad_dtype="input", wy_dots="split", wy_fused=True),
         dict(state_read_masked=True),
+        dict(state_dots="input"),
     ],
 )
 def test_backward_lowers_other_configs(fields):
