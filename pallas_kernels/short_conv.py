@@ -70,6 +70,7 @@ def _kernel(
         """Token tile ``j`` of this program: writes its dx, adds its dw, db terms to ``sums``."""
         rows = (first + j) * block_t + jnp.arange(block_t, dtype=jnp.int32)
         seg_cache: dict[int, jax.Array] = {}
+        x_cache: dict[int, jax.Array] = {}  # each shifted x tile is loaded once
 
         def idx(offset: int) -> jax.Array:
             return jnp.clip(rows + offset, 0, tokens - 1)
@@ -88,8 +89,9 @@ def _kernel(
 
         def tap_input(s: int, i: int) -> jax.Array:
             """x at rows + s - i where tap i of the output at rows + s sees it, else 0."""
-            x = x_ref[idx(s - i), :].astype(jnp.float32)
-            return jnp.where(linked(s - i, s)[:, None], x, 0.0)
+            if s - i not in x_cache:
+                x_cache[s - i] = x_ref[idx(s - i), :].astype(jnp.float32)
+            return jnp.where(linked(s - i, s)[:, None], x_cache[s - i], 0.0)
 
         def dz_at(s: int) -> jax.Array:
             """dz at rows + s ([BT, BC] fp32; 0 where rows + s is past the end)."""
