@@ -142,7 +142,7 @@ def short_conv_backward(
       dy: ``[B, T, C]`` the output cotangent.
       kernel: ``[W, C]`` (``kernel[W-1]`` multiplies the current token); bias: ``[C]`` or None.
       segment_ids: ``[B, T]`` int document ids or None (one document per row).
-      block_t: tokens per program (power of two; 16 was the fastest of 16 and 32 on an H100);
+      block_t: tokens per tile (power of two; 16 was the fastest of 16 and 32 on an H100);
         block_c: channel tile, clipped to ``channel_block(C, block_c)`` (``C`` must have a
         power-of-two divisor >= 16).
       tiles: token tiles per program, walked in a loop that keeps the kernel and bias gradient

@@ -81,7 +81,7 @@ for stage in $STAGES; do
       tail -30 "$OUT/st_shape/bench_op.md" ;;
     conv)
       timeout 120 python3 experiments/bench_conv.py --out "$OUT/conv" > "$OUT/conv.stdout" 2>&1
-      tail -14 "$OUT/conv/bench_conv.md" ;;
+      tail -22 "$OUT/conv/bench_conv.md" ;;
     split)
       for case in ${SPLIT_CASES:-1,32768,8,128,128,2 4,4096,8,128,128,2}; do
         timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \
