@@ -284,16 +284,17 @@ def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, 
         assert err <= 2.0 * precise[name] + 2e-3, (name, err, precise[name])
 
 
-def test_16_bit_intermediates_leave_fp32_inputs_alone(rng, monkeypatch):
-    """fp32 inputs keep fp32 intermediates and products under ``grad_dtype="input"`` and
-    ``wy_dots="input"``: identical gradients."""
+def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
+    """fp32 inputs keep fp32 intermediates and products under every 16-bit choice of
+    ``SIXTEEN_BIT_CHOICES``: identical gradients."""
     B, T, H, K, V, n = 1, 70, 2, 16, 16, 2
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
     args = inputs(p, jnp.float32)
     out = []
-    for grad_dtype, wy_dots in (("float32", "tf32"), ("input", "input")):
-        config = kernel_backward.BackwardConfig(grad_dtype=grad_dtype, wy_dots=wy_dots)
+    for which in (0, 1):  # every field at its precise value, then at its 16-bit one
+        fields = {field: values[which] for field, values in SIXTEEN_BIT_CHOICES.items()}
+        config = kernel_backward.BackwardConfig(**fields)
         use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, None, cot_o, cot_s, n, 0.25))
     for name in out[0]:

@@ -10,8 +10,9 @@ The backward (``backward=``): XLA's autodiff of the forward writes the pre-activ
 fp32 and reads it back for the kernel's gradient (separate fusions, ≈ 10 % of a 392M language
 model's train step on an H100); ``backward="auto"`` runs it on a GPU as one Pallas kernel instead
 (``pallas_kernels.short_conv``: reads ``x`` and ``dy`` once, writes ``dx`` once), under
-``shard_map`` over the batch when ``dpjax.ops.sharded.batch_parallel`` is active. It is tested on
-CPU (interpret mode, Triton lowering) but not yet on a GPU, so XLA's autodiff stays the default.
+``shard_map`` over the batch when ``dpjax.ops.sharded.batch_parallel`` is active. It is correct on
+an H100 but not faster than XLA's autodiff there (docs/BENCHMARKS.md), so autodiff stays the
+default.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def conv_silu(
             same = _shift(segment_ids, s) == segment_ids
             xs = jnp.where(same[..., None], xs, 0.0)
         y = y + xs * w[W - 1 - s]
+    return _bias_silu(y, bias, out_dtype)
+
+
+def _bias_silu(y: jax.Array, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+    """``SiLU(y + bias)`` in fp32 (``y`` fp32 pre-activation), cast to ``out_dtype``."""
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return jax.nn.silu(y).astype(out_dtype)
@@ -124,7 +130,7 @@ class ShortConv(nnx.Module):
       use_bias: add a per-channel bias.
       kernel_init, bias_init: initialisers for ``kernel [W, C]`` and ``bias [C]``.
       dtype: output dtype (math in fp32).
-      backward: ``"xla"`` (autodiff; the default until the kernel is checked on a GPU),
+      backward: ``"xla"`` (autodiff; the default: the kernel was not faster on an H100),
         ``"auto"`` (the Pallas kernel on a GPU when ``C`` has a power-of-two divisor >= 16, else
         autodiff), or ``"pallas"`` (the kernel; interpret mode off the GPU).
     """
@@ -165,9 +171,7 @@ class ShortConv(nnx.Module):
         return x if mask is None else jnp.where(mask[..., None], x, 0.0)
 
     def _finish(self, y: jax.Array) -> jax.Array:
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return jax.nn.silu(y).astype(self.dtype)
+        return _bias_silu(y, None if self.bias is None else self.bias[...], self.dtype)
 
     def __call__(
         self,
