@@ -39,7 +39,7 @@ from dpjax.ops import chunked, reference
 from dpjax.ops import pallas as dp_pallas
 from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
-from pallas_kernels.common import default_interpret, padded_length
+from pallas_kernels.common import default_interpret, padded_length, wy_factor
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -119,16 +119,18 @@ def floor_ms(c: Case) -> dict[str, float]:
     }
 
 
-def backward_fields(spec: str) -> dict:
-    """``"grad_dtype=input,wy_warps=8"`` -> BackwardConfig fields (values as Python literals
-    where they parse, else strings); unknown fields raise a ValueError naming them."""
+def config_fields(spec: str, config_class: type = kernel_backward.BackwardConfig) -> dict:
+    """``"grad_dtype=input,wy_warps=8"`` -> fields of ``config_class`` (BackwardConfig or
+    KernelConfig; values as Python literals where they parse, else strings); unknown fields raise
+    a ValueError naming them."""
     fields = {}
     for item in spec.split(","):
         name, sep, value = item.partition("=")
-        if not sep or name not in {
-            f.name for f in dataclasses.fields(kernel_backward.BackwardConfig)
-        }:
-            raise ValueError(f"--bwd-variant: expected BackwardConfig FIELD=VALUE, got {item!r}")
+        if not sep or name not in {f.name for f in dataclasses.fields(config_class)}:
+            flag = (
+                "--bwd-variant" if config_class is kernel_backward.BackwardConfig else "--variant"
+            )
+            raise ValueError(f"{flag}: expected {config_class.__name__} FIELD=VALUE, got {item!r}")
         try:
             fields[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -241,19 +243,22 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
     n = c.n
     q, k, v, beta = inputs["q"], inputs["k"], inputs["v"], inputs["beta"]
     gate_tok, gate_sub = kernels.log_gates(inputs["g"], None, n, c.T)
+    factors = "wu" if config.state_stored_wu else ""
     prep = jax.jit(
-        lambda k, b, g: prepare(
+        lambda k, b, g, v: prepare(
             k,
             b,
             g,
             num_warps=config.prep_warps,
             num_stages=config.prep_stages,
+            v=v if factors else None,
+            factors=factors,
             interpret=default_interpret(),
         )
     )
-    p = prep(k, beta, gate_sub)
+    p = prep(k, beta, gate_sub, v)
     sp = jax.jit(
-        lambda a, k, v, b, gam, fdec: state_pass(
+        lambda a, k, v, b, gam, fdec, wu: state_pass(
             a,
             k,
             v,
@@ -267,10 +272,12 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
             num_stages=config.state_stages,
             tf32_state=config.state_tf32,
             split=config.state_split,
+            wu=wu,
             interpret=default_interpret(),
         )
     )
-    sp_args = (p["a"], k, v, beta, p.get("gam"), p.get("fdec"))
+    wu = (p["w"], p["u"]) if factors else None
+    sp_args = (p["a"], k, v, beta, p.get("gam"), p.get("fdec"), wu)
     h, vnew, _ = sp(*sp_args)
     out = jax.jit(
         lambda q, k, vn, h, g: output(
@@ -288,10 +295,18 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
         )
     )
     return {
-        "prepare": (prep, (k, beta, gate_sub)),
+        "prepare": (prep, (k, beta, gate_sub, v)),
         "state_pass": (sp, sp_args),
         "output": (out, (q, k, vnew, h, gate_tok)),
     }
+
+
+def stage_fn(kern: dict[str, Callable], stage: str) -> Callable:
+    """The jitted backward kernel of ``stage`` taking its arguments positionally (the reverse
+    state pass: the forward's ``W`` last, None where it kept none)."""
+    if stage == "bwd_state_pass":
+        return jax.jit(lambda *a, f=kern["state_pass"]: f(*a[:-1], w=a[-1]))
+    return jax.jit(kern[STAGE_KERNEL[stage]])
 
 
 def backward_stage_fns(
@@ -305,7 +320,13 @@ def backward_stage_fns(
     q, k, v, beta, g, do = (inputs[x] for x in ("q", "k", "v", "beta", "g", "do"))
     _, _, res = jax.jit(
         lambda *a: kernels.forward(
-            *a, None, None, num_householder=n, scale=scale, save_states=cfg.save_states
+            *a,
+            None,
+            None,
+            num_householder=n,
+            scale=scale,
+            save_states=cfg.save_states,
+            save_w=cfg.state_stored_w,
         )
     )(q, k, v, beta, g)
     whole = jax.jit(
@@ -337,8 +358,8 @@ def backward_stage_fns(
     with_dv_out = res.v_new is not None and cfg.output_dv
     out["bwd_output"] = (jit("output", with_dv_out=with_dv_out, dk_dtype=grad_dtype), output_args)
     out["bwd_state_pass"] = (
-        jit("state_pass"),
-        (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok),
+        stage_fn(kern, "bwd_state_pass"),
+        (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w),
     )
     if cfg.wy_fused:
         h_il = kernel_backward.interleaved_states(res.h, st["h_mid"], n)
@@ -383,7 +404,7 @@ BWD_TUNE_SPACE = {
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ]
     + [dict(state_split=p) for p in (2, 4, 8)]
-    + [dict(state_read_masked=True), dict(state_dots="input")],
+    + [dict(state_read_masked=True), dict(state_dots="input"), dict(state_stored_w=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_dots=d, wy_stages=s)
@@ -409,7 +430,9 @@ STAGE_KERNEL = {
 }
 
 
-def bwd_tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list[dict]]:
+def bwd_tune(
+    cases: list[Case], repeats: int, log: Callable, only: list[str] | None = None
+) -> tuple[dict, list[dict]]:
     """Time every backward stage variant alone, side by side, on the same stage inputs (plus the
     previous fused stage 3 + 4 kernel, the output adjoint computing ``dv_out`` and the recompute
     stage); return the fastest fields and all records. Variants that fail to compile are
@@ -422,6 +445,8 @@ def bwd_tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list
         base_fns = backward_stage_fns(c, inputs, base)
         fns, labels = {}, {}
         for stage, variants in BWD_TUNE_SPACE.items():
+            if only and stage not in only:
+                continue
             args = base_fns[stage][1]
             for i, fields in enumerate(variants):
                 try:
@@ -429,7 +454,7 @@ def bwd_tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list
                     kern = kernel_backward.stage_kernels(
                         cfg, num_householder=c.n, scale=c.K**-0.5, interpret=default_interpret()
                     )
-                    f = jax.jit(kern[STAGE_KERNEL[stage]])
+                    f = stage_fn(kern, stage)
                     jax.block_until_ready(f(*args))
                     fns[(stage, i)] = lambda f=f, a=args: f(*a)
                     labels[(stage, i)] = fields
@@ -441,12 +466,19 @@ def bwd_tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list
             ("bwd_recompute", 0): (dict(save_states=False), "bwd_recompute"),
         }
         for key, (fields, stage) in extra.items():
+            if only and key[0] not in only:
+                continue
             try:
                 f, a = backward_stage_fns(c, inputs, dataclasses.replace(base, **fields))[stage]
                 fns[key] = lambda f=f, a=a: f(*a)
                 labels[key] = fields
             except Exception as err:
                 log(f"bwd tune {key} failed: {err!r:.300}")
+        if not only or "bwd_state_pass" in only:  # W in XLA (a forward without save_w)
+            a, k, beta, *_, gam = base_fns["bwd_state_pass"][1][:8]
+            form_w = jax.jit(wy_factor)
+            fns[("bwd_wy_factor", 0)] = lambda f=form_w, a=(a, k, beta, gam): f(*a)
+            labels[("bwd_wy_factor", 0)] = dict(state_stored_w=True)
         times = time_round_robin(fns, [()], repeats, iters_for(c))
         for (stage, i), t in times.items():
             if stage in totals:
@@ -496,20 +528,28 @@ TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 
         for bv, w, s in ((16, 4, 2), (32, 4, 2), (32, 4, 3), (32, 8, 2), (64, 8, 2))
     ]
     + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True, state_split=1)]
-    + [dict(state_split=p) for p in (2, 4, 8)],
+    + [dict(state_split=p) for p in (2, 4, 8)]
+    + [dict(state_stored_wu=True)],
     "output": [
         dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8), (64, 2))
     ],
 }
 
 
-def tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list[dict]]:
+PRECISION_FIELDS = {"state_tf32", "state_stored_wu"}  # change the rounding, not just the speed
+
+
+def tune(
+    cases: list[Case], repeats: int, log: Callable, only: list[str] | None = None
+) -> tuple[dict, list[dict]]:
     """Time every stage variant side by side; return the fastest fields and all records."""
     records = []
     totals: dict[str, dict[int, float]] = {s: {} for s in TUNE_SPACE}
     for c in cases:
         inputs = make_inputs(c, seed=1)
         for stage, variants in TUNE_SPACE.items():
+            if only and stage not in only:
+                continue
             fns = {}
             for i, fields in enumerate(variants):
                 cfg = dataclasses.replace(kernels.KernelConfig(), **fields)
@@ -527,7 +567,11 @@ def tune(cases: list[Case], repeats: int, log: Callable) -> tuple[dict, list[dic
     best = {}
     for stage, by_variant in totals.items():
         # precision variants are timed for the record but not chosen automatically
-        usable = {i: t for i, t in by_variant.items() if not TUNE_SPACE[stage][i].get("state_tf32")}
+        usable = {
+            i: t
+            for i, t in by_variant.items()
+            if not PRECISION_FIELDS & {f for f, v in TUNE_SPACE[stage][i].items() if v}
+        }
         if usable:
             best.update(TUNE_SPACE[stage][min(usable, key=usable.get)])
     return best, records
@@ -573,7 +617,22 @@ def main(argv: list[str] | None = None) -> None:
         "(repeatable; e.g. grad_dtype=input), side by side with the default",
     )
     ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE[,FIELD=VALUE]",
+        help="also time the op's forward and forward+backward with these KernelConfig (forward "
+        "kernel) fields changed (repeatable; e.g. state_stored_wu=True), side by side",
+    )
+    ap.add_argument(
         "--memory", action="store_true", help="compiled memory of fwd+bwd (pallas vs chunked)"
+    )
+    ap.add_argument(
+        "--tune-stages",
+        nargs="+",
+        metavar="STAGE",
+        help="with --tune / --bwd-tune: only these stages' variants (e.g. state_pass "
+        "bwd_state_pass; default: all)",
     )
     ap.add_argument(
         "--tune",
@@ -633,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[2]]
         tune_cases = [kernel_case(c) for c in (args.case or tune_cases)]
-        best, tune_records = tune(tune_cases, args.repeats, log)
+        best, tune_records = tune(tune_cases, args.repeats, log, args.tune_stages)
         records += tune_records
         config = dataclasses.replace(config, **best)
         log(f"tuned config: {config}")
@@ -653,7 +712,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.bwd_tune:
         tune_cases = cases[:1] if args.quick else [FULL_CASES[0], FULL_CASES[1]]
         tune_cases = [kernel_case(c) for c in (args.case or tune_cases)]
-        best, tune_records = bwd_tune(tune_cases, args.repeats, log)
+        best, tune_records = bwd_tune(tune_cases, args.repeats, log, args.tune_stages)
         records += tune_records
         bconfig = dataclasses.replace(bconfig, **best)
         log(f"tuned backward config: {bconfig}")
@@ -671,8 +730,13 @@ def main(argv: list[str] | None = None) -> None:
     impls = {"pallas": dp_pallas.forward}
     if args.bwd_old:
         impls["pallas_old_bwd"] = dp_pallas.forward  # traced with OLD_BACKWARD (below)
-    variants = {f"pallas[{v}]": backward_fields(v) for v in args.bwd_variant}
+    variants = {f"pallas[{v}]": config_fields(v) for v in args.bwd_variant}
     impls |= dict.fromkeys(variants, dp_pallas.forward)  # fwd+bwd only, traced with the fields
+    forward_config_for = dp_pallas.config_for
+    fwd_variants = {
+        f"pallas[fwd:{v}]": config_fields(v, kernels.KernelConfig) for v in args.variant
+    }
+    impls |= dict.fromkeys(fwd_variants, dp_pallas.forward)  # fwd and fwd+bwd
     if not args.no_chunked:
         impls["chunked"] = chunked.forward
     for index, c in enumerate(cases):
@@ -693,6 +757,10 @@ def main(argv: list[str] | None = None) -> None:
                 dp_pallas.backward_config_for = lambda key_dim, value_dim, f=variants[name]: (
                     dataclasses.replace(backward_config_for(key_dim, value_dim), **f)
                 )
+            elif name in fwd_variants:
+                dp_pallas.config_for = lambda key_dim, value_dim, f=fwd_variants[name]: (
+                    dataclasses.replace(forward_config_for(key_dim, value_dim), **f)
+                )
             f, fb = op_fns(impl, c)
             try:
                 if not bwd_only:
@@ -702,6 +770,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:
                 log(f"{c.label} {name} failed: {err!r:.500}")
             dp_pallas.backward_config_for = backward_config_for
+            dp_pallas.config_for = forward_config_for
         iters = iters_for(c)
         for mode, fns in (("fwd", fwd_fns), ("fwdbwd", bwd_fns)):
             if not fns:

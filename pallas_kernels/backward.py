@@ -79,6 +79,10 @@ class BackwardConfig:
     # "input" (16-bit operands, one product each; not the default: on long ungated sequences the
     # rounding accumulates towards SPEC §9's bounds, docs/DESIGN_DECISIONS.md)
     state_dots: str = "split"
+    # the reverse state pass subtracts W^T dv_new with W = A diag(beta gam) K in the input dtype
+    # (two dependent products per step instead of three; state_pass_backward): the forward's
+    # prepare kernel forms W and keeps it in the residuals (Residuals.w), else XLA forms it here
+    state_stored_w: bool = False
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -228,6 +232,7 @@ def stage_kernels(
             split=config.state_split,
             read_masked=config.state_read_masked,
             dots=config.state_dots,
+            stored_w=config.state_stored_w,
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,
@@ -335,7 +340,9 @@ def stages(
         vnew, h_mid = res.v_new, res.h_mid
         dv_out = kern["dv_out"](kp, qp, dop, gate_tok)
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
-    dvnew, dh_il, dh0 = kern["state_pass"](res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok)
+    dvnew, dh_il, dh0 = kern["state_pass"](
+        res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=res.w
+    )
     if config.wy_fused:
         h_il = interleaved_states(res.h, h_mid, n)
         dk, dv, dbeta, dG_il = kern["wy_fused"](

@@ -51,6 +51,7 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     state_pass_pieces,
+    wy_factor,
 )
 
 
@@ -63,10 +64,12 @@ def _kernel(
     pieces: int,
     transfer_tiles: int | None,
     read_masked: bool,
+    stored_w: bool,
     mode: dict,
     dots: dict,
 ):
     a_ref, k_ref, beta_ref, dvout_ref, q_ref, do_ref, dht_ref = refs[:7]
+    w_ref = a_ref if stored_w else None
     rest = list(refs[7:])
     gam_ref, fdec_ref, gtok_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if decay else (None,) * 3
     transfer = transfer_tiles is not None
@@ -106,8 +109,11 @@ def _kernel(
         dvnew = (dv_out * local if transfer else dv_out) + k_ds
         if dvnew_ref is not None:
             dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
-        y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
-        d_state = d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
+        if stored_w:  # W^T dv_new: one product on the chain instead of two
+            d_state = d_state - mm(w_ref[rows, :], dvnew, mode["kv"], trans_a=True, **dots)
+        else:
+            y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
+            d_state = d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
 
         def read_term(d_state):  # first sub-chunk of a token chunk: the output reads h[J]
             tok = pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)
@@ -147,6 +153,8 @@ def state_pass_backward(
     split: int = AUTO_SPLIT,
     read_masked: bool = False,
     dots: str = "split",
+    stored_w: bool = False,
+    w: jax.Array | None = None,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -171,6 +179,10 @@ def state_pass_backward(
       dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
         with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
         16-bit product each, as FLA's backward).
+      stored_w: subtract ``W^T dv_new`` on the chain with the WY key factor
+        ``W = A diag(beta gam) K`` in the input dtype (as FLA's backward keeps it): two dependent
+        products per step instead of three. ``W`` is ``w`` (``[B, H, L, Kp]``, the forward's
+        ``Residuals.w``) when given, else formed here first (``common.wy_factor``, in XLA).
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
@@ -179,6 +191,8 @@ def state_pass_backward(
     B, L, H, Kp = k.shape
     chunks = L // (CHUNK * num_householder)
     pieces = state_pass_pieces(split, chunks, B * H, dv_out.shape[-1], block_v)
+    if stored_w:
+        a = wy_factor(a, k, beta, gam) if w is None else w
     launch = functools.partial(
         _launch,
         a,
@@ -197,6 +211,7 @@ def state_pass_backward(
         num_stages=num_stages,
         read_masked=read_masked,
         dots=dots,
+        stored_w=stored_w,
         interpret=interpret,
         poison=poison,
     )
@@ -230,6 +245,7 @@ def _launch(
     pieces: int,
     read_masked: bool = False,
     dots: str = "split",
+    stored_w: bool = False,
     transfer: bool = False,
 ) -> list[jax.Array]:
     """One ``pallas_call`` of the reverse-pass kernel; ``pieces`` and ``transfer`` as the
@@ -252,7 +268,7 @@ def _launch(
     piece_state = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
     inputs = [a, k, beta, dv_out, q, do]
     in_specs = [
-        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
+        pl.BlockSpec((None, None, L, Kp if stored_w else CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
         pl.BlockSpec((None, L, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
         pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),
         pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, vtile(i))),
@@ -299,6 +315,7 @@ def _launch(
         pieces=P,
         transfer_tiles=nv if transfer else None,
         read_masked=read_masked,
+        stored_w=stored_w,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
     )

@@ -37,6 +37,9 @@ class KernelConfig:
     state_warps: int = 4
     state_stages: int = 3
     state_tf32: bool = False  # W S with TF32 operands instead of a 16-bit rounded state
+    # the state pass forms v_new = U - W S from W = A diag(beta gam) K and U = A diag(beta) V
+    # formed first in the input dtype (two dependent products per chunk instead of three)
+    state_stored_wu: bool = False
     out_block_v: int = 64
     out_warps: int = 4
     out_stages: int = 2
@@ -67,6 +70,7 @@ class Residuals(NamedTuple):
     h: jax.Array  # [B, H, NT, Kp, Vp]
     v_new: jax.Array | None = None  # [B, H, L_pad, Vp]
     h_mid: jax.Array | None = None  # [B, H, NT*(n-1), Kp, Vp] (n > 1)
+    w: jax.Array | None = None  # [B, H, L_pad, Kp] WY key factor (save_w)
 
 
 def padded_dims(key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -130,13 +134,16 @@ def forward(
     interpret: bool | None = None,
     poison: bool = False,
     save_states: bool = False,
+    save_w: bool = False,
 ) -> tuple[jax.Array, jax.Array, Residuals]:
     """DeltaProduct forward through the Pallas kernels.
 
     Returns ``(o [B, T, H, V] q.dtype, final_state [B, H, K, V] fp32, Residuals)``.
     ``poison=True`` starts every kernel output buffer as NaN (tests: unwritten elements show).
     ``save_states=True`` keeps ``v_new`` and every interleaved chunk-start state in the residuals
-    (for the backward; the plain forward leaves it off).
+    (for the backward; the plain forward leaves it off). ``save_w=True`` keeps the WY key factor
+    ``W = A diag(beta gam) K`` (formed by the prepare kernel) for a backward whose reverse state
+    pass reads it (``BackwardConfig.state_stored_w``).
     """
     if interpret is None:
         interpret = default_interpret()
@@ -162,6 +169,8 @@ def forward(
         blocked=config.prep_blocked,
         precision=config.prep_precision,
         unroll=config.prep_unroll,
+        v=vp if config.state_stored_wu else None,
+        factors="wu" if config.state_stored_wu else ("w" if save_w else ""),
         **common,
     )
     h, vnew, final, *h_mid = state_pass(
@@ -179,6 +188,7 @@ def forward(
         tf32_state=config.state_tf32,
         mid_states=save_states,
         split=config.state_split,
+        wu=(prep["w"], prep["u"]) if config.state_stored_wu else None,
         **common,
     )
     o = output(
@@ -201,5 +211,6 @@ def forward(
         h=h,
         v_new=vnew if save_states else None,
         h_mid=h_mid[0] if h_mid else None,
+        w=prep["w"] if save_w else None,
     )
     return o[:, :T, :, :V], final[:, :, :K, :V], res

@@ -124,12 +124,23 @@ def sum_dots(dot, pairs: list) -> jax.Array:
     return out
 
 
-def _kernel(*refs, decay: bool, dot: DotMode, a_dot: DotMode, dtype, unroll: int, interpret: bool):
+def _kernel(
+    *refs,
+    decay: bool,
+    factors: str,
+    dot: DotMode,
+    a_dot: DotMode,
+    dtype,
+    unroll: int,
+    interpret: bool,
+):
     k_ref, beta_ref = refs[:2]
     rest = list(refs[2:])
+    v_ref = rest.pop(0) if factors == "wu" else None
     gate_ref = rest.pop(0) if decay else None
     a_ref = rest.pop(0)
     gam_ref, fdec_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
+    factor_refs = rest  # W (and U) when asked for
 
     # M, parked in A's output block to be read back by 16x16 blocks (Triton slices refs only)
     a_ref[...] = _m_matrix(k_ref, beta_ref, gate_ref, gam_ref, fdec_ref, dot, dtype, interpret)
@@ -157,6 +168,25 @@ def _kernel(*refs, decay: bool, dot: DotMode, a_dot: DotMode, dtype, unroll: int
             a[(i, j)] = -sum_dots(prod, [(a[(i, c)], t[(c, j)]) for c in range(2, i + 1)])
     for (i, j), block in a.items():  # blocks above the diagonal still hold M's zeros
         a_ref[pl.ds(i * SUB, SUB), pl.ds(j * SUB, SUB)] = block
+    if factor_refs:
+        barrier()  # every block of A stored
+        _store_factors(a_ref, k_ref, v_ref, beta_ref, gam_ref, factor_refs, dtype, interpret)
+
+
+def _store_factors(a_ref, k_ref, v_ref, beta_ref, gam_ref, factor_refs, dtype, interpret) -> None:
+    """``W = A diag(beta gam) K`` (and ``U = A diag(beta) V``) from the stored ``A``, rounded to
+    the input dtype; products in TF32 for 16-bit inputs (exact fp32 for fp32 inputs)."""
+    mode = DotMode.IEEE if dtype == jnp.float32 else DotMode.TF32
+    a = a_ref[...]
+    beta = beta_ref[...].astype(jnp.float32)
+    coef = beta if gam_ref is None else beta * gam_ref[...]
+    w_ref = factor_refs[0]
+    keys = coef[:, None] * k_ref[...].astype(jnp.float32)
+    w_ref[...] = mm(a, keys, mode, interpret=interpret).astype(w_ref.dtype)
+    if v_ref is not None:
+        u_ref = factor_refs[1]
+        vals = beta[:, None] * v_ref[...].astype(jnp.float32)
+        u_ref[...] = mm(a, vals, mode, interpret=interpret).astype(u_ref.dtype)
 
 
 def _m_matrix(k_ref, beta_ref, gate_ref, gam_ref, fdec_ref, dot, dtype, interpret) -> jax.Array:
@@ -199,6 +229,8 @@ def prepare(
     blocked: bool = True,
     precision: str = "ieee",
     unroll: int = 3,
+    v: jax.Array | None = None,
+    factors: str = "",
     interpret: bool = False,
     poison: bool = False,
 ) -> dict[str, jax.Array]:
@@ -213,11 +245,21 @@ def prepare(
         inputs: ``"ieee"`` (fp32 FMA), ``"split3"`` (three bf16 products) or ``"tf32"``;
         fp32 inputs always use ``"ieee"``.
       unroll: substitution steps per loop iteration for the diagonal blocks (1, 3 or 5).
+      factors: also the WY factors from the stored ``A`` (blocked kernel only): ``"w"`` for
+        ``W = A diag(beta gam) K``, ``"wu"`` also ``U = A diag(beta) V`` (``v [B, L, H, Vp]``
+        needed); ``""`` (default) neither.
 
     Returns:
       dict with ``a [B, H, L, 64]`` fp32 and, when ``gate`` is given, ``gam``, ``fdec``
-      ``[B, H, L]`` fp32.
+      ``[B, H, L]`` fp32; with ``factors``, ``w [B, H, L, Kp]`` (and ``u [B, H, L, Vp]``) in
+      k.dtype.
     """
+    if factors not in ("", "w", "wu"):
+        raise ValueError(f"factors must be '', 'w' or 'wu', got {factors!r}")
+    if factors and not blocked:
+        raise ValueError("factors need the blocked inverse (blocked=True)")
+    if (factors == "wu") != (v is not None):
+        raise ValueError(f"v is needed exactly when factors == 'wu' (factors={factors!r})")
     B, L, H, Kp = k.shape
     NC = L // CHUNK
     precise = k.dtype == jnp.float32
@@ -229,6 +271,11 @@ def prepare(
         pl.BlockSpec((None, CHUNK, None, Kp), lambda c, h, b: (b, c, h, 0)),
         pl.BlockSpec((None, CHUNK, None), lambda c, h, b: (b, c, h)),
     ]
+    if v is not None:
+        inputs.append(v)
+        in_specs.append(
+            pl.BlockSpec((None, CHUNK, None, v.shape[-1]), lambda c, h, b: (b, c, h, 0))
+        )
     if decay:
         inputs.append(gate)
         in_specs.append(head_vec)
@@ -239,9 +286,15 @@ def prepare(
         out_shapes += [jax.ShapeDtypeStruct((B, H, L), jnp.float32)] * 2
         out_specs += [head_vec, head_vec]
         names += ["gam", "fdec"]
+    for name, x in (("w", k), ("u", v))[: len(factors)]:
+        out_shapes.append(jax.ShapeDtypeStruct((B, H, L, x.shape[-1]), k.dtype))
+        out_specs.append(
+            pl.BlockSpec((None, None, CHUNK, x.shape[-1]), lambda c, h, b: (b, h, c, 0))
+        )
+        names.append(name)
     if blocked:
         a_dot = DotMode.IEEE if precise else DotMode(precision)
-        body = functools.partial(_kernel, unroll=unroll)
+        body = functools.partial(_kernel, unroll=unroll, factors=factors)
     else:
         a_dot = DotMode.IEEE if precise else DotMode.SPLIT3
         body = _dense_kernel

@@ -66,6 +66,7 @@ def _kernel(
     mid_states: bool,
     pieces: int,
     transfer_tiles: int | None,
+    stored_wu: bool,
     ks_dot: DotMode,
     ax_dot: DotMode,
     kv_dot: DotMode,
@@ -114,15 +115,19 @@ def _kernel(
 
         rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
         k = k_ref[rows, :]
-        ks = mm(k, state, ks_dot, **dots)  # [64, BV]
-        if decay:
-            gam = gam_ref[rows]
-            ks = ks * gam[:, None]
         vals = v_ref[rows, :].astype(jnp.float32)
         if transfer:
             vals = vals * value_scale
-        x = beta_ref[rows].astype(jnp.float32)[:, None] * (vals - ks)
-        vnew = mm(a_ref[rows, :], x, ax_dot, **dots)
+        if decay:
+            gam = gam_ref[rows]
+        if stored_wu:  # a_ref holds W, v_ref U: v_new = U - W S, one product on the chain
+            vnew = vals - mm(a_ref[rows, :], state, ks_dot, **dots)
+        else:
+            ks = mm(k, state, ks_dot, **dots)  # [64, BV]
+            if decay:
+                ks = ks * gam[:, None]
+            x = beta_ref[rows].astype(jnp.float32)[:, None] * (vals - ks)
+            vnew = mm(a_ref[rows, :], x, ax_dot, **dots)
         if vnew_ref is not None:
             vnew_ref[rows, :] = vnew.astype(vnew_ref.dtype)
         if decay:
@@ -149,6 +154,7 @@ def state_pass(
     tf32_state: bool = False,
     mid_states: bool = False,
     split: int = AUTO_SPLIT,
+    wu: tuple[jax.Array, jax.Array] | None = None,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -168,6 +174,10 @@ def state_pass(
         (``common.split_pieces`` picks the largest count dividing ``T_pad / 64``); 1 = one
         sequential walk; ``AUTO_SPLIT`` (0, the default) = ``common.auto_split`` of the
         ``B * H * Vp / BV`` programs (a split only where they leave SMs idle).
+      wu: the WY factors ``(W [B, H, L, Kp], U [B, H, L, Vp])`` in the input dtype
+        (``W = A diag(beta gam) K``, ``U = A diag(beta) V``: ``prepare(factors="wu")``, as FLA's
+        forward keeps them): ``v_new = U - W S`` on the chain, two dependent products per chunk
+        instead of three (``a`` and ``v`` are then not read).
 
     Returns:
       ``(h [B, H, NT, Kp, Vp], v_new [B, H, L, Vp], final [B, H, Kp, Vp] fp32)``, plus
@@ -178,6 +188,9 @@ def state_pass(
     B, L, H, Kp = k.shape
     chunks = L // (CHUNK * num_householder)
     pieces = state_pass_pieces(split, chunks, B * H, v.shape[-1], block_v)
+    stored_wu = wu is not None
+    if stored_wu:
+        a, v = wu
     launch = functools.partial(
         _launch,
         a,
@@ -191,6 +204,7 @@ def state_pass(
         num_warps=num_warps,
         num_stages=num_stages,
         tf32_state=tf32_state,
+        stored_wu=stored_wu,
         interpret=interpret,
         poison=poison,
     )
@@ -221,6 +235,7 @@ def _launch(
     interpret: bool,
     poison: bool,
     pieces: int,
+    stored_wu: bool = False,
     mid_states: bool = False,
     transfer: bool = False,
 ) -> list[jax.Array]:
@@ -250,10 +265,13 @@ def _launch(
     )
     head_vec = pl.BlockSpec((None, None, L), lambda i, h, b: (row(b), h, 0))
     inputs = [a, k, v, beta]
+    head_rows = lambda d, tile: pl.BlockSpec(
+        (None, None, L, d), lambda i, h, b: (row(b), h, 0, vtile(i) if tile else 0)
+    )
     in_specs = [
-        pl.BlockSpec((None, None, L, CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
+        head_rows(Kp, False) if stored_wu else head_rows(CHUNK, False),
         seq(Kp, False),
-        seq(bv, True),
+        head_rows(bv, True) if stored_wu else seq(bv, True),
         pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),
     ]
     if decay:
@@ -296,6 +314,7 @@ def _launch(
         mid_states=mid_states,
         pieces=P,
         transfer_tiles=nv if transfer else None,
+        stored_wu=stored_wu,
         ks_dot=ks_dot,
         ax_dot=ax_dot,
         kv_dot=kv_dot,

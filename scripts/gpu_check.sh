@@ -12,6 +12,8 @@
 #      with the default (grad_dtype=input, plus BWD_VARIANTS="--bwd-variant FIELD=VALUE ...");
 #   4c. `conv`: the short convolution's backward, XLA's autodiff against the Pallas kernel
 #      (experiments/bench_conv.py, the 392M models' shapes);
+#   4d. `tune`: only the stage variants of TUNE_STAGES ("state_pass bwd_state_pass" by default)
+#      alone at TUNE_CASE (B,T,H,K,V,n_h; the n_h = 2 target by default), then the op tuned;
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
 #      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune;
 #      SPLIT_CASES="4,4096,8,128,128,2" overrides the B,T,H,K,V,n_h cases);
@@ -31,6 +33,7 @@
 #   bash scripts/gpu_check.sh variants        # at most 4.5 minutes
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
 #   bash scripts/gpu_check.sh conv            # at most 2 minutes
+#   bash scripts/gpu_check.sh tune            # at most 4 minutes
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
 #   bash scripts/gpu_check.sh lm_remat        # at most 6 minutes
@@ -82,6 +85,12 @@ for stage in $STAGES; do
     conv)
       timeout 120 python3 experiments/bench_conv.py --out "$OUT/conv" > "$OUT/conv.stdout" 2>&1
       tail -22 "$OUT/conv/bench_conv.md" ;;
+    tune)
+      # shellcheck disable=SC2086
+      timeout 240 python3 experiments/bench_op.py --case ${TUNE_CASE:-4,4096,8,128,128,2} --tune \
+        --bwd-tune --tune-stages ${TUNE_STAGES:-state_pass bwd_state_pass} --no-chunked \
+        --repeats 5 --out "$OUT/tune" > "$OUT/tune.stdout" 2>&1
+      grep -E "^\| .*(state_pass|wy_factor)" "$OUT/tune/bench_op.md" | head -30 ;;
     split)
       for case in ${SPLIT_CASES:-1,32768,8,128,128,2 4,4096,8,128,128,2}; do
         timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \
@@ -115,6 +124,7 @@ for stage in $STAGES; do
         cp /tmp/"$name"/*.json* "$OUT/$name/" 2>/dev/null
         rm -rf "/tmp/$name"
       done ;;
-    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, split, lm, lm_remat, multi)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, variants, conv, tune, split, lm,"\
+         "lm_remat, multi)"; exit 2 ;;
   esac
 done

@@ -48,9 +48,9 @@ def test_bench_op_times_backward_variants_side_by_side(tmp_path):
     assert ("pallas", "fwdbwd") in ops and ("pallas[grad_dtype=input]", "fwdbwd") in ops, ops
     assert ("pallas[wy_warps=8,grad_dtype=input]", "fwdbwd") in ops, ops
     assert ("pallas[grad_dtype=input]", "fwd") not in ops  # same forward kernels
-    assert bench.backward_fields("grad_dtype=input,wy_block=32") == {
+    assert bench.config_fields("grad_dtype=input,wy_block=32") == {
         "grad_dtype": "input",
         "wy_block": 32,
     }
     with pytest.raises(ValueError, match="no_such_field"):
-        bench.backward_fields("no_such_field=1")
+        bench.config_fields("no_such_field=1")

@@ -251,6 +251,9 @@ SIXTEEN_BIT_CHOICES = {
     "wy_dots": ("tf32", "input"),
     "state_dots": ("split", "input"),
 }
+# ... and those that reorder the arithmetic too (fp32 inputs: equal to rounding, not bitwise):
+# W = A diag(beta gam) K formed first and rounded to 16 bits for the reverse state pass
+ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {"state_stored_w": (False, True)}
 
 
 @pytest.mark.parametrize(
@@ -259,11 +262,13 @@ SIXTEEN_BIT_CHOICES = {
     + [("grad_dtype", 4, True, 32, 32), ("grad_dtype", 2, True, 200, 136)]  # 200: tiled adjoints
     + [("wy_dots", 2, True, 32, 32), ("wy_dots", 3, False, 64, 64), ("wy_dots", 4, True, 32, 32)]
     + [("state_dots", 1, False, 64, 64), ("state_dots", 2, True, 32, 32)]
-    + [("state_dots", 3, False, 64, 64)],
+    + [("state_dots", 3, False, 64, 64)]
+    + [("state_stored_w", 1, False, 64, 64), ("state_stored_w", 2, True, 32, 32)]
+    + [("state_stored_w", 3, False, 64, 64), ("state_stored_w", 4, True, 32, 32)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
-    """Each 16-bit choice of ``SIXTEEN_BIT_CHOICES`` stays within SPEC §9 of the fp32 chunked path,
-    and at most a little further from it than its more precise baseline."""
+    """Each choice of ``ACCURACY_CHOICES`` stays within SPEC §9 of the fp32 chunked path, and at
+    most a little further from it than its more precise baseline."""
     B, T, H = 1, 130, 2
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=True)
     starts = jnp.asarray(random_resets(rng, B, T))
@@ -272,7 +277,7 @@ def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, 
     rounded = [None if a is None else a.astype(jnp.float32) for a in low]
     want = grads(chunked.forward, rounded, starts, cot_o, cot_s, n, K**-0.5)
     errs = []
-    for value in SIXTEEN_BIT_CHOICES[field]:
+    for value in ACCURACY_CHOICES[field]:
         config = dataclasses.replace(kernel_backward.config_for(K, V), **{field: value})
         use_backward_config(monkeypatch, config)
         got = grads(dp_pallas.forward, low, starts, cot_o, cot_s, n, K**-0.5)
@@ -305,6 +310,25 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
         kernel_backward.BackwardConfig(wy_dots="fp8")
     with pytest.raises(ValueError, match="state_dots must be .split. or .input., got .tf32."):
         kernel_backward.BackwardConfig(state_dots="tf32")
+
+
+@pytest.mark.parametrize("n,split", [(1, 1), (2, 2), (3, 1)])
+def test_stored_w_matches_applying_a(rng, monkeypatch, n, split):
+    """``state_stored_w``: the reverse pass with ``W`` formed first gives, on fp32 inputs, the
+    gradients of the pass that applies ``A`` on the chain (also under the sequence split)."""
+    B, T, H, K, V = 1, 200, 2, 16, 24
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
+    args = inputs(p, jnp.float32)
+    out = []
+    for stored in (False, True):
+        config = kernel_backward.BackwardConfig(state_split=split, state_stored_w=stored)
+        use_backward_config(monkeypatch, config)
+        out.append(grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.3))
+    for name in out[0]:
+        assert np.isfinite(out[1][name]).all(), name
+        assert rel_rmse(out[0][name], out[1][name]) < 1e-5, name
 
 
 @pytest.mark.parametrize("n,split", [(2, 1), (3, 2)])
@@ -506,13 +530,14 @@ GPU_CASES = [
 
 
 # BackwardConfig fields changed from the default: every shape with the defaults, the first three
-# also with fp32 intermediates, with the reverse pass's branch-free read term and with the WY
-# adjoint's products with an fp32 value in TF32
+# also with fp32 intermediates, with the reverse pass's branch-free read term, with the WY
+# adjoint's products with an fp32 value in TF32 and with the reverse pass on a stored W
 BACKWARD_VARIANTS = {
     "default": {},
     "grad_dtype=float32": {"grad_dtype": "float32"},
     "state_read_masked=True": {"state_read_masked": True},
     "wy_dots=tf32": {"wy_dots": "tf32"},
+    "state_stored_w=True": {"state_stored_w": True},
 }
 GPU_VARIANTS = [
     (*case, variant)

@@ -191,6 +191,40 @@ def test_default_config_splits_few_program_calls(rng):
     assert rel_rmse(o_seq, o_auto) < FP32_TOL and rel_rmse(f_seq, f_auto) < FP32_TOL
 
 
+@pytest.mark.parametrize(
+    "n,gated,split,dtype",
+    [(1, False, 1, jnp.float32), (2, True, 4, jnp.float32), (3, True, 1, jnp.float32)]
+    + [(1, True, 1, jnp.bfloat16), (2, False, 1, jnp.bfloat16), (4, True, 2, jnp.bfloat16)],
+)
+def test_stored_wu_matches_oracle(rng, n, gated, split, dtype):
+    """``KernelConfig(state_stored_wu=True)`` (``v_new = U - W S`` from ``W``, ``U`` formed
+    first): the oracle's output and final state, and in 16 bits at most a little further from it
+    than the default state pass."""
+    B, T, H, K, V = 2, 260, 2, 32, 24
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=True)
+    starts = random_resets(rng, B, T)
+    r = rounded(p, dtype)
+    ref_o, ref_final = delta_product_np(
+        r["q"],
+        r["k"],
+        r["v"],
+        r["beta"],
+        r["g"],
+        scale=0.3,
+        initial_state=r["initial_state"],
+        doc_starts=starts,
+    )
+    errs = []
+    for stored in (False, True):
+        config = kernels.KernelConfig(state_split=split, state_stored_wu=stored)
+        o, final = run_pallas(p, starts, dtype, 0.3, n, config=config)
+        assert np.isfinite(o).all() and np.isfinite(final).all()
+        errs.append((rel_rmse(ref_o, o), rel_rmse(ref_final, final)))
+    tol = FP32_TOL if dtype == jnp.float32 else LOW_TOL[dtype]
+    for default, stored in zip(*errs, strict=True):
+        assert stored < tol and stored <= 4.0 * default + 5e-4, errs
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("n", [1, 3])
 def test_low_precision_matches_oracle(rng, dtype, n):
@@ -298,6 +332,40 @@ def test_prepare_inverse_matches_numpy(rng):
         interpret=True,
     )
     np.testing.assert_allclose(out["a"], chunk_inverses(k, beta, gate), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "factors,gated,dtype",
+    [("w", True, jnp.float32), ("wu", False, jnp.float32), ("wu", True, jnp.bfloat16)],
+)
+def test_prepare_wy_factors(rng, factors, gated, dtype):
+    """``prepare(factors=...)``: ``W = A diag(beta gam) K`` and ``U = A diag(beta) V`` per chunk
+    from its own ``A`` and ``gam`` (fp32: to rounding; bf16: one 16-bit rounding)."""
+    B, L, H, K, V = 1, 128, 2, 16, 24
+    k = rng.normal(size=(B, L, H, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.normal(size=(B, L, H, V))
+    beta = rng.uniform(0, 2, size=(B, L, H))
+    gate = np.log(rng.uniform(0.5, 1.0, size=(B, H, L)))
+    gate[:, :, [5, 64, 100]] = -np.inf
+    kx, vx, bx = (jnp.asarray(x, dtype) for x in (k, v, beta))
+    g = jnp.asarray(gate, jnp.float32) if gated else None
+    out = prepare(
+        kx, bx, g, v=vx if factors == "wu" else None, factors=factors, interpret=True, poison=True
+    )
+    as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    a = as64(out["a"]).reshape(B, H, L // 64, 64, 64)
+    coef = np.moveaxis(as64(bx), 1, 2)
+    gam = as64(out["gam"]) if gated else 1.0
+    chunks = lambda x, c: (np.moveaxis(as64(x), 1, 2) * c[..., None]).reshape(B, H, L // 64, 64, -1)
+    want = {"w": a @ chunks(kx, coef * gam), "u": a @ chunks(vx, coef)}
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    for name in factors:
+        got = as64(out[name]).reshape(want[name].shape)
+        assert out[name].dtype == dtype and np.isfinite(got).all(), name
+        assert rel_rmse(want[name], got) < tol, name
+    with pytest.raises(ValueError, match="v is needed exactly when factors == 'wu'"):
+        prepare(kx, bx, g, factors="wu", interpret=True)
 
 
 def hard_chunks(rng, B, L, H, K):
@@ -511,16 +579,20 @@ def record(**fields) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,H,K,V,n,gated,extras,dtype", GPU_CASES)
-@pytest.mark.parametrize("tf32_state", [False, True])
-def test_gpu_matches_fp32_reference(rng, B, T, H, K, V, n, gated, extras, dtype, tf32_state):
-    if tf32_state and (T, n) != (2048, 3):
+@pytest.mark.parametrize("variant", ["default", "state_tf32", "state_stored_wu"])
+def test_gpu_matches_fp32_reference(rng, B, T, H, K, V, n, gated, extras, dtype, variant):
+    if variant == "state_tf32" and (T, n) != (2048, 3):
         pytest.skip("the TF32 state variant is checked on one shape")
+    if variant == "state_stored_wu" and T != 2048:
+        pytest.skip("the stored-W/U state pass is checked on the three target shapes")
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=extras)
     starts = jnp.asarray(random_resets(rng, B, T)) if extras else None
     args = [jnp.asarray(p[x], dtype) for x in ("q", "k", "v", "beta")]
     g = None if p["g"] is None else jnp.asarray(p["g"], jnp.float32)
     h0 = None if p["initial_state"] is None else jnp.asarray(p["initial_state"], jnp.float32)
-    config = dataclasses.replace(dp_pallas.config_for(K, V), state_tf32=tf32_state)
+    config = dp_pallas.config_for(K, V)
+    if variant != "default":
+        config = dataclasses.replace(config, **{variant: True})
     run = jax.jit(
         lambda *a: kernels.forward(
             *a, num_householder=n, scale=K**-0.5, poison=True, config=config
@@ -534,7 +606,7 @@ def test_gpu_matches_fp32_reference(rng, B, T, H, K, V, n, gated, extras, dtype,
     err_o, err_s = rel_rmse(ref_o, o), rel_rmse(ref_final, final)
     record(
         case=[B, T, H, K, V, n, gated, extras, jnp.dtype(dtype).name],
-        tf32_state=tf32_state,
+        variant=variant,
         rel_rmse_o=err_o,
         rel_rmse_final=err_s,
     )

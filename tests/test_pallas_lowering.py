@@ -154,6 +154,7 @@ def test_prepare_variants_lower(kwargs):
         kernels.KernelConfig(prep_blocked=False),
         kernels.KernelConfig(prep_precision="split3", prep_unroll=1),
         kernels.KernelConfig(prep_precision="tf32", prep_unroll=5, prep_warps=2),
+        kernels.KernelConfig(state_stored_wu=True),
     ],
 )
 def test_forward_lowers_other_tiles(config):
@@ -311,6 +312,7 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(grad_dtype="input", wy_dots="split", wy_fused=True),
         dict(state_read_masked=True),
         dict(state_dots="input"),
+        dict(state_stored_w=True, state_split=2),
     ],
 )
 def test_backward_lowers_other_configs(fields):
@@ -320,6 +322,7 @@ def test_backward_lowers_other_configs(fields):
     text = lower_forward_backward(2, args, kernel_backward.BackwardConfig(**fields))
     expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
     expected -= bool(fields.get("wy_fused"))  # one kernel for the state and WY adjoints
+    expected += fields.get("state_split", 1) > 1  # the reverse pass's transfer launch
     assert text.count(TRITON_CALL) == expected
 
 

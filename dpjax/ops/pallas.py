@@ -81,7 +81,9 @@ def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
     )
 
 
-def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float, save_states=False):
+def _kernel_forward(
+    q, k, v, beta, g, h0, resets, n: int, scale: float, save_states=False, save_w=False
+):
     return kernels.forward(
         q,
         k,
@@ -94,6 +96,7 @@ def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float, save_sta
         scale=scale,
         config=config_for(q.shape[-1], v.shape[-1]),
         save_states=save_states,
+        save_w=save_w,
     )
 
 
@@ -106,8 +109,12 @@ def _pallas(q, k, v, beta, g, h0, resets, n: int, scale: float):
 def _pallas_fwd(q, k, v, beta, g, h0, resets, n: int, scale: float):
     # the states are kept only where the kernel backward will use them
     save = kernel_backward_supports(q.shape[-1], v.shape[-1])
-    save = save and backward_config_for(q.shape[-1], v.shape[-1]).save_states
-    o, final, res = _kernel_forward(q, k, v, beta, g, h0, resets, n, scale, save_states=save)
+    config = backward_config_for(q.shape[-1], v.shape[-1])
+    save_w = save and config.state_stored_w
+    save = save and config.save_states
+    o, final, res = _kernel_forward(
+        q, k, v, beta, g, h0, resets, n, scale, save_states=save, save_w=save_w
+    )
     # residuals: the inputs, A, the log-gates, the chunk-start states and v_new
     return (o, final), (q, k, v, beta, g, h0, resets, res)
 
