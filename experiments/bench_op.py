@@ -138,6 +138,19 @@ def config_fields(spec: str, config_class: type = kernel_backward.BackwardConfig
     return fields
 
 
+def split_fields(spec: str) -> tuple[dict, dict]:
+    """A ``--variant`` spec -> ``(KernelConfig fields, BackwardConfig fields)``: each field goes
+    to the configuration that has it (KernelConfig first); unknown fields raise a ValueError."""
+    forward_names = {f.name for f in dataclasses.fields(kernels.KernelConfig)}
+    items = spec.split(",")
+    fwd = [x for x in items if x.partition("=")[0] in forward_names]
+    bwd = [x for x in items if x not in fwd]
+    return (
+        config_fields(",".join(fwd), kernels.KernelConfig) if fwd else {},
+        config_fields(",".join(bwd)) if bwd else {},
+    )
+
+
 def with_state_split(config_for: Callable, split: int) -> Callable:
     """``config_for(key_dim, value_dim)`` (forward or backward) with ``state_split`` replaced."""
     return lambda key_dim, value_dim: dataclasses.replace(
@@ -622,7 +635,8 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="FIELD=VALUE[,FIELD=VALUE]",
         help="also time the op's forward and forward+backward with these KernelConfig (forward "
-        "kernel) fields changed (repeatable; e.g. state_stored_wu=True), side by side",
+        "kernels) and BackwardConfig fields changed (repeatable; e.g. "
+        "state_stored_wu=True,state_stored_w=True), side by side with the default",
     )
     ap.add_argument(
         "--memory", action="store_true", help="compiled memory of fwd+bwd (pallas vs chunked)"
@@ -733,9 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = {f"pallas[{v}]": config_fields(v) for v in args.bwd_variant}
     impls |= dict.fromkeys(variants, dp_pallas.forward)  # fwd+bwd only, traced with the fields
     forward_config_for = dp_pallas.config_for
-    fwd_variants = {
-        f"pallas[fwd:{v}]": config_fields(v, kernels.KernelConfig) for v in args.variant
-    }
+    fwd_variants = {f"pallas[fwd:{v}]": split_fields(v) for v in args.variant}
     impls |= dict.fromkeys(fwd_variants, dp_pallas.forward)  # fwd and fwd+bwd
     if not args.no_chunked:
         impls["chunked"] = chunked.forward
@@ -758,8 +770,12 @@ def main(argv: list[str] | None = None) -> None:
                     dataclasses.replace(backward_config_for(key_dim, value_dim), **f)
                 )
             elif name in fwd_variants:
-                dp_pallas.config_for = lambda key_dim, value_dim, f=fwd_variants[name]: (
-                    dataclasses.replace(forward_config_for(key_dim, value_dim), **f)
+                fwd_fields, bwd_fields = fwd_variants[name]
+                dp_pallas.config_for = lambda key_dim, value_dim, f=fwd_fields: dataclasses.replace(
+                    forward_config_for(key_dim, value_dim), **f
+                )
+                dp_pallas.backward_config_for = lambda key_dim, value_dim, f=bwd_fields: (
+                    dataclasses.replace(backward_config_for(key_dim, value_dim), **f)
                 )
             f, fb = op_fns(impl, c)
             try:

@@ -43,14 +43,23 @@ def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
 def test_bench_op_times_backward_variants_side_by_side(tmp_path):
     bench = _load()
     flags = "--bwd-variant grad_dtype=input --bwd-variant wy_warps=8,grad_dtype=input"
+    flags += " --variant state_stored_wu=True,state_stored_w=True"
     saved = _run(bench, tmp_path, flags)
     ops = {(r["impl"], r["mode"]) for r in saved["records"] if r["kind"] == "op"}
     assert ("pallas", "fwdbwd") in ops and ("pallas[grad_dtype=input]", "fwdbwd") in ops, ops
     assert ("pallas[wy_warps=8,grad_dtype=input]", "fwdbwd") in ops, ops
     assert ("pallas[grad_dtype=input]", "fwd") not in ops  # same forward kernels
+    stored = "pallas[fwd:state_stored_wu=True,state_stored_w=True]"
+    assert (stored, "fwd") in ops and (stored, "fwdbwd") in ops, ops
     assert bench.config_fields("grad_dtype=input,wy_block=32") == {
         "grad_dtype": "input",
         "wy_block": 32,
     }
     with pytest.raises(ValueError, match="no_such_field"):
         bench.config_fields("no_such_field=1")
+    assert bench.split_fields("state_stored_wu=True,state_stored_w=True,out_warps=8") == (
+        {"state_stored_wu": True, "out_warps": 8},
+        {"state_stored_w": True},
+    )
+    with pytest.raises(ValueError, match="BackwardConfig FIELD=VALUE, got 'bogus=1'"):
+        bench.split_fields("out_warps=8,bogus=1")
