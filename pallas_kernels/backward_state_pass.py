@@ -13,7 +13,8 @@ final-state cotangent ``dht``)::
     dh0 = dE
 
 with ``dE [Kp, BV]`` fp32 in registers. ``W_c`` is never formed (``W^T x = K^T diag(beta gam)
-A^T x``). Without decay every gate factor is 1.
+A^T x``) unless ``stored_w`` asks for it (``BackwardConfig.state_stored_w``: ``W^T dv_new`` from the
+16-bit ``W``, two dependent products per step). Without decay every gate factor is 1.
 
 Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
 ``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]``, ``dv_out [L, BV]``, ``Q [T, Kp]``,

@@ -13,7 +13,8 @@ Ungated calls without resets skip every gate term (``decay=False``: gam = fdec =
 factors ``W = A diag(beta gam) K`` and ``U = A diag(beta) V`` are never stored: the state pass
 applies ``A`` to ``diag(beta)(V - diag(gam) K S)`` directly, which is more accurate (no 16-bit
 rounding of ``W`` and ``U``, whose difference ``U - W S`` cancels) and moves fewer bytes (``A`` is
-64 fp32 per row against ``K + V`` 16-bit values for ``W`` and ``U``).
+64 fp32 per row against ``K + V`` 16-bit values for ``W`` and ``U``); ``factors`` forms them
+anyway from the stored ``A`` for the state passes' stored-factor options.
 
 The inverse (default, ``blocked=True``), by 16x16 blocks as FLA's ``solve_tril``: Triton cannot
 slice values, so ``M`` is computed whole (one 64x64x``Kp`` product), parked in the output

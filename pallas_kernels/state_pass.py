@@ -8,10 +8,11 @@ For interleaved chunks ``c = 0 .. NC-1`` of one (batch, head, value tile)::
 
 with ``S [Kp, BV]`` fp32 carried in registers (``gam_end_c`` is ``gam`` at the chunk's last row;
 without decay all gate factors are 1). The WY factors are applied on the fly from ``A`` (stage 1),
-so they are never rounded to 16 bits nor stored. Chunk-start states are stored at token-chunk
-boundaries (every ``n_h``-th chunk) as ``h``; with ``mid_states`` (n_h > 1, for the backward) the
-other chunk-start states go to a second output ``h_mid``, so that the backward never re-runs the
-recurrence.
+so they are never rounded to 16 bits nor stored (the option ``wu``,
+``KernelConfig.state_stored_wu``: ``v_new = U - W S`` from the prepare kernel's 16-bit ``W``, ``U``,
+as FLA). Chunk-start states are stored at token-chunk boundaries (every ``n_h``-th chunk) as
+``h``; with ``mid_states`` (n_h > 1, for the backward) the other chunk-start states go to a second
+output ``h_mid``, so that the backward never re-runs the recurrence.
 
 Grid ``(Vp / BV, H, B)``: one program per value tile and (head, batch), so ``B*H = 32`` heads with
 ``BV = 32`` and ``V = 128`` still give 128 programs (defaults: ``BV = 32``, 4 warps, 3 pipeline
