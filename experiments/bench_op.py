@@ -408,6 +408,19 @@ def backward_stage_fns(
 # the fused stage 3 + 4 kernel at 8 warps
 OLD_BACKWARD = kernel_backward.BackwardConfig(save_states=False, wy_fused=True, output_warps=8)
 
+# fields that change the rounding, not just the speed: their variants are timed for the record
+# but never chosen by --tune / --bwd-tune
+PRECISION_FIELDS = {"state_tf32", "state_stored_wu"}
+BWD_PRECISION_FIELDS = {"state_dots", "state_stored_w"}
+
+
+def fastest(variants: list[dict], times: dict[int, float], precision: set[str]) -> dict:
+    """The fields of the fastest timed variant (``times``: index -> ms) that sets none of the
+    ``precision`` fields; ``{}`` if none."""
+    usable = {i: t for i, t in times.items() if not precision & variants[i].keys()}
+    return variants[min(usable, key=usable.get)] if usable else {}
+
+
 # stage -> variants (BackwardConfig fields); the first has the default tiles. The tile variants
 # of the state passes run unsplit (state_split=1) and the split ones with the default tiles, so
 # that the automatic split (the default) is compared against both.
@@ -501,8 +514,7 @@ def bwd_tune(
             log(json.dumps(rec))
     best = {}
     for stage, by_variant in totals.items():
-        if by_variant:
-            best.update(BWD_TUNE_SPACE[stage][min(by_variant, key=by_variant.get)])
+        best.update(fastest(BWD_TUNE_SPACE[stage], by_variant, BWD_PRECISION_FIELDS))
     return best, records
 
 
@@ -549,9 +561,6 @@ TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 
 }
 
 
-PRECISION_FIELDS = {"state_tf32", "state_stored_wu"}  # change the rounding, not just the speed
-
-
 def tune(
     cases: list[Case], repeats: int, log: Callable, only: list[str] | None = None
 ) -> tuple[dict, list[dict]]:
@@ -579,14 +588,7 @@ def tune(
                 log(json.dumps(rec))
     best = {}
     for stage, by_variant in totals.items():
-        # precision variants are timed for the record but not chosen automatically
-        usable = {
-            i: t
-            for i, t in by_variant.items()
-            if not PRECISION_FIELDS & {f for f, v in TUNE_SPACE[stage][i].items() if v}
-        }
-        if usable:
-            best.update(TUNE_SPACE[stage][min(usable, key=usable.get)])
+        best.update(fastest(TUNE_SPACE[stage], by_variant, PRECISION_FIELDS))
     return best, records
 
 
