@@ -312,41 +312,29 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
         kernel_backward.BackwardConfig(state_dots="tf32")
 
 
-@pytest.mark.parametrize("n,split", [(1, 1), (2, 2), (3, 1)])
-def test_stored_w_matches_applying_a(rng, monkeypatch, n, split):
-    """``state_stored_w``: the reverse pass with ``W`` formed first gives, on fp32 inputs, the
-    gradients of the pass that applies ``A`` on the chain (also under the sequence split)."""
+@pytest.mark.parametrize(
+    "field,n,split,tol",
+    [("state_read_masked", 2, 1, 1e-6), ("state_read_masked", 3, 2, 1e-6)]
+    + [("state_stored_w", 1, 1, 1e-5), ("state_stored_w", 2, 2, 1e-5)]
+    + [("state_stored_w", 3, 1, 1e-5)],
+)
+def test_reverse_pass_options_match_the_default(rng, monkeypatch, field, n, split, tol):
+    """On fp32 inputs the reverse state pass's options give the default's gradients, also under
+    the sequence split: ``state_read_masked`` (the read term without ``lax.cond``, also in the
+    transfer launch) and ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
     B, T, H, K, V = 1, 200, 2, 16, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     starts = jnp.asarray(random_resets(rng, B, T))
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
     args = inputs(p, jnp.float32)
     out = []
-    for stored in (False, True):
-        config = kernel_backward.BackwardConfig(state_split=split, state_stored_w=stored)
+    for value in (False, True):
+        config = kernel_backward.BackwardConfig(state_split=split, **{field: value})
         use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.3))
     for name in out[0]:
         assert np.isfinite(out[1][name]).all(), name
-        assert rel_rmse(out[0][name], out[1][name]) < 1e-5, name
-
-
-@pytest.mark.parametrize("n,split", [(2, 1), (3, 2)])
-def test_masked_read_term_matches_the_branch(rng, monkeypatch, n, split):
-    """``state_read_masked``: the reverse pass's read term without ``lax.cond`` (also in the
-    split pass's transfer launch) gives the branch's gradients."""
-    B, T, H, K, V = 1, 200, 2, 16, 24
-    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
-    starts = jnp.asarray(random_resets(rng, B, T))
-    cot_o, cot_s = cotangents(rng, B, T, H, K, V)
-    args = inputs(p, jnp.float32)
-    out = []
-    for masked in (False, True):
-        config = kernel_backward.BackwardConfig(state_split=split, state_read_masked=masked)
-        use_backward_config(monkeypatch, config)
-        out.append(grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.3))
-    for name in out[0]:
-        assert rel_rmse(out[0][name], out[1][name]) < 1e-6, name
+        assert rel_rmse(out[0][name], out[1][name]) < tol, name
 
 
 def test_segment_ids_and_cu_seqlens(rng):

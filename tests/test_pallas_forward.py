@@ -108,6 +108,21 @@ def test_fp32_matches_oracle(rng, n, T, K, V, gated, h0, resets, scale):
     assert rel_rmse(ref_final, final) < FP32_TOL
 
 
+def rounded_oracle(p: dict, starts, dtype, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 oracle's ``(o, final)`` on the problem's inputs rounded to ``dtype``."""
+    r = rounded(p, dtype)
+    return delta_product_np(
+        r["q"],
+        r["k"],
+        r["v"],
+        r["beta"],
+        r["g"],
+        scale=scale,
+        initial_state=r["initial_state"],
+        doc_starts=starts,
+    )
+
+
 # (n_h, T, gated, initial_state, resets, state_split, dtype): pieces of whole token chunks
 SPLIT_CASES = [
     (1, 256, False, False, False, 4, jnp.float32),
@@ -129,17 +144,7 @@ def test_sequence_split_matches_oracle_and_unsplit(rng, n, T, gated, h0, resets,
     config = kernels.KernelConfig(state_split=split)
     assert split_pieces(-(-T // 64), split) > 1
     o, final = run_pallas(p, starts, dtype, 0.3, n, config=config)
-    r = rounded(p, dtype)
-    ref_o, ref_final = delta_product_np(
-        r["q"],
-        r["k"],
-        r["v"],
-        r["beta"],
-        r["g"],
-        scale=0.3,
-        initial_state=r["initial_state"],
-        doc_starts=starts,
-    )
+    ref_o, ref_final = rounded_oracle(p, starts, dtype, 0.3)
     tol = FP32_TOL if dtype == jnp.float32 else LOW_TOL[dtype]
     assert rel_rmse(ref_o, o) < tol and rel_rmse(ref_final, final) < tol
 
@@ -203,17 +208,7 @@ def test_stored_wu_matches_oracle(rng, n, gated, split, dtype):
     B, T, H, K, V = 2, 260, 2, 32, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=True)
     starts = random_resets(rng, B, T)
-    r = rounded(p, dtype)
-    ref_o, ref_final = delta_product_np(
-        r["q"],
-        r["k"],
-        r["v"],
-        r["beta"],
-        r["g"],
-        scale=0.3,
-        initial_state=r["initial_state"],
-        doc_starts=starts,
-    )
+    ref_o, ref_final = rounded_oracle(p, starts, dtype, 0.3)
     errs = []
     for stored in (False, True):
         config = kernels.KernelConfig(state_split=split, state_stored_wu=stored)
