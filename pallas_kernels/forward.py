@@ -38,7 +38,9 @@ class KernelConfig:
     state_stages: int = 3
     state_tf32: bool = False  # W S with TF32 operands instead of a 16-bit rounded state
     # the state pass forms v_new = U - W S from W = A diag(beta gam) K and U = A diag(beta) V
-    # formed first in the input dtype (two dependent products per chunk instead of three)
+    # formed first in the input dtype (two dependent products per chunk instead of three); the
+    # prepare kernel then forms them too: 255 registers at 4 warps, 140 at prep_warps=8 (offline
+    # ptxas, sm_90, K = V = 128)
     state_stored_wu: bool = False
     out_block_v: int = 64
     out_warps: int = 4

@@ -175,19 +175,20 @@ def _kernel(
 
 
 def _store_factors(a_ref, k_ref, v_ref, beta_ref, gam_ref, factor_refs, dtype, interpret) -> None:
-    """``W = A diag(beta gam) K`` (and ``U = A diag(beta) V``) from the stored ``A``, rounded to
-    the input dtype; products in TF32 for 16-bit inputs (exact fp32 for fp32 inputs)."""
-    mode = DotMode.IEEE if dtype == jnp.float32 else DotMode.TF32
+    """``W = (A diag(beta gam)) K`` (and ``U = (A diag(beta)) V``) from the stored ``A``, rounded
+    to the input dtype. For 16-bit inputs the fp32 left factor is split into two 16-bit halves
+    against the exact 16-bit ``K`` / ``V`` (nearly fp32; 16-bit operands keep the registers
+    down); fp32 inputs: IEEE."""
+    mode = DotMode.IEEE if dtype == jnp.float32 else DotMode.SPLIT_A
+    dots = dict(dtype=dtype, interpret=interpret)
     a = a_ref[...]
     beta = beta_ref[...].astype(jnp.float32)
     coef = beta if gam_ref is None else beta * gam_ref[...]
     w_ref = factor_refs[0]
-    keys = coef[:, None] * k_ref[...].astype(jnp.float32)
-    w_ref[...] = mm(a, keys, mode, interpret=interpret).astype(w_ref.dtype)
+    w_ref[...] = mm(a * coef[None, :], k_ref[...], mode, **dots).astype(w_ref.dtype)
     if v_ref is not None:
         u_ref = factor_refs[1]
-        vals = beta[:, None] * v_ref[...].astype(jnp.float32)
-        u_ref[...] = mm(a, vals, mode, interpret=interpret).astype(u_ref.dtype)
+        u_ref[...] = mm(a * beta[None, :], v_ref[...], mode, **dots).astype(u_ref.dtype)
 
 
 def _m_matrix(k_ref, beta_ref, gate_ref, gam_ref, fdec_ref, dot, dtype, interpret) -> jax.Array:
