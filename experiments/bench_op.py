@@ -39,7 +39,7 @@ from dpjax.ops import chunked, reference
 from dpjax.ops import pallas as dp_pallas
 from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
-from pallas_kernels.common import default_interpret, padded_length, wy_factor
+from pallas_kernels.common import default_interpret, padded_length
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -314,11 +314,14 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
     }
 
 
-def stage_fn(kern: dict[str, Callable], stage: str) -> Callable:
+def stage_fn(
+    kern: dict[str, Callable], stage: str, cfg: kernel_backward.BackwardConfig
+) -> Callable:
     """The jitted backward kernel of ``stage`` taking its arguments positionally (the reverse
-    state pass: the forward's ``W`` last, None where it kept none)."""
+    state pass: the forward's ``W`` last, read only with ``cfg.state_stored_w``)."""
     if stage == "bwd_state_pass":
-        return jax.jit(lambda *a, f=kern["state_pass"]: f(*a[:-1], w=a[-1]))
+        stored = cfg.state_stored_w
+        return jax.jit(lambda *a, f=kern["state_pass"]: f(*a[:-1], w=a[-1] if stored else None))
     return jax.jit(kern[STAGE_KERNEL[stage]])
 
 
@@ -339,7 +342,7 @@ def backward_stage_fns(
             num_householder=n,
             scale=scale,
             save_states=cfg.save_states,
-            save_w=cfg.state_stored_w,
+            save_w=True,  # for the stored-W variant of the reverse pass (bwd_tune)
         )
     )(q, k, v, beta, g)
     whole = jax.jit(
@@ -371,7 +374,7 @@ def backward_stage_fns(
     with_dv_out = res.v_new is not None and cfg.output_dv
     out["bwd_output"] = (jit("output", with_dv_out=with_dv_out, dk_dtype=grad_dtype), output_args)
     out["bwd_state_pass"] = (
-        stage_fn(kern, "bwd_state_pass"),
+        stage_fn(kern, "bwd_state_pass", cfg),
         (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w),
     )
     if cfg.wy_fused:
@@ -480,7 +483,7 @@ def bwd_tune(
                     kern = kernel_backward.stage_kernels(
                         cfg, num_householder=c.n, scale=c.K**-0.5, interpret=default_interpret()
                     )
-                    f = stage_fn(kern, stage)
+                    f = stage_fn(kern, stage, cfg)
                     jax.block_until_ready(f(*args))
                     fns[(stage, i)] = lambda f=f, a=args: f(*a)
                     labels[(stage, i)] = fields
@@ -500,11 +503,6 @@ def bwd_tune(
                 labels[key] = fields
             except Exception as err:
                 log(f"bwd tune {key} failed: {err!r:.300}")
-        if not only or "bwd_state_pass" in only:  # W in XLA (a forward without save_w)
-            a, k, beta, *_, gam = base_fns["bwd_state_pass"][1][:8]
-            form_w = jax.jit(wy_factor)
-            fns[("bwd_wy_factor", 0)] = lambda f=form_w, a=(a, k, beta, gam): f(*a)
-            labels[("bwd_wy_factor", 0)] = dict(state_stored_w=True)
         times = time_round_robin(fns, [()], repeats, iters_for(c))
         for (stage, i), t in times.items():
             if stage in totals:

@@ -81,7 +81,7 @@ class BackwardConfig:
     state_dots: str = "split"
     # the reverse state pass subtracts W^T dv_new with W = A diag(beta gam) K in the input dtype
     # (two dependent products per step instead of three; state_pass_backward): the forward's
-    # prepare kernel forms W and keeps it in the residuals (Residuals.w), else XLA forms it here
+    # prepare kernel forms W and keeps it in the residuals (forward(save_w=True), Residuals.w)
     state_stored_w: bool = False
     output_warps: int = 4
     output_stages: int = 1
@@ -232,7 +232,6 @@ def stage_kernels(
             split=config.state_split,
             read_masked=config.state_read_masked,
             dots=config.state_dots,
-            stored_w=config.state_stored_w,
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,
@@ -340,8 +339,14 @@ def stages(
         vnew, h_mid = res.v_new, res.h_mid
         dv_out = kern["dv_out"](kp, qp, dop, gate_tok)
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
+    if config.state_stored_w and res.w is None:
+        raise ValueError(
+            "BackwardConfig.state_stored_w needs the forward's W in the residuals: run "
+            "pallas_kernels.forward.forward with save_w=True"
+        )
+    w = res.w if config.state_stored_w else None
     dvnew, dh_il, dh0 = kern["state_pass"](
-        res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=res.w
+        res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=w
     )
     if config.wy_fused:
         h_il = interleaved_states(res.h, h_mid, n)

@@ -13,8 +13,8 @@ final-state cotangent ``dht``)::
     dh0 = dE
 
 with ``dE [Kp, BV]`` fp32 in registers. ``W_c`` is never formed (``W^T x = K^T diag(beta gam)
-A^T x``) unless ``stored_w`` asks for it (``BackwardConfig.state_stored_w``: ``W^T dv_new`` from the
-16-bit ``W``, two dependent products per step). Without decay every gate factor is 1.
+A^T x``) unless the forward's 16-bit ``W`` is given (``BackwardConfig.state_stored_w``:
+``W^T dv_new``, two dependent products per step). Without decay every gate factor is 1.
 
 Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
 ``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]``, ``dv_out [L, BV]``, ``Q [T, Kp]``,
@@ -52,7 +52,6 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     state_pass_pieces,
-    wy_factor,
 )
 
 
@@ -154,7 +153,6 @@ def state_pass_backward(
     split: int = AUTO_SPLIT,
     read_masked: bool = False,
     dots: str = "split",
-    stored_w: bool = False,
     w: jax.Array | None = None,
     interpret: bool = False,
     poison: bool = False,
@@ -180,10 +178,9 @@ def state_pass_backward(
       dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
         with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
         16-bit product each, as FLA's backward).
-      stored_w: subtract ``W^T dv_new`` on the chain with the WY key factor
-        ``W = A diag(beta gam) K`` in the input dtype (as FLA's backward keeps it): two dependent
-        products per step instead of three. ``W`` is ``w`` (``[B, H, L, Kp]``, the forward's
-        ``Residuals.w``) when given, else formed here first (``common.wy_factor``, in XLA).
+      w: the WY key factor ``W = A diag(beta gam) K`` ``[B, H, L, Kp]`` in the input dtype (the
+        forward's ``Residuals.w``, as FLA's backward keeps it): when given, the chain subtracts
+        ``W^T dv_new`` (two dependent products per step instead of three; ``a`` is not read).
 
     Returns:
       ``(dv_new [B, H, L, Vp], dh_il [B, H, NI, Kp, Vp])`` in k.dtype (``dh_il[c]``: gradient
@@ -192,8 +189,9 @@ def state_pass_backward(
     B, L, H, Kp = k.shape
     chunks = L // (CHUNK * num_householder)
     pieces = state_pass_pieces(split, chunks, B * H, dv_out.shape[-1], block_v)
+    stored_w = w is not None
     if stored_w:
-        a = wy_factor(a, k, beta, gam) if w is None else w
+        a = w
     launch = functools.partial(
         _launch,
         a,

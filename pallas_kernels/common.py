@@ -136,35 +136,6 @@ def mm(
     return dot(a, b, lax.Precision.DEFAULT)
 
 
-def wy_factor(
-    a: jax.Array, x: jax.Array, beta: jax.Array, gam: jax.Array | None = None
-) -> jax.Array:
-    """A WY factor ``A_c diag(beta_c gam_c) X_c`` of every interleaved chunk ``c`` (in XLA):
-    ``W`` from the keys with the decay ``gam``, ``U`` from the values without.
-
-    Args:
-      a: ``[B, H, L, 64]`` fp32; x: ``[B, L, H, D]``; beta: ``[B, L, H]``; gam: ``[B, H, L]``
-        fp32 or None.
-
-    Returns:
-      ``[B, H, L, D]`` in x.dtype (fp32 inputs: IEEE products; 16-bit: TF32, then rounded).
-    """
-    B, L, H, D = x.shape
-    coef = jnp.moveaxis(beta.astype(jnp.float32), 1, 2)
-    if gam is not None:
-        coef = coef * gam
-    rows = jnp.moveaxis(x.astype(jnp.float32), 1, 2) * coef[..., None]
-    chunks = L // CHUNK
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
-    out = jnp.einsum(
-        "bhcij,bhcjd->bhcid",
-        a.reshape(B, H, chunks, CHUNK, CHUNK),
-        rows.reshape(B, H, chunks, CHUNK, D),
-        precision=precision,
-    )
-    return out.reshape(B, H, L, D).astype(x.dtype)
-
-
 def element_select(values: jax.Array, index) -> jax.Array:
     """Element ``index`` of a 1-D value as a scalar (mask + sum)."""
     pos = lax.broadcasted_iota(jnp.int32, values.shape, 0)

@@ -270,7 +270,7 @@ def _launch(
         (None, None, L, d), lambda i, h, b: (row(b), h, 0, vtile(i) if tile else 0)
     )
     in_specs = [
-        head_rows(Kp, False) if stored_wu else head_rows(CHUNK, False),
+        head_rows(Kp if stored_wu else CHUNK, False),
         seq(Kp, False),
         head_rows(bv, True) if stored_wu else seq(bv, True),
         pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),

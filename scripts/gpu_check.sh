@@ -91,7 +91,7 @@ for stage in $STAGES; do
       timeout 240 python3 experiments/bench_op.py --case ${TUNE_CASE:-4,4096,8,128,128,2} --tune \
         --bwd-tune --tune-stages ${TUNE_STAGES:-state_pass bwd_state_pass} --no-chunked \
         --repeats 5 --out "$OUT/tune" > "$OUT/tune.stdout" 2>&1
-      grep -E "^\| .*(state_pass|wy_factor)" "$OUT/tune/bench_op.md" | head -30 ;;
+      grep -E "^\| .*state_pass" "$OUT/tune/bench_op.md" | head -30 ;;
     split)
       for case in ${SPLIT_CASES:-1,32768,8,128,128,2 4,4096,8,128,128,2}; do
         timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \

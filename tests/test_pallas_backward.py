@@ -337,6 +337,19 @@ def test_reverse_pass_options_match_the_default(rng, monkeypatch, field, n, spli
         assert rel_rmse(out[0][name], out[1][name]) < tol, name
 
 
+def test_stored_w_without_the_forwards_w_is_an_error(rng):
+    """``state_stored_w`` reads the forward's ``W``: residuals without it raise a clear error."""
+    B, T, H, K, V, n = 1, 64, 2, 16, 16, 2
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=False, initial_state=False)
+    q, k, v, beta, g, _ = inputs(p, jnp.float32)
+    o, _, res = kernels.forward(q, k, v, beta, g, None, None, num_householder=n, scale=0.25)
+    config = kernel_backward.BackwardConfig(state_stored_w=True)
+    with pytest.raises(ValueError, match="state_stored_w needs the forward's W .* save_w=True"):
+        kernel_backward.backward(
+            q, k, v, beta, res, o, None, num_householder=n, scale=0.25, config=config
+        )
+
+
 def test_segment_ids_and_cu_seqlens(rng):
     """Packed documents through the public API: gradients equal the chunked path's."""
     T, H, K, V, n = 70, 2, 16, 12, 2

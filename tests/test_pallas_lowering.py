@@ -241,6 +241,7 @@ def lower_forward_backward(n, args, config=None, *, save_states=True) -> str:
             scale=0.1,
             interpret=False,
             save_states=save_states,
+            save_w=config is not None and config.state_stored_w,
         )
         final_cotangent = final if h0 is not None or resets is not None else None
         return kernel_backward.backward(
