@@ -29,15 +29,19 @@ from dpjax.nn.conv import conv_silu, conv_silu_kernel_vjp  # noqa: E402
 from pallas_kernels.common import default_interpret  # noqa: E402
 from pallas_kernels.short_conv import short_conv_backward  # noqa: E402
 
-# (block_t, tiles, block_c, warps)
+# the kernel alone at these tile choices (``short_conv_backward`` keywords)
 TILES = [
-    (16, 1, 64, 4),
-    (16, 8, 64, 4),
-    (16, 32, 64, 4),
-    (8, 1, 64, 4),
-    (32, 1, 64, 4),
-    (16, 1, 64, 8),
-    (16, 8, 128, 4),
+    dict(layout="tiles", block_t=16, tiles=1),
+    dict(layout="tiles", block_t=16, tiles=8),
+    dict(layout="scan", rows=16, seg_len=64),
+    dict(layout="scan", rows=16, seg_len=64, ahead=2),
+    dict(layout="scan", rows=8, seg_len=64),
+    dict(layout="scan", rows=8, seg_len=64, ahead=3),
+    dict(layout="scan", rows=16, seg_len=64, num_warps=8, ahead=2),
+    dict(layout="scan", rows=16, seg_len=32),
+    dict(layout="scan", rows=16, seg_len=128, ahead=2),
+    dict(layout="scan", rows=32, seg_len=64, num_warps=8),
+    dict(layout="scan", rows=8, seg_len=64, block_c=128, num_warps=8, ahead=2),
 ]
 
 
@@ -56,20 +60,12 @@ def variants(interpret: bool) -> dict:
         "xla autodiff (fwd+bwd)": grads(conv_silu),
         "pallas backward (fwd+bwd)": grads(lambda *a: conv_silu_kernel_vjp(*a, interpret)),
     }
-    for bt, tiles, bc, warps in TILES:
-        fns[f"kernel alone BT={bt} tiles={tiles} BC={bc} warps={warps}"] = jax.jit(
-            lambda x, dy, w, seg, bt=bt, tiles=tiles, bc=bc, warps=warps: short_conv_backward(
-                x,
-                dy,
-                w,
-                None,
-                seg,
-                block_t=bt,
-                tiles=tiles,
-                block_c=bc,
-                num_warps=warps,
-                interpret=interpret,
-            )  # fmt: skip
+    for tiles in TILES:
+        label = " ".join(f"{k}={v}" for k, v in tiles.items())
+        fns[f"kernel alone {label}"] = jax.jit(
+            lambda x, dy, w, seg, tiles=tiles: short_conv_backward(
+                x, dy, w, None, seg, interpret=interpret, **tiles
+            )
         )
     return fns
 

@@ -11,15 +11,22 @@ Given ``dy``, with ``dz_t = dy_t SiLU'(z_t)``::
     dw[W-1-i] = sum_{b,t} x_{t-i} dz_t [same(t-i, t)]      db = sum_{b,t} dz_t
 
 Autodiff of the forward makes XLA write ``dz`` in fp32 and read it back in a separate reduction
-(on the 392M language models these fusions were ≈ 10 % of the train step). This kernel recomputes
-``z`` from ``x`` where it needs it and reads ``x`` and ``dy`` once, writes ``dx`` once and per-tile
-partial sums of ``dw``, ``db`` (summed in JAX).
+(on the 392M language models these fusions were ≈ 10 % of the train step). These kernels read
+``x`` and ``dy`` once, write ``dx`` once and per-program partial sums of ``dw``, ``db`` (summed in
+JAX); all sums in fp32. Grid ``(cdiv(T, span), C / BC, B)``: each program owns ``span`` tokens of
+``BC`` channels of one row. Two layouts:
 
-Grid ``(cdiv(T, BT R), C / BC, B)``: each program owns ``R`` consecutive tiles (``tiles``) of ``BT``
-tokens of ``BC`` channels of one row, walked in a loop.
-Its rows ``t - i`` and ``t + i`` (``|i| < W``) are read through index arrays clamped to
-``[0, T)`` and masked (tokens of the tile's neighbours come from the L1/L2 caches). All sums in
-fp32.
+* ``"scan"``: the program's tokens are ``R`` stretches of ``L`` tokens (``rows``, ``seg_len``),
+  walked together one token at a time: step ``j`` handles token ``j`` of every stretch as one
+  ``[R, BC]`` block. The last ``W-1`` values of ``x``, ``dz`` and the document ids slide along in
+  registers, so ``z`` and ``dz`` are computed once per token; ``dx`` of token ``t - (W-1)`` is
+  written at step ``t`` (once its ``dz`` window is complete), and each stretch reads ``W-1``
+  tokens before its start and runs ``W-1`` steps past its end (its neighbours' tokens, from the
+  caches). The loads of token ``t + ahead`` are issued before token ``t``'s arithmetic.
+* ``"tiles"``: ``R`` consecutive tiles of ``BT`` tokens (``tiles``, ``block_t``), walked in a
+  loop; a tile reads its rows ``t - i`` and ``t + i`` (``|i| < W``) through index arrays clamped
+  to ``[0, T)`` and masked, and recomputes ``z`` and ``dz`` at each of the ``W`` shifts it needs
+  (the first kernel; on an H100 it was no faster than XLA's autodiff, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -121,6 +128,114 @@ def _kernel(
     db_ref[...] = db
 
 
+def _scan_kernel(
+    *refs,
+    width: int,
+    tokens: int,
+    rows: int,
+    seg_len: int,
+    ahead: int,
+    has_bias: bool,
+    has_seg: bool,
+):
+    x_ref, dy_ref, w_ref = refs[:3]
+    rest = list(refs[3:])
+    b_ref = rest.pop(0) if has_bias else None
+    seg_ref = rest.pop(0) if has_seg else None
+    dx_ref, dw_ref, db_ref = rest
+
+    w = w_ref[...].astype(jnp.float32)  # [Wp, BC]
+    slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
+    taps = [jnp.sum(jnp.where(slot == width - 1 - i, w, 0.0), axis=0) for i in range(width)]
+    bias = b_ref[...].astype(jnp.float32) if has_bias else None
+    span = rows * seg_len
+    local = jnp.arange(rows, dtype=jnp.int32) * seg_len  # [R] row starts in this program's dx
+    starts = pl.program_id(0) * span + local  # [R] their tokens
+    block = (rows, w.shape[1])
+
+    def read(j) -> tuple:
+        """x, dy at token ``starts + j`` of every row ([R, BC], input dtype, 0 outside
+        ``[0, T)``) and its document id ([R] int32; 0 without segment ids)."""
+        t = starts + j
+        inside = ((t >= 0) & (t < tokens))[:, None]
+        idx = jnp.clip(t, 0, tokens - 1)
+        x = jnp.where(inside, x_ref[idx, :], 0)
+        dy = jnp.where(inside, dy_ref[idx, :], 0)
+        doc = seg_ref[idx] if has_seg else jnp.zeros((rows,), jnp.int32)
+        return x, dy, doc
+
+    def same(a, b) -> jax.Array:
+        return (a == b)[:, None]
+
+    def step(j, carry, accumulate: bool, store: bool):
+        """Token ``t = starts + j``: its ``dz``; ``dw, db`` terms (``accumulate``); ``dx`` of
+        token ``t - (W-1)``, whose ``dz`` window is complete now (``store``)."""
+        pending, xs, dzs, docs, dw, db = carry
+        x_now, dy_now, doc_now = pending[0]
+        # token t + ahead's reads are issued before this token's arithmetic (latency hiding)
+        pending = (*pending[1:], read(j + ahead))
+        x_now = x_now.astype(jnp.float32)
+        # xs[i-1] = x at t - i, docs[i-1] = its document (i = 1 .. W-1)
+        seen = [x_now] + [
+            jnp.where(same(docs[i - 1], doc_now), xs[i - 1], 0.0) for i in range(1, width)
+        ]
+        z = seen[0] * taps[0]
+        for i in range(1, width):
+            z = z + seen[i] * taps[i]
+        if bias is not None:
+            z = z + bias[None, :]
+        sig = jax.nn.sigmoid(z)
+        dz = dy_now.astype(jnp.float32) * sig * (1.0 + z * (1.0 - sig))
+        if accumulate:
+            dw = tuple(dw[i] + seen[i] * dz for i in range(width))
+            db = db + dz
+        # window of dz at t, t-1, .., t-W+1 and their documents
+        dz_win = [dz, *dzs]
+        doc_win = [doc_now, *docs]
+        if store:
+            u = width - 1  # dx at t - (W-1): sum_i tap_i dz(t - (W-1) + i), same document
+            dx = dz_win[u] * taps[0]
+            for i in range(1, width):
+                dz_i = jnp.where(same(doc_win[u - i], doc_win[u]), dz_win[u - i], 0.0)
+                dx = dx + dz_i * taps[i]
+            dx_ref[local + j - u, :] = dx.astype(dx_ref.dtype)
+        xs = (x_now, *xs[:-1]) if width > 1 else xs
+        return pending, xs, tuple(dz_win[: width - 1]), tuple(doc_win[: width - 1]), dw, db
+
+    # the W-1 tokens before each row's first: x and documents of the window
+    before = [read(-i) for i in range(1, width)]
+    zero = jnp.zeros(block, jnp.float32)
+    carry = (
+        tuple(read(j) for j in range(ahead)),
+        tuple(b[0].astype(jnp.float32) for b in before),
+        tuple(zero for _ in range(width - 1)),
+        tuple(b[2] for b in before),
+        tuple(zero for _ in range(width)),
+        zero,
+    )
+    lag = width - 1
+    # three phases of one body: [0, lag) accumulate only, [lag, L) both, [L, L + lag) store only
+    phases = [
+        (0, min(lag, seg_len), True, False),
+        (seg_len, lag, False, False),  # empty unless L < W - 1: the window only advances
+        (lag, seg_len, True, True),
+        (max(seg_len, lag), seg_len + lag, False, True),
+    ]
+    for lo, hi, acc, st in phases:
+        if hi > lo:
+            body = functools.partial(step, accumulate=acc, store=st)
+            carry = lax.fori_loop(lo, hi, lambda j, c, body=body: body(j, c), carry)
+    dw, db = carry[4], carry[5]
+    dw_sum = [jnp.sum(d, axis=0) for d in dw]
+    dw_ref[...] = sum(
+        jnp.where(slot == width - 1 - i, dw_sum[i][None, :], 0.0) for i in range(width)
+    )
+    db_ref[...] = jnp.sum(db, axis=0)
+
+
+LAYOUTS = ("scan", "tiles")
+
+
 def short_conv_backward(
     x: jax.Array,
     dy: jax.Array,
@@ -128,9 +243,13 @@ def short_conv_backward(
     bias: jax.Array | None,
     segment_ids: jax.Array | None,
     *,
+    layout: str = "scan",
+    block_c: int = 64,
+    rows: int = 16,
+    seg_len: int = 64,
+    ahead: int = 1,
     block_t: int = 16,
     tiles: int = 1,
-    block_c: int = 64,
     num_warps: int = 4,
     num_stages: int = 1,
     interpret: bool = False,
@@ -142,11 +261,16 @@ def short_conv_backward(
       dy: ``[B, T, C]`` the output cotangent.
       kernel: ``[W, C]`` (``kernel[W-1]`` multiplies the current token); bias: ``[C]`` or None.
       segment_ids: ``[B, T]`` int document ids or None (one document per row).
-      block_t: tokens per tile (power of two; 16 was the fastest of 16 and 32 on an H100);
-        block_c: channel tile, clipped to ``channel_block(C, block_c)`` (``C`` must have a
+      layout: ``"scan"`` (each program walks ``rows`` stretches of ``seg_len`` tokens one token
+        at a time, sliding windows in registers) or ``"tiles"`` (each program computes ``tiles``
+        tiles of ``block_t`` tokens, reading the shifted rows it needs).
+      block_c: channel tile, clipped to ``channel_block(C, block_c)`` (``C`` must have a
         power-of-two divisor >= 16).
-      tiles: token tiles per program, walked in a loop that keeps the kernel and bias gradient
-        partial sums in registers (fewer, longer programs and fewer partial sums to write).
+      rows, seg_len, ahead: ``"scan"``: stretches per program (a power of two), their length,
+        and how many tokens ahead of the one being computed the loads are issued (each one more
+        holds another ``[rows, block_c]`` of ``x`` and ``dy`` in registers).
+      block_t, tiles: ``"tiles"``: tokens per tile (a power of two) and tiles per program,
+        walked in a loop that keeps the kernel and bias gradient partial sums in registers.
 
     Returns:
       ``dx [B, T, C]`` (x.dtype), ``dkernel [W, C]`` fp32, ``dbias [C]`` fp32 (None without bias).
@@ -157,16 +281,27 @@ def short_conv_backward(
         raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
     if kernel.shape != (W, C):
         raise ValueError(f"kernel: expected shape [W, {C}], got {kernel.shape}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     bc = channel_block(C, block_c)
     if bc is None:
         raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
-    if block_t & (block_t - 1):
-        raise ValueError(f"block_t: expected a power of two, got {block_t}")
-    if tiles < 1:
-        raise ValueError(f"tiles: expected a positive count, got {tiles}")
+    if layout == "scan":
+        if rows < 1 or rows & (rows - 1):
+            raise ValueError(f"rows: expected a power of two, got {rows}")
+        if seg_len < 1:
+            raise ValueError(f"seg_len: expected a positive length, got {seg_len}")
+        if ahead < 1:
+            raise ValueError(f"ahead: expected a positive count, got {ahead}")
+        span = rows * seg_len
+    else:
+        if block_t < 1 or block_t & (block_t - 1):
+            raise ValueError(f"block_t: expected a power of two, got {block_t}")
+        if tiles < 1:
+            raise ValueError(f"tiles: expected a positive count, got {tiles}")
+        span = block_t * tiles
     Wp = next_pow2(W)
-    span = block_t * tiles  # tokens per program
-    NT = pl.cdiv(T, span)
+    NT = pl.cdiv(T, span)  # programs along T
     w = jnp.pad(kernel.astype(jnp.float32), ((0, Wp - W), (0, 0)))
     has_bias, has_seg = bias is not None, segment_ids is not None
 
@@ -189,15 +324,11 @@ def short_conv_backward(
         pl.BlockSpec((None, None, Wp, bc), lambda j, c, b: (b, j, 0, c)),
         pl.BlockSpec((None, None, bc), lambda j, c, b: (b, j, c)),
     ]
-    kern = functools.partial(
-        _kernel,
-        width=W,
-        tokens=T,
-        block_t=block_t,
-        tiles=tiles,
-        has_bias=has_bias,
-        has_seg=has_seg,
-    )
+    common = dict(width=W, tokens=T, has_bias=has_bias, has_seg=has_seg)
+    if layout == "scan":
+        kern = functools.partial(_scan_kernel, rows=rows, seg_len=seg_len, ahead=ahead, **common)
+    else:
+        kern = functools.partial(_kernel, block_t=block_t, tiles=tiles, **common)
     dx, dw, db = pallas_call(
         kern,
         inputs=inputs,
@@ -208,7 +339,7 @@ def short_conv_backward(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
-        name="short_conv_bwd",
+        name=f"short_conv_bwd_{layout}",
     )
     dw = jnp.sum(dw, axis=(0, 1))[:W]
     return dx[:, :T], dw, (jnp.sum(db, axis=(0, 1)) if has_bias else None)

@@ -28,12 +28,12 @@
 # Device tool: carry [".whl"] (bash scripts/fetch_gpu_wheels.sh fills it); a call may run 10
 # minutes, so use separate calls:
 #   bash scripts/gpu_check.sh tests           # about 6 minutes (50 tests, 8 skipped by design;
-#                                             # 40 took 280 s; TEST_FILES=..., TESTS_TIMEOUT=s
+#                                             # 40 took 280 s; TEST_FILES=..., TEST_K=expr, TESTS_TIMEOUT=s
 #                                             # narrow it)
 #   bash scripts/gpu_check.sh bench jla fla   # about 9 minutes: ours and the peers in one job
 #   bash scripts/gpu_check.sh variants        # at most 4.5 minutes
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
-#   bash scripts/gpu_check.sh conv            # at most 2 minutes
+#   bash scripts/gpu_check.sh conv            # at most 2.5 minutes
 #   bash scripts/gpu_check.sh tune            # at most 4 minutes
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
@@ -59,7 +59,7 @@ for stage in $STAGES; do
       # shellcheck disable=SC2086
       timeout "${TESTS_TIMEOUT:-450}" python3 -m pytest \
         ${TEST_FILES:-tests/test_pallas_forward.py tests/test_pallas_backward.py tests/test_short_conv.py} \
-        -m gpu -q -rA 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+        ${TEST_K:+-k "$TEST_K"} -m gpu -q -rA 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     bench)
       timeout 200 python3 experiments/bench_op.py --only 0 1 2 --stages --bwd-stages --memory \
         --no-chunked --repeats 5 --out "$OUT" > "$OUT/bench_op.stdout" 2>&1
@@ -84,8 +84,8 @@ for stage in $STAGES; do
         --out "$OUT/st_shape" > "$OUT/st_shape.stdout" 2>&1
       tail -30 "$OUT/st_shape/bench_op.md" ;;
     conv)
-      timeout 120 python3 experiments/bench_conv.py --out "$OUT/conv" > "$OUT/conv.stdout" 2>&1
-      tail -22 "$OUT/conv/bench_conv.md" ;;
+      timeout 150 python3 experiments/bench_conv.py --out "$OUT/conv" > "$OUT/conv.stdout" 2>&1
+      tail -30 "$OUT/conv/bench_conv.md" ;;
     tune)
       # shellcheck disable=SC2086
       timeout 240 python3 experiments/bench_op.py --case ${TUNE_CASE:-4,4096,8,128,128,2} --tune \

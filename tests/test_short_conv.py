@@ -51,23 +51,44 @@ def rel_err(got, want) -> float:
     return rel_rmse(want, got)
 
 
-@pytest.mark.parametrize(
-    "B, T, C, W, bias, segments, block_t, tiles",
-    [
-        (2, 50, 64, 4, True, True, 16, 2),  # two programs of two tiles, the last partial
-        (1, 33, 32, 4, False, False, 32, 1),
-        (2, 64, 128, 3, True, False, 16, 4),  # one program walks the whole row
-        (1, 17, 48, 2, False, True, 8, 3),  # channel tile 16; the third tile past the end
-        (3, 5, 16, 4, True, True, 16, 1),  # fewer tokens than taps
-        (2, 9, 32, 1, True, True, 8, 1),  # one tap
-        (2, 3, 64, 6, False, True, 8, 2),  # a width that is no power of two, longer than T
-    ],
-)
-def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, block_t, tiles):
+KERNEL_CASES = [  # B, T, C, W, bias, segments
+    (2, 50, 64, 4, True, True),
+    (1, 33, 32, 4, False, False),
+    (2, 64, 128, 3, True, False),
+    (1, 17, 48, 2, False, True),  # channel tile 16
+    (3, 5, 16, 4, True, True),  # fewer tokens than taps
+    (2, 9, 32, 1, True, True),  # one tap
+    (2, 3, 64, 6, False, True),  # a width that is no power of two, longer than T
+    (2, 40, 32, 5, True, True),
+]
+# per case: (block_t, tiles) of the "tiles" layout, (rows, seg_len, ahead) of the "scan" layout
+TILE_CHOICES = [(16, 2), (32, 1), (16, 4), (8, 3), (16, 1), (8, 1), (8, 2), (8, 2)]
+SCAN_CHOICES = [
+    (4, 8, 1),
+    (2, 16, 2),
+    (1, 64, 1),
+    (8, 3, 3),
+    (2, 2, 1),
+    (4, 1, 2),
+    (1, 2, 1),
+    (4, 3, 4),
+]
+
+
+@pytest.mark.parametrize("layout", ["scan", "tiles"])
+@pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
+def test_kernel_matches_autodiff(rng, layout, case):
+    """Both layouts against autodiff: programs whose last stretch or tile runs past the end,
+    stretches shorter than the kernel, documents (some one token long), widths 1 to 6."""
+    B, T, C, W, bias, segments = KERNEL_CASES[case]
     x, dy, kernel, b, seg = problem(rng, B, T, C, W, bias, segments)
-    dx, dw, db = short_conv_backward(
-        x, dy, kernel, b, seg, block_t=block_t, tiles=tiles, interpret=True
-    )
+    if layout == "scan":
+        rows, seg_len, ahead = SCAN_CHOICES[case]
+        tiles = dict(rows=rows, seg_len=seg_len, ahead=ahead)
+    else:
+        block_t, tiles = TILE_CHOICES[case]
+        tiles = dict(block_t=block_t, tiles=tiles)
+    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, layout=layout, interpret=True, **tiles)
     gx, gw, gb = autodiff(x, dy, kernel, b, seg)
     assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == kernel.shape
     assert rel_err(dx, gx) < 1e-6 and rel_err(dw, gw) < 1e-6
@@ -80,7 +101,7 @@ def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, block_t, tiles
 def test_kernel_bf16_inputs(rng):
     """bf16 x, dy: the kernel's fp32 sums against fp32 autodiff of the same bf16 values."""
     x, dy, kernel, b, seg = problem(rng, 2, 70, 64, 4, True, True, jnp.bfloat16)
-    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, block_t=32, interpret=True)
+    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, interpret=True)
     gx, gw, gb = autodiff(x.astype(jnp.float32), dy, kernel, b, seg)
     assert dx.dtype == jnp.bfloat16
     assert rel_err(dx, gx) < 8e-3  # one bf16 rounding of dx
@@ -94,10 +115,17 @@ def test_bad_arguments_are_named(rng):
     x, dy, kernel, b, seg = problem(rng, 1, 8, 32, 4, False, False)
     with pytest.raises(ValueError, match="dy: expected shape"):
         short_conv_backward(x, dy[:, :4], kernel, b, seg, interpret=True)
-    with pytest.raises(ValueError, match="block_t"):
-        short_conv_backward(x, dy, kernel, b, seg, block_t=24, interpret=True)
-    with pytest.raises(ValueError, match="tiles: expected a positive count, got 0"):
-        short_conv_backward(x, dy, kernel, b, seg, tiles=0, interpret=True)
+    bad = [
+        (dict(layout="rows"), "layout: expected one of"),
+        (dict(layout="tiles", block_t=24), "block_t: expected a power of two, got 24"),
+        (dict(layout="tiles", tiles=0), "tiles: expected a positive count, got 0"),
+        (dict(rows=12), "rows: expected a power of two, got 12"),
+        (dict(seg_len=0), "seg_len: expected a positive length, got 0"),
+        (dict(ahead=0), "ahead: expected a positive count, got 0"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            short_conv_backward(x, dy, kernel, b, seg, interpret=True, **kwargs)
     assert channel_block(2048) == 128 and channel_block(96) == 32 and channel_block(40) is None
 
 
@@ -182,11 +210,19 @@ def test_kernel_backward_under_shard_map(rng, use_bias, segments):
         assert rel_err(g_state["bias"][...], g_ref.bias[...]) < 1e-6
 
 
-@pytest.mark.parametrize("bias, segments, tiles", [(False, True, 1), (True, False, 8)])
+@pytest.mark.parametrize(
+    "bias, segments, tiles",
+    [
+        (False, True, dict(layout="tiles")),
+        (True, False, dict(layout="tiles", tiles=8)),
+        (False, True, dict()),
+        (True, False, dict(rows=8, ahead=3, num_warps=8)),
+    ],
+)
 def test_kernel_lowers_for_h100(bias, segments, tiles):
     T, C = 4096, 2048
     text = lower_text(
-        lambda x, dy, w, b, s: short_conv_backward(x, dy, w, b, s, tiles=tiles, interpret=False),
+        lambda x, dy, w, b, s: short_conv_backward(x, dy, w, b, s, interpret=False, **tiles),
         sds((2, T, C)),
         sds((2, T, C)),
         sds((4, C), jnp.float32),
@@ -199,11 +235,18 @@ def test_kernel_lowers_for_h100(bias, segments, tiles):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "B, T, C, bias, tiles",
-    [(8, 4096, 2048, False, 1), (8, 4096, 2048, False, 8), (2, 1000, 96, True, 4)],
+    [
+        (8, 4096, 2048, False, dict(layout="tiles")),
+        (8, 4096, 2048, False, dict(layout="tiles", tiles=8)),
+        (2, 1000, 96, True, dict(layout="tiles", tiles=4)),
+        (8, 4096, 2048, False, dict()),
+        (8, 4096, 2048, True, dict(rows=8, ahead=3, num_warps=8)),
+        (2, 1000, 96, True, dict(rows=4, seg_len=100, ahead=2)),
+    ],
 )
 def test_gpu_kernel_matches_autodiff(rng, B, T, C, bias, tiles):
     x, dy, kernel, b, seg = problem(rng, B, T, C, 4, bias, True, jnp.bfloat16)
-    run = jax.jit(lambda *a: short_conv_backward(*a, tiles=tiles, interpret=False))
+    run = jax.jit(lambda *a: short_conv_backward(*a, interpret=False, **tiles))
     dx, dw, db = run(x, dy, kernel, b, seg)
     gx, gw, gb = jax.jit(autodiff)(x.astype(jnp.float32), dy, kernel, b, seg)
     assert rel_err(dx, gx) < 8e-3
