@@ -7,7 +7,8 @@ the JAX primitive path (``op_name``) and a stack frame that points at the Python
 those over the fusion's called computation says what the fusion is made of.
 
 ``fusion_sources(hlo_text)`` maps each fusion's name (with ``.`` written ``_``, as in the
-profiler's op names) to its most frequent ``primitive @ file:line (function)`` entries.
+profiler's op names) to its most frequent ``primitive @ file:line (function)`` entries;
+``home_file(entries)`` names the source file most of them came from.
 """
 
 from __future__ import annotations
@@ -120,3 +121,17 @@ def fusion_sources(hlo_text: str, top: int = 3) -> dict[str, list[str]]:
                 f"{what} x{n}" if n > 1 else what for what, n in counts.most_common(top)
             ]
     return out
+
+
+_ENTRY = re.compile(r"@ ([^:]+):\d+.*?(?: x(\d+))?$")
+
+
+def home_file(entries: list[str]) -> str | None:
+    """The source file that most of a fusion's instructions came from (``fusion_sources``
+    entries, weighted by their ``xN`` counts), or None when no entry names a file."""
+    weights: Counter = Counter()
+    for entry in entries:
+        m = _ENTRY.search(entry)
+        if m:
+            weights[m.group(1)] += int(m.group(2) or 1)
+    return weights.most_common(1)[0][0] if weights else None

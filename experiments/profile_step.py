@@ -14,7 +14,9 @@ batch, then
    over the device's dense bf16 peak).
 
 Each listed XLA fusion is traced to what it is made of (``hlo_sources``: the JAX primitives and
-Python lines its instructions came from, read from the compiled HLO).
+Python lines its instructions came from, read from the compiled HLO), and every device op is
+charged to the source file most of it came from (``time_by_source``: the whole step, not only the
+top ops; Pallas kernels by their names).
 
 Writes ``profile_step.json`` (all of the above), the compiled train step's HLO
 (``train_step.hlo.txt.gz``) and the trace folder to ``--out``.
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from cli_types import str2bool
 from flax import nnx
-from hlo_sources import fusion_sources, op_key
+from hlo_sources import fusion_sources, home_file, op_key
 
 from dpjax.nn import DeltaProductLM
 from dpjax.nn.conv import CONV_BACKWARDS
@@ -101,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="train steps per timed batch")
     p.add_argument("--repeats", type=int, default=5, help="timed batches (median reported)")
     p.add_argument("--trace_steps", type=int, default=3, help="steps recorded by the profiler")
-    p.add_argument("--top", type=int, default=25, help="device ops listed")
+    p.add_argument(
+        "--top", type=int, default=25, help="device ops (and source files) listed; JSON: all"
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "profile_out"), help="output folder")
     return p
 
@@ -157,6 +161,31 @@ def device_op_times(trace_dir: str) -> tuple[dict[str, float], float]:
             continue
         totals[e.get("name", "?")] += float(e.get("dur", 0.0))
     return dict(totals), sum(totals.values())
+
+
+def op_home(name: str, sources: dict[str, list[str]]) -> str:
+    """Where a device op's time is charged: the DeltaProduct kernels (``dp_*``) and the short
+    convolution's kernel by name, an XLA fusion by the source file most of its instructions came
+    from, else ``"(no source: <kind>)"`` with the op name's leading word."""
+    if name.startswith("dp_"):
+        return "pallas_kernels (DeltaProduct op)"
+    if name.startswith("short_conv_bwd"):
+        return "pallas_kernels/short_conv.py"
+    home = home_file(sources.get(op_key(name), []))
+    if home is not None:
+        return home
+    return f"(no source: {name.split('_')[0].split('.')[0]})"
+
+
+def time_by_source(per_step: dict[str, float], sources: dict[str, list[str]]) -> list:
+    """``[(home, ms per step, op count), ...]`` (``op_home``), largest first."""
+    ms: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for name, t in per_step.items():
+        home = op_home(name, sources)
+        ms[home] += t
+        count[home] += 1
+    return sorted(((h, ms[h], count[h]) for h in ms), key=lambda r: -r[1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -229,10 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     record["device_ms_per_step"] = total / args.trace_steps / 1e3
     record["top_ops_ms_per_step"] = top
-    sources = fusion_sources(hlo)
+    sources = fusion_sources(hlo, top=10)
     record["top_op_sources"] = {
-        name: sources[op_key(name)] for name, _ in top if op_key(name) in sources
+        name: sources[op_key(name)][:3] for name, _ in top if op_key(name) in sources
     }
+    record["all_ops_ms_per_step"] = sorted(per_step.items(), key=lambda kv: -kv[1])
+    record["time_by_source"] = time_by_source(per_step, sources)
     # the DeltaProduct Pallas kernels are named dp_* (pallas_kernels); the chunked path's ops
     # are XLA fusions that cannot be told apart from the rest of the model
     record["op_kernels_ms_per_step"] = sum(v for k, v in per_step.items() if k.startswith("dp_"))
@@ -254,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
         share = ms / max(record["device_ms_per_step"], 1e-9)
         made_of = "; ".join(record["top_op_sources"].get(name, []))
         print(f"| {name[:90]} | {ms:.3f} | {share:.1%} | {made_of} |")
+    print("\n| source (where each op's instructions came from) | ms / step | share | ops |")
+    print("|---|---|---|---|")
+    for home, ms, n in record["time_by_source"][: args.top]:
+        share = ms / max(record["device_ms_per_step"], 1e-9)
+        print(f"| {home} | {ms:.3f} | {share:.1%} | {n} |")
     with open(os.path.join(args.out, "profile_step.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record

@@ -107,7 +107,7 @@ for stage in $STAGES; do
         conv=${conv:-xla}
         timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
           --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
-          --impl auto --top 20 --out "$OUT/lm_${p}_${remat}_$conv" 2>&1 | grep -v "^WARNING" | tail -26
+          --impl auto --top 30 --out "$OUT/lm_${p}_${remat}_$conv" 2>&1 | grep -v "^WARNING" | tail -66
       done ;;
     multi)
       python3 experiments/language_model.py prepare --corpus stdlib \

@@ -58,6 +58,9 @@ def test_profiles_a_tiny_state_tracking_step(prof, tmp_path):
     with gzip.open(tmp_path / "train_step.hlo.txt.gz", "rt") as f:
         assert "HloModule" in f.read(200)
     assert set(rec["top_op_sources"]) <= {name for name, _ in rec["top_ops_ms_per_step"]}
+    charged = sum(ms for _, ms, _ in rec["time_by_source"])
+    assert charged == pytest.approx(rec["device_ms_per_step"], rel=1e-6)
+    assert len(rec["all_ops_ms_per_step"]) >= len(rec["top_ops_ms_per_step"])
 
 
 def test_fusion_sources_name_primitives_and_lines(prof):
@@ -85,3 +88,30 @@ def test_profile_without_eval_step(prof, tmp_path):
         f"--impl chunked --top 3 --out {tmp_path}".split()
     )
     assert "eval_compile_s" not in rec and rec["step_ms"] > 0
+
+
+def test_time_is_charged_to_source_files(prof):
+    """Each op goes to the file most of its instructions came from; kernels by name."""
+    from hlo_sources import home_file
+
+    entries = [
+        "mul @ dpjax/nn/conv.py:60 (conv_silu) x4",
+        "add @ dpjax/nn/norms.py:30 (__call__) x3",
+        "exp @ dpjax/nn/norms.py:31 (__call__) x2",
+    ]
+    assert home_file(entries) == "dpjax/nn/norms.py"
+    assert home_file(["convert_element_type"]) is None
+    per_step = {
+        "dp_prepare": 1.0,
+        "dp_bwd_wy": 2.0,
+        "short_conv_bwd_scan": 0.5,
+        "loop_add_fusion_3": 4.0,
+        "nvjet_sm90_tst": 3.0,
+    }
+    sources = {"loop_add_fusion_3": entries}
+    rows = prof.time_by_source(per_step, sources)
+    assert rows[0] == ("dpjax/nn/norms.py", 4.0, 1)
+    assert ("pallas_kernels (DeltaProduct op)", 3.0, 2) in rows
+    assert ("(no source: nvjet)", 3.0, 1) in rows
+    assert ("pallas_kernels/short_conv.py", 0.5, 1) in rows
+    assert sum(r[1] for r in rows) == sum(per_step.values())
