@@ -9,7 +9,8 @@
 #   4. `shapes`: the other shapes of the issues (gated n_h=2; n_h=4, K=V=64, H=16; B=1, T=32768)
 #      and the state-tracking shape (B=2048, T=129, H=8, K=V=32, n_h=1, 2, 4), stages included;
 #   4b. `variants`: forward+backward at the targets with other BackwardConfig fields side by side
-#      with the default (grad_dtype=input, plus BWD_VARIANTS="--bwd-variant FIELD=VALUE ...");
+#      with the default (BWD_VARIANTS="--bwd-variant FIELD=VALUE ... --variant FIELD=VALUE,...";
+#      grad_dtype=float32 without it);
 #   4c. `conv`: the short convolution's backward, XLA's autodiff against the Pallas kernel
 #      (experiments/bench_conv.py, the 392M models' shapes);
 #   4d. `tune`: only the stage variants of TUNE_STAGES ("state_pass bwd_state_pass" by default)
@@ -72,7 +73,7 @@ for stage in $STAGES; do
     variants)
       # shellcheck disable=SC2086
       timeout 240 python3 experiments/bench_op.py --only 0 1 2 --no-chunked --repeats 5 \
-        --bwd-variant grad_dtype=input ${BWD_VARIANTS:-} --out "$OUT/variants" \
+        ${BWD_VARIANTS:---bwd-variant grad_dtype=float32} --out "$OUT/variants" \
         > "$OUT/variants.stdout" 2>&1
       tail -12 "$OUT/variants/bench_op.md" ;;
     shapes)
