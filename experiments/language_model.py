@@ -169,6 +169,13 @@ def _add_train(sub) -> None:
         "mode on CPU)",
     )
     m.add_argument(
+        "--fused_projections",
+        type=str2bool,
+        default=False,
+        help="each mixer's input projections (q, k, v, beta, gates) as one GEMM over their "
+        "concatenated kernels; same parameters and checkpoints",
+    )
+    m.add_argument(
         "--compute_dtype",
         default="bf16",
         choices=sorted(DTYPES),
@@ -530,6 +537,7 @@ def model_config(args: argparse.Namespace, tok, seq_len: int):
         "max_position_embeddings": seq_len,
         "impl": args.impl,
         "conv_backward": args.conv_backward,
+        "fused_projections": args.fused_projections,
         "dtype": DTYPES[args.compute_dtype],
         "param_dtype": DTYPES[args.param_dtype],
     }

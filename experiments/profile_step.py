@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "kernel on a GPU)",
     )
     p.add_argument(
+        "--fused_projections",
+        type=str2bool,
+        default=False,
+        help="preset only: each mixer's input projections as one GEMM (DeltaProductConfig)",
+    )
+    p.add_argument(
         "--param_dtype",
         choices=("bf16", "fp32"),
         default=None,
@@ -117,6 +123,7 @@ def model_config(args: argparse.Namespace):
             args.preset,
             impl=args.impl,
             conv_backward=args.conv_backward,
+            fused_projections=args.fused_projections,
             dtype="bfloat16",
             param_dtype=param_dtype,
             max_position_embeddings=args.k + 1,

@@ -60,6 +60,9 @@ class DeltaProductConfig:
       conv_backward: the short convolutions' backward (``dpjax.nn.conv``): ``"xla"`` (default:
         autodiff), ``"auto"`` (the one-pass Pallas kernel on a GPU, autodiff elsewhere; correct
         but not faster on an H100) or ``"pallas"`` (interpret mode off the GPU).
+      fused_projections: each mixer's input projections (q, k, v, beta, forget and output gate)
+        as one GEMM over their concatenated kernels (same parameters, same values up to
+        accumulation order; ``DeltaProductMixer._projections``).
       init_scheme: ``"paper"`` (DEFAULT, reproduces the paper's runs: mixer Linears
         xavier-uniform gain 2^-2.5; embedding/MLP gate, up ``N(0, initializer_range)``; MLP down
         kaiming-uniform / sqrt(2L)) or ``"fla"`` (current FLA/HF: every Linear/conv/embedding
@@ -106,6 +109,7 @@ class DeltaProductConfig:
     conv_bias: bool = False
     impl: str = "auto"
     conv_backward: str = "xla"
+    fused_projections: bool = False
     init_scheme: str = "paper"
     dtype: str = "float32"
     param_dtype: str = "float32"
