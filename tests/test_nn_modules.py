@@ -103,13 +103,29 @@ def test_rmsnorm_and_gated_rmsnorm():
     np.testing.assert_allclose(got, ref * silu(gate), rtol=RTOL, atol=RTOL)
 
 
-def test_swiglu():
+@pytest.mark.parametrize("fused", [False, True])
+def test_swiglu(fused):
+    """Against numpy; ``fused``: gate and up projections as one GEMM, with the gradients of
+    the separate ones."""
     rng = np.random.default_rng(2)
-    mlp = GatedMLP(8, 12, in_init=normal(0.3), out_init=normal(0.3), rngs=nnx.Rngs(0))
+    make = lambda f: GatedMLP(  # noqa: E731
+        8, 12, in_init=normal(0.3), out_init=normal(0.3), fused=f, rngs=nnx.Rngs(0)
+    )
+    mlp = make(fused)
     x = rng.normal(size=(4, 8))
     wg, wu, wd = (_np(m.kernel[...]) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     ref = (silu(x @ wg) * (x @ wu)) @ wd
     np.testing.assert_allclose(mlp(jnp.asarray(x, jnp.float32)), ref, rtol=1e-5, atol=1e-5)
+    if fused:
+        loss = lambda m, x: jnp.sum(m(x) ** 2)  # noqa: E731
+        xj = jnp.asarray(x, jnp.float32)
+        (g_f, dx_f), (g_s, dx_s) = (
+            nnx.grad(loss, argnums=(0, 1))(m, xj) for m in (mlp, make(False))
+        )
+        assert rel_err(dx_s, dx_f) < 1e-6
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            a, b = getattr(g_s, name).kernel[...], getattr(g_f, name).kernel[...]
+            assert rel_err(a, b) < 1e-6, name
 
 
 # --- mixer -----------------------------------------------------------------------------------

@@ -61,8 +61,9 @@ class DeltaProductConfig:
         autodiff), ``"auto"`` (the one-pass Pallas kernel on a GPU, autodiff elsewhere; correct
         but not faster on an H100) or ``"pallas"`` (interpret mode off the GPU).
       fused_projections: each mixer's input projections (q, k, v, beta, forget and output gate)
-        as one GEMM over their concatenated kernels (same parameters, same values up to
-        accumulation order; ``DeltaProductMixer._projections``).
+        as one GEMM over their concatenated kernels, and the MLP's gate and up projections as
+        another (same parameters, same values up to accumulation order;
+        ``DeltaProductMixer._projections``, ``GatedMLP``).
       init_scheme: ``"paper"`` (DEFAULT, reproduces the paper's runs: mixer Linears
         xavier-uniform gain 2^-2.5; embedding/MLP gate, up ``N(0, initializer_range)``; MLP down
         kaiming-uniform / sqrt(2L)) or ``"fla"`` (current FLA/HF: every Linear/conv/embedding
