@@ -165,8 +165,8 @@ def _add_train(sub) -> None:
         default="xla",
         choices=CONV_BACKWARDS,
         help="backward of the short convolutions: xla (autodiff), auto (the Pallas kernel on a "
-        "GPU; correct but not faster on an H100, docs/LM.md), pallas (the kernel, interpret "
-        "mode on CPU)",
+        "GPU; its first layout was not faster on an H100, docs/LM.md), pallas (the kernel, "
+        "interpret mode on CPU)",
     )
     m.add_argument(
         "--fused_projections",

@@ -58,8 +58,9 @@ class DeltaProductConfig:
     Ours:
       impl: implementation of the op (``"auto" | "chunked" | "reference" | "pallas"``).
       conv_backward: the short convolutions' backward (``dpjax.nn.conv``): ``"xla"`` (default:
-        autodiff), ``"auto"`` (the one-pass Pallas kernel on a GPU, autodiff elsewhere; correct
-        but not faster on an H100) or ``"pallas"`` (interpret mode off the GPU).
+        autodiff), ``"auto"`` (the one-pass Pallas kernel on a GPU, autodiff elsewhere; its
+        first layout was correct but not faster on an H100) or ``"pallas"`` (interpret mode
+        off the GPU).
       fused_projections: each mixer's input projections (q, k, v, beta, forget and output gate)
         as one GEMM over their concatenated kernels, and the MLP's gate and up projections as
         another (same parameters, same values up to accumulation order;

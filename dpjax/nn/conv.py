@@ -10,9 +10,10 @@ The backward (``backward=``): XLA's autodiff of the forward writes the pre-activ
 fp32 and reads it back for the kernel's gradient (separate fusions, ≈ 10 % of a 392M language
 model's train step on an H100); ``backward="auto"`` runs it on a GPU as one Pallas kernel instead
 (``pallas_kernels.short_conv``: reads ``x`` and ``dy`` once, writes ``dx`` once), under
-``shard_map`` over the batch when ``dpjax.ops.sharded.batch_parallel`` is active. It is correct on
-an H100 but not faster than XLA's autodiff there (docs/BENCHMARKS.md), so autodiff stays the
-default.
+``shard_map`` over the batch when ``dpjax.ops.sharded.batch_parallel`` is active. Its first,
+tiled layout was correct on an H100 but not faster than XLA's autodiff there
+(docs/BENCHMARKS.md); its ``"scan"`` layout (the kernel's default now) is not yet timed, so
+autodiff stays the default.
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ class ShortConv(nnx.Module):
       use_bias: add a per-channel bias.
       kernel_init, bias_init: initialisers for ``kernel [W, C]`` and ``bias [C]``.
       dtype: output dtype (math in fp32).
-      backward: ``"xla"`` (autodiff; the default: the kernel was not faster on an H100),
-        ``"auto"`` (the Pallas kernel on a GPU when ``C`` has a power-of-two divisor >= 16, else
-        autodiff), or ``"pallas"`` (the kernel; interpret mode off the GPU).
+      backward: ``"xla"`` (autodiff; the default: the kernel's tiled layout was not faster on
+        an H100), ``"auto"`` (the Pallas kernel on a GPU when ``C`` has a power-of-two divisor
+        >= 16, else autodiff), or ``"pallas"`` (the kernel; interpret mode off the GPU).
     """
 
     def __init__(
