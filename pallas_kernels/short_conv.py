@@ -214,17 +214,18 @@ def _scan_kernel(
         zero,
     )
     lag = width - 1
-    # three phases of one body: [0, lag) accumulate only, [lag, L) both, [L, L + lag) store only
+    # one body in phases: [0, lag) accumulate only, [lag, L) both, [L, L + lag) store only
+    # (for L < W - 1: [0, L) accumulate, [L, W-1) only advance the windows, then store)
     phases = [
         (0, min(lag, seg_len), True, False),
-        (seg_len, lag, False, False),  # empty unless L < W - 1: the window only advances
+        (seg_len, lag, False, False),
         (lag, seg_len, True, True),
         (max(seg_len, lag), seg_len + lag, False, True),
     ]
     for lo, hi, acc, st in phases:
         if hi > lo:
             body = functools.partial(step, accumulate=acc, store=st)
-            carry = lax.fori_loop(lo, hi, lambda j, c, body=body: body(j, c), carry)
+            carry = lax.fori_loop(lo, hi, body, carry)
     dw, db = carry[4], carry[5]
     dw_sum = [jnp.sum(d, axis=0) for d in dw]
     dw_ref[...] = sum(
