@@ -173,7 +173,8 @@ def _add_train(sub) -> None:
         type=str2bool,
         default=False,
         help="each mixer's input projections (q, k, v, beta, gates) as one GEMM over their "
-        "concatenated kernels; same parameters and checkpoints",
+        "concatenated kernels, each MLP's gate and up projections as another; same parameters "
+        "and checkpoints",
     )
     m.add_argument(
         "--compute_dtype",

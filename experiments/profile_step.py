@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fused_projections",
         type=str2bool,
         default=False,
-        help="preset only: each mixer's input projections as one GEMM (DeltaProductConfig)",
+        help="preset only: each mixer's input projections as one GEMM, each MLP's gate and up "
+        "projections as another (DeltaProductConfig.fused_projections)",
     )
     p.add_argument(
         "--param_dtype",
