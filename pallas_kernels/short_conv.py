@@ -155,30 +155,41 @@ def _scan_kernel(
 
     def read(j) -> tuple:
         """x, dy at token ``starts + j`` of every row ([R, BC], input dtype, 0 outside
-        ``[0, T)``) and its document id ([R] int32; 0 without segment ids)."""
+        ``[0, T)``) and its document id ([R] int32; None without segment ids)."""
         t = starts + j
         inside = ((t >= 0) & (t < tokens))[:, None]
         idx = jnp.clip(t, 0, tokens - 1)
         x = jnp.where(inside, x_ref[idx, :], 0)
         dy = jnp.where(inside, dy_ref[idx, :], 0)
-        doc = seg_ref[idx] if has_seg else jnp.zeros((rows,), jnp.int32)
-        return x, dy, doc
+        return x, dy, (seg_ref[idx] if has_seg else None)
 
-    def same(a, b) -> jax.Array:
-        return (a == b)[:, None]
+    lag = width - 1
+    # Documents: bit k of ``links`` ([R] int32) says token t-k continues the document of token
+    # t-k-1 (k < W-1). Token t-i is in t's document iff bits 0..i-1 are set; token u = t-(W-1)
+    # and u+i are iff bits W-1-i..W-2 are. The comparisons run on [R] values, and one [R] -> [R,
+    # BC] broadcast per token moves them to the layout of x (each broadcast of a 1-D value is a
+    # layout conversion through shared memory, with barriers).
+    run_masks = [(1 << i) - 1 for i in range(width)]  # token t-i linked to t
+    out_masks = [((1 << i) - 1) << (lag - i) for i in range(width)]  # u linked to u+i
+
+    def keep(links, mask: int, value: jax.Array) -> jax.Array:
+        """``value`` where every link of ``mask`` holds, else 0 (no ids: always ``value``)."""
+        return value if links is None or mask == 0 else jnp.where(links & mask == mask, value, 0.0)
 
     def step(j, carry, accumulate: bool, store: bool):
         """Token ``t = starts + j``: its ``dz``; ``dw, db`` terms (``accumulate``); ``dx`` of
         token ``t - (W-1)``, whose ``dz`` window is complete now (``store``)."""
-        pending, xs, dzs, docs, dw, db = carry
+        pending, xs, dzs, doc_prev, links, dw, db = carry
         x_now, dy_now, doc_now = pending[0]
         # token t + ahead's reads are issued before this token's arithmetic (latency hiding)
         pending = (*pending[1:], read(j + ahead))
         x_now = x_now.astype(jnp.float32)
-        # xs[i-1] = x at t - i, docs[i-1] = its document (i = 1 .. W-1)
-        seen = [x_now] + [
-            jnp.where(same(docs[i - 1], doc_now), xs[i - 1], 0.0) for i in range(1, width)
-        ]
+        links2 = None
+        if has_seg:
+            links = ((links << 1) | (doc_now == doc_prev).astype(jnp.int32)) & ((1 << lag) - 1)
+            links2 = jnp.broadcast_to(links[:, None], block)
+        # xs[i-1] = x at t - i (i = 1 .. W-1)
+        seen = [x_now] + [keep(links2, run_masks[i], xs[i - 1]) for i in range(1, width)]
         z = seen[0] * taps[0]
         for i in range(1, width):
             z = z + seen[i] * taps[i]
@@ -189,31 +200,33 @@ def _scan_kernel(
         if accumulate:
             dw = tuple(dw[i] + seen[i] * dz for i in range(width))
             db = db + dz
-        # window of dz at t, t-1, .., t-W+1 and their documents
-        dz_win = [dz, *dzs]
-        doc_win = [doc_now, *docs]
-        if store:
-            u = width - 1  # dx at t - (W-1): sum_i tap_i dz(t - (W-1) + i), same document
-            dx = dz_win[u] * taps[0]
+        dz_win = [dz, *dzs]  # dz at t, t-1, .., t-W+1
+        if store:  # dx at u = t - (W-1): sum_i tap_i dz(u + i), same document
+            dx = dz_win[lag] * taps[0]
             for i in range(1, width):
-                dz_i = jnp.where(same(doc_win[u - i], doc_win[u]), dz_win[u - i], 0.0)
-                dx = dx + dz_i * taps[i]
-            dx_ref[local + j - u, :] = dx.astype(dx_ref.dtype)
+                dx = dx + keep(links2, out_masks[i], dz_win[lag - i]) * taps[i]
+            dx_ref[local + j - lag, :] = dx.astype(dx_ref.dtype)
         xs = (x_now, *xs[:-1]) if width > 1 else xs
-        return pending, xs, tuple(dz_win[: width - 1]), tuple(doc_win[: width - 1]), dw, db
+        return pending, xs, tuple(dz_win[:lag]), doc_now, links, dw, db
 
-    # the W-1 tokens before each row's first: x and documents of the window
-    before = [read(-i) for i in range(1, width)]
+    # the W-1 tokens before each row's first: the x window and the links between them
+    before = [read(-i) for i in range(1, width)]  # tokens start-1, .., start-(W-1)
+    links = doc_prev = None
+    if has_seg:
+        doc_prev = before[0][2] if width > 1 else seg_ref[jnp.clip(starts - 1, 0, tokens - 1)]
+        links = jnp.zeros((rows,), jnp.int32)
+        for k in range(1, lag):  # bit k-1 before step 0 = link of token start-k
+            links = links | ((before[k - 1][2] == before[k][2]).astype(jnp.int32) << (k - 1))
     zero = jnp.zeros(block, jnp.float32)
     carry = (
         tuple(read(j) for j in range(ahead)),
         tuple(b[0].astype(jnp.float32) for b in before),
-        tuple(zero for _ in range(width - 1)),
-        tuple(b[2] for b in before),
+        tuple(zero for _ in range(lag)),
+        doc_prev,
+        links,
         tuple(zero for _ in range(width)),
         zero,
     )
-    lag = width - 1
     # one body in phases: [0, lag) accumulate only, [lag, L) both, [L, L + lag) store only
     # (for L < W - 1: [0, L) accumulate, [L, W-1) only advance the windows, then store)
     phases = [
@@ -226,7 +239,7 @@ def _scan_kernel(
         if hi > lo:
             body = functools.partial(step, accumulate=acc, store=st)
             carry = lax.fori_loop(lo, hi, body, carry)
-    dw, db = carry[4], carry[5]
+    dw, db = carry[5], carry[6]
     dw_sum = [jnp.sum(d, axis=0) for d in dw]
     dw_ref[...] = sum(
         jnp.where(slot == width - 1 - i, dw_sum[i][None, :], 0.0) for i in range(width)
