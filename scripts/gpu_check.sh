@@ -11,8 +11,9 @@
 #   4b. `variants`: forward+backward at the targets with other BackwardConfig fields side by side
 #      with the default (BWD_VARIANTS="--bwd-variant FIELD=VALUE ... --variant FIELD=VALUE,...";
 #      grad_dtype=float32 without it);
+#      VARIANT_ONLY="0 1" narrows the n_h (bench_op.py --only);
 #   4c. `conv`: the short convolution's backward, XLA's autodiff against the Pallas kernel
-#      (experiments/bench_conv.py, the 392M models' shapes);
+#      (experiments/bench_conv.py, the 392M models' shapes; CONV_CASES="--case 8,4096,2048");
 #   4d. `tune`: only the stage variants of TUNE_STAGES ("state_pass bwd_state_pass" by default)
 #      alone at TUNE_CASE (B,T,H,K,V,n_h; the n_h = 2 target by default), then the op tuned;
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
@@ -73,8 +74,8 @@ for stage in $STAGES; do
         timeout $limit python3 bench_peers.py "$peer") 2>&1 | grep -v Warning | tail -5 ;;
     variants)
       # shellcheck disable=SC2086
-      timeout 240 python3 experiments/bench_op.py --only 0 1 2 --no-chunked --repeats 5 \
-        ${BWD_VARIANTS:---bwd-variant grad_dtype=float32} --out "$OUT/variants" \
+      timeout 240 python3 experiments/bench_op.py --only ${VARIANT_ONLY:-0 1 2} --no-chunked \
+        --repeats 5 ${BWD_VARIANTS:---bwd-variant grad_dtype=float32} --out "$OUT/variants" \
         > "$OUT/variants.stdout" 2>&1
       tail -12 "$OUT/variants/bench_op.md" ;;
     shapes)
@@ -86,7 +87,9 @@ for stage in $STAGES; do
         --out "$OUT/st_shape" > "$OUT/st_shape.stdout" 2>&1
       tail -30 "$OUT/st_shape/bench_op.md" ;;
     conv)
-      timeout 150 python3 experiments/bench_conv.py --out "$OUT/conv" > "$OUT/conv.stdout" 2>&1
+      # shellcheck disable=SC2086
+      timeout 150 python3 experiments/bench_conv.py ${CONV_CASES:-} --out "$OUT/conv" \
+        > "$OUT/conv.stdout" 2>&1
       tail -30 "$OUT/conv/bench_conv.md" ;;
     tune)
       # shellcheck disable=SC2086
