@@ -54,14 +54,18 @@ def channel_block(channels: int, most: int = MAX_BLOCK_C) -> int | None:
     return None
 
 
-def _kernel(
-    *refs, width: int, tokens: int, block_t: int, tiles: int, has_bias: bool, has_seg: bool
-):
-    x_ref, dy_ref, w_ref = refs[:3]
+def _refs(refs: tuple, has_bias: bool, has_seg: bool) -> tuple:
+    """A kernel's refs as ``(x, dy, w, bias | None, seg | None, dx, dw, db)``."""
     rest = list(refs[3:])
     b_ref = rest.pop(0) if has_bias else None
     seg_ref = rest.pop(0) if has_seg else None
-    dx_ref, dw_ref, db_ref = rest
+    return (*refs[:3], b_ref, seg_ref, *rest)
+
+
+def _kernel(
+    *refs, width: int, tokens: int, block_t: int, tiles: int, has_bias: bool, has_seg: bool
+):
+    x_ref, dy_ref, w_ref, b_ref, seg_ref, dx_ref, dw_ref, db_ref = _refs(refs, has_bias, has_seg)
 
     w = w_ref[...].astype(jnp.float32)  # [Wp, BC]
     bias = b_ref[...].astype(jnp.float32) if has_bias else None
@@ -138,11 +142,7 @@ def _scan_kernel(
     has_bias: bool,
     has_seg: bool,
 ):
-    x_ref, dy_ref, w_ref = refs[:3]
-    rest = list(refs[3:])
-    b_ref = rest.pop(0) if has_bias else None
-    seg_ref = rest.pop(0) if has_seg else None
-    dx_ref, dw_ref, db_ref = rest
+    x_ref, dy_ref, w_ref, b_ref, seg_ref, dx_ref, dw_ref, db_ref = _refs(refs, has_bias, has_seg)
 
     w = w_ref[...].astype(jnp.float32)  # [Wp, BC]
     slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]

@@ -167,23 +167,30 @@ def mixer_np(mixer: DeltaProductMixer, x: np.ndarray) -> np.ndarray:
     return o.reshape(B, T, H * dv) @ W["o_proj"]
 
 
-@pytest.mark.parametrize("n_h, gated", [(1, False), (3, True)])
-def test_mixer_matches_numpy(n_h, gated):
-    cfg = DeltaProductConfig(
+def mixer_config(**changes) -> DeltaProductConfig:
+    """A one-layer mixer config with small heads (``changes`` override)."""
+    base = dict(
         hidden_size=16,
         num_heads=2,
         head_dim=8,
+        allow_neg_eigval=True,
+        num_hidden_layers=1,
+        vocab_size=8,
+        init_scheme="fla",
+        initializer_range=0.3,
+    )
+    return DeltaProductConfig(**(base | changes))
+
+
+@pytest.mark.parametrize("n_h, gated", [(1, False), (3, True)])
+def test_mixer_matches_numpy(n_h, gated):
+    cfg = mixer_config(
         expand_v=1.5,
         num_householder=n_h,
         use_short_conv=False,
         use_forget_gate=gated,
         use_output_gate=gated,
-        allow_neg_eigval=True,
-        num_hidden_layers=1,
-        vocab_size=8,
         impl="reference",
-        init_scheme="fla",
-        initializer_range=0.3,
     )
     mixer = DeltaProductMixer(cfg, rngs=nnx.Rngs(3))
     x = np.random.default_rng(4).normal(size=(2, 7, 16))
@@ -197,20 +204,12 @@ def test_fused_projections_match_separate_ones(gated, conv):
     """``fused_projections``: one GEMM over the concatenated kernels gives the mixer's output,
     every parameter's gradient, the input gradient and a decoding step as the separate
     projections do (same parameters: a model state moves between the two settings)."""
-    cfg = DeltaProductConfig(
-        hidden_size=16,
-        num_heads=2,
-        head_dim=8,
+    cfg = mixer_config(
         num_householder=2,
         use_short_conv=conv,
         use_forget_gate=gated,
         use_output_gate=gated,
-        allow_neg_eigval=True,
-        num_hidden_layers=1,
-        vocab_size=8,
         impl="chunked",
-        init_scheme="fla",
-        initializer_range=0.3,
     )
     separate = DeltaProductMixer(cfg, rngs=nnx.Rngs(5))
     fused = DeltaProductMixer(cfg.replace(fused_projections=True), rngs=nnx.Rngs(5))
