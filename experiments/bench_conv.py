@@ -31,17 +31,12 @@ from pallas_kernels.short_conv import short_conv_backward  # noqa: E402
 
 # the kernel alone at these tile choices (``short_conv_backward`` keywords)
 TILES = [
-    dict(layout="tiles", block_t=16, tiles=1),
-    dict(layout="tiles", block_t=16, tiles=8),
-    dict(layout="scan", rows=16, seg_len=64),
-    dict(layout="scan", rows=16, seg_len=64, ahead=2),
-    dict(layout="scan", rows=8, seg_len=64),
-    dict(layout="scan", rows=8, seg_len=64, ahead=3),
-    dict(layout="scan", rows=16, seg_len=64, num_warps=8, ahead=2),
-    dict(layout="scan", rows=16, seg_len=32),
-    dict(layout="scan", rows=16, seg_len=128, ahead=2),
-    dict(layout="scan", rows=32, seg_len=64, num_warps=8),
-    dict(layout="scan", rows=8, seg_len=64, block_c=128, num_warps=8, ahead=2),
+    dict(rows=8, seg_len=64),
+    dict(rows=16, seg_len=64),
+    dict(rows=8, seg_len=64, ahead=3),
+    dict(rows=16, seg_len=64, num_warps=8, ahead=2),
+    dict(rows=16, seg_len=128, ahead=2),
+    dict(rows=8, seg_len=64, block_c=128, num_warps=8, ahead=2),
 ]
 
 

@@ -70,17 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="pallas", help="op implementation (pallas/chunked/auto)")
     p.add_argument(
         "--conv_backward",
-        default="xla",
+        default="auto",
         choices=CONV_BACKWARDS,
-        help="backward of a preset's short convolutions (dpjax.nn.conv; auto/pallas: the Pallas "
-        "kernel on a GPU)",
-    )
-    p.add_argument(
-        "--fused_projections",
-        type=str2bool,
-        default=False,
-        help="preset only: each mixer's input projections as one GEMM, each MLP's gate and up "
-        "projections as another (DeltaProductConfig.fused_projections)",
+        help="backward of a preset's short convolutions (dpjax.nn.conv; auto: the Pallas kernel "
+        "on a GPU, autodiff elsewhere; xla: autodiff; pallas: the kernel)",
     )
     p.add_argument(
         "--param_dtype",
@@ -124,7 +117,6 @@ def model_config(args: argparse.Namespace):
             args.preset,
             impl=args.impl,
             conv_backward=args.conv_backward,
-            fused_projections=args.fused_projections,
             dtype="bfloat16",
             param_dtype=param_dtype,
             max_position_embeddings=args.k + 1,

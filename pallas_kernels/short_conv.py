@@ -11,22 +11,20 @@ Given ``dy``, with ``dz_t = dy_t SiLU'(z_t)``::
     dw[W-1-i] = sum_{b,t} x_{t-i} dz_t [same(t-i, t)]      db = sum_{b,t} dz_t
 
 Autodiff of the forward makes XLA write ``dz`` in fp32 and read it back in a separate reduction
-(on the 392M language models these fusions were ≈ 10 % of the train step). These kernels read
-``x`` and ``dy`` once, write ``dx`` once and per-program partial sums of ``dw``, ``db`` (summed in
-JAX); all sums in fp32. Grid ``(cdiv(T, span), C / BC, B)``: each program owns ``span`` tokens of
-``BC`` channels of one row. Two layouts:
+(on the 392M language models these fusions were ≈ 10 % of the train step). This kernel reads
+``x`` and ``dy`` once, writes ``dx`` once and per-program partial sums of ``dw``, ``db`` (summed in
+JAX); all sums in fp32.
 
-* ``"scan"``: the program's tokens are ``R`` stretches of ``L`` tokens (``rows``, ``seg_len``),
-  walked together one token at a time: step ``j`` handles token ``j`` of every stretch as one
-  ``[R, BC]`` block. The last ``W-1`` values of ``x``, ``dz`` and the document ids slide along in
-  registers, so ``z`` and ``dz`` are computed once per token; ``dx`` of token ``t - (W-1)`` is
-  written at step ``t`` (once its ``dz`` window is complete), and each stretch reads ``W-1``
-  tokens before its start and runs ``W-1`` steps past its end (its neighbours' tokens, from the
-  caches). The loads of token ``t + ahead`` are issued before token ``t``'s arithmetic.
-* ``"tiles"``: ``R`` consecutive tiles of ``BT`` tokens (``tiles``, ``block_t``), walked in a
-  loop; a tile reads its rows ``t - i`` and ``t + i`` (``|i| < W``) through index arrays clamped
-  to ``[0, T)`` and masked, and recomputes ``z`` and ``dz`` at each of the ``W`` shifts it needs
-  (the first kernel; on an H100 it was no faster than XLA's autodiff, docs/BENCHMARKS.md).
+Grid ``(cdiv(T, R L), C / BC, B)``: each program owns ``R`` stretches of ``L`` tokens (``rows``,
+``seg_len``) of ``BC`` channels of one row, walked together one token at a time: step ``j``
+handles token ``j`` of every stretch as one ``[R, BC]`` block. The last ``W-1`` values of ``x``
+and ``dz`` slide along in registers, so ``z`` and ``dz`` are computed once per token; ``dx`` of
+token ``t - (W-1)`` is written at step ``t`` (once its ``dz`` window is complete), and each
+stretch reads the ``W-1`` tokens before its start and runs ``W-1`` steps past its end (its
+neighbours' tokens, from the caches). The loads of token ``t + ahead`` are issued before token
+``t``'s arithmetic (Triton pipelines only loads that feed a dot). A first, tiled layout that
+recomputed ``z`` and ``dz`` at every shift a tile needed was 3x slower on an H100
+(docs/DESIGN_DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -54,85 +52,7 @@ def channel_block(channels: int, most: int = MAX_BLOCK_C) -> int | None:
     return None
 
 
-def _refs(refs: tuple, has_bias: bool, has_seg: bool) -> tuple:
-    """A kernel's refs as ``(x, dy, w, bias | None, seg | None, dx, dw, db)``."""
-    rest = list(refs[3:])
-    b_ref = rest.pop(0) if has_bias else None
-    seg_ref = rest.pop(0) if has_seg else None
-    return (*refs[:3], b_ref, seg_ref, *rest)
-
-
 def _kernel(
-    *refs, width: int, tokens: int, block_t: int, tiles: int, has_bias: bool, has_seg: bool
-):
-    x_ref, dy_ref, w_ref, b_ref, seg_ref, dx_ref, dw_ref, db_ref = _refs(refs, has_bias, has_seg)
-
-    w = w_ref[...].astype(jnp.float32)  # [Wp, BC]
-    bias = b_ref[...].astype(jnp.float32) if has_bias else None
-    slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
-
-    def tap(i: int) -> jax.Array:  # w[W-1-i] as a [1, BC] row
-        return jnp.sum(jnp.where(slot == width - 1 - i, w, 0.0), axis=0, keepdims=True)
-
-    taps = [tap(i) for i in range(width)]
-    first = pl.program_id(0) * tiles  # this program's first token tile
-
-    def tile(j, sums):
-        """Token tile ``j`` of this program: writes its dx, adds its dw, db terms to ``sums``."""
-        rows = (first + j) * block_t + jnp.arange(block_t, dtype=jnp.int32)
-        seg_cache: dict[int, jax.Array] = {}
-        x_cache: dict[int, jax.Array] = {}  # each shifted x tile is loaded once
-
-        def idx(offset: int) -> jax.Array:
-            return jnp.clip(rows + offset, 0, tokens - 1)
-
-        def seg_at(offset: int) -> jax.Array:
-            if offset not in seg_cache:
-                seg_cache[offset] = seg_ref[idx(offset)]
-            return seg_cache[offset]
-
-        def linked(a: int, b: int) -> jax.Array:
-            """[BT] bool: rows+a and rows+b are real tokens of one document."""
-            ok = (rows + a >= 0) & (rows + a < tokens) & (rows + b >= 0) & (rows + b < tokens)
-            if has_seg:
-                ok = ok & (seg_at(a) == seg_at(b))
-            return ok
-
-        def tap_input(s: int, i: int) -> jax.Array:
-            """x at rows + s - i where tap i of the output at rows + s sees it, else 0."""
-            if s - i not in x_cache:
-                x_cache[s - i] = x_ref[idx(s - i), :].astype(jnp.float32)
-            return jnp.where(linked(s - i, s)[:, None], x_cache[s - i], 0.0)
-
-        def dz_at(s: int) -> jax.Array:
-            """dz at rows + s ([BT, BC] fp32; 0 where rows + s is past the end)."""
-            z = jnp.zeros((block_t, w.shape[1]), jnp.float32) if bias is None else bias[None, :]
-            for i in range(width):
-                z = z + tap_input(s, i) * taps[i]
-            sig = jax.nn.sigmoid(z)
-            dy = dy_ref[idx(s), :].astype(jnp.float32)
-            valid = (rows + s < tokens)[:, None]
-            return jnp.where(valid, dy * sig * (1.0 + z * (1.0 - sig)), 0.0)
-
-        dz0 = dz_at(0)
-        dx = dz0 * taps[0]
-        for s in range(1, width):
-            dx = dx + jnp.where(linked(0, s)[:, None], dz_at(s), 0.0) * taps[s]
-        dx_ref[pl.ds(j * block_t, block_t), :] = dx.astype(dx_ref.dtype)
-
-        dw, db = sums
-        for i in range(width):
-            part = jnp.sum(tap_input(0, i) * dz0, axis=0)
-            dw = dw + jnp.where(slot == width - 1 - i, part[None, :], 0.0)
-        return dw, db + jnp.sum(dz0, axis=0)
-
-    zeros = (jnp.zeros(w.shape, jnp.float32), jnp.zeros((w.shape[1],), jnp.float32))
-    dw, db = tile(0, zeros) if tiles == 1 else lax.fori_loop(0, tiles, tile, zeros)
-    dw_ref[...] = dw
-    db_ref[...] = db
-
-
-def _scan_kernel(
     *refs,
     width: int,
     tokens: int,
@@ -142,7 +62,11 @@ def _scan_kernel(
     has_bias: bool,
     has_seg: bool,
 ):
-    x_ref, dy_ref, w_ref, b_ref, seg_ref, dx_ref, dw_ref, db_ref = _refs(refs, has_bias, has_seg)
+    x_ref, dy_ref, w_ref = refs[:3]
+    rest = list(refs[3:])
+    b_ref = rest.pop(0) if has_bias else None
+    seg_ref = rest.pop(0) if has_seg else None
+    dx_ref, dw_ref, db_ref = rest
 
     w = w_ref[...].astype(jnp.float32)  # [Wp, BC]
     slot = jnp.arange(w.shape[0], dtype=jnp.int32)[:, None]
@@ -247,9 +171,6 @@ def _scan_kernel(
     db_ref[...] = jnp.sum(db, axis=0)
 
 
-LAYOUTS = ("scan", "tiles")
-
-
 def short_conv_backward(
     x: jax.Array,
     dy: jax.Array,
@@ -257,13 +178,10 @@ def short_conv_backward(
     bias: jax.Array | None,
     segment_ids: jax.Array | None,
     *,
-    layout: str = "scan",
     block_c: int = 64,
-    rows: int = 16,
+    rows: int = 8,
     seg_len: int = 64,
     ahead: int = 1,
-    block_t: int = 16,
-    tiles: int = 1,
     num_warps: int = 4,
     num_stages: int = 1,
     interpret: bool = False,
@@ -275,16 +193,13 @@ def short_conv_backward(
       dy: ``[B, T, C]`` the output cotangent.
       kernel: ``[W, C]`` (``kernel[W-1]`` multiplies the current token); bias: ``[C]`` or None.
       segment_ids: ``[B, T]`` int document ids or None (one document per row).
-      layout: ``"scan"`` (each program walks ``rows`` stretches of ``seg_len`` tokens one token
-        at a time, sliding windows in registers) or ``"tiles"`` (each program computes ``tiles``
-        tiles of ``block_t`` tokens, reading the shifted rows it needs).
       block_c: channel tile, clipped to ``channel_block(C, block_c)`` (``C`` must have a
         power-of-two divisor >= 16).
-      rows, seg_len, ahead: ``"scan"``: stretches per program (a power of two), their length,
-        and how many tokens ahead of the one being computed the loads are issued (each one more
+      rows, seg_len: stretches per program (a power of two) and their length (the defaults, 8
+        x 64 tokens of 64 channels at 4 warps, were the fastest of nine tile choices on an H100
+        at B=8, T=4096, C=2048: docs/BENCHMARKS.md).
+      ahead: how many tokens ahead of the one being computed the loads are issued (each one more
         holds another ``[rows, block_c]`` of ``x`` and ``dy`` in registers).
-      block_t, tiles: ``"tiles"``: tokens per tile (a power of two) and tiles per program,
-        walked in a loop that keeps the kernel and bias gradient partial sums in registers.
 
     Returns:
       ``dx [B, T, C]`` (x.dtype), ``dkernel [W, C]`` fp32, ``dbias [C]`` fp32 (None without bias).
@@ -295,25 +210,16 @@ def short_conv_backward(
         raise ValueError(f"dy: expected shape {x.shape}, got {dy.shape}")
     if kernel.shape != (W, C):
         raise ValueError(f"kernel: expected shape [W, {C}], got {kernel.shape}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     bc = channel_block(C, block_c)
     if bc is None:
         raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
-    if layout == "scan":
-        if rows < 1 or rows & (rows - 1):
-            raise ValueError(f"rows: expected a power of two, got {rows}")
-        if seg_len < 1:
-            raise ValueError(f"seg_len: expected a positive length, got {seg_len}")
-        if ahead < 1:
-            raise ValueError(f"ahead: expected a positive count, got {ahead}")
-        span = rows * seg_len
-    else:
-        if block_t < 1 or block_t & (block_t - 1):
-            raise ValueError(f"block_t: expected a power of two, got {block_t}")
-        if tiles < 1:
-            raise ValueError(f"tiles: expected a positive count, got {tiles}")
-        span = block_t * tiles
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows: expected a power of two, got {rows}")
+    if seg_len < 1:
+        raise ValueError(f"seg_len: expected a positive length, got {seg_len}")
+    if ahead < 1:
+        raise ValueError(f"ahead: expected a positive count, got {ahead}")
+    span = rows * seg_len
     Wp = next_pow2(W)
     NT = pl.cdiv(T, span)  # programs along T
     w = jnp.pad(kernel.astype(jnp.float32), ((0, Wp - W), (0, 0)))
@@ -338,11 +244,16 @@ def short_conv_backward(
         pl.BlockSpec((None, None, Wp, bc), lambda j, c, b: (b, j, 0, c)),
         pl.BlockSpec((None, None, bc), lambda j, c, b: (b, j, c)),
     ]
-    common = dict(width=W, tokens=T, has_bias=has_bias, has_seg=has_seg)
-    if layout == "scan":
-        kern = functools.partial(_scan_kernel, rows=rows, seg_len=seg_len, ahead=ahead, **common)
-    else:
-        kern = functools.partial(_kernel, block_t=block_t, tiles=tiles, **common)
+    kern = functools.partial(
+        _kernel,
+        width=W,
+        tokens=T,
+        rows=rows,
+        seg_len=seg_len,
+        ahead=ahead,
+        has_bias=has_bias,
+        has_seg=has_seg,
+    )
     dx, dw, db = pallas_call(
         kern,
         inputs=inputs,
@@ -353,7 +264,7 @@ def short_conv_backward(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
-        name=f"short_conv_bwd_{layout}",
+        name="short_conv_bwd",
     )
     dw = jnp.sum(dw, axis=(0, 1))[:W]
     return dx[:, :T], dw, (jnp.sum(db, axis=(0, 1)) if has_bias else None)

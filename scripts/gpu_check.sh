@@ -22,9 +22,9 @@
 #   6. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
 #      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
-#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward [fused]]",
-#      ";"-separated; conv_backward xla by default, "auto" for the short convolution's Pallas
-#      backward; fused True: --fused_projections), each with the step's time by source file;
+#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward]", ";"-
+#      separated; conv_backward auto by default: the short convolution's Pallas backward, "xla"
+#      for autodiff), each with the step's time by source file;
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
@@ -108,12 +108,12 @@ for stage in $STAGES; do
       [ "$stage" = lm_remat ] && runs=("dp2 none" "dp2 block_save_dots")
       [ -n "${LM_RUNS:-}" ] && IFS=';' read -ra runs <<< "$LM_RUNS"
       for run in "${runs[@]}"; do
-        read -r p remat conv fused <<< "$run"
-        conv=${conv:-xla}; fused=${fused:-False}
+        read -r p remat conv <<< "$run"
+        conv=${conv:-auto}
         timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
           --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
-          --fused_projections "$fused" --impl auto --top 30 \
-          --out "$OUT/lm_${p}_${remat}_${conv}_$fused" 2>&1 | grep -v "^WARNING" | tail -66
+          --impl auto --top 30 --out "$OUT/lm_${p}_${remat}_$conv" 2>&1 | grep -v "^WARNING" \
+          | tail -66
       done ;;
     multi)
       python3 experiments/language_model.py prepare --corpus stdlib \

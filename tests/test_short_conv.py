@@ -51,44 +51,25 @@ def rel_err(got, want) -> float:
     return rel_rmse(want, got)
 
 
-KERNEL_CASES = [  # B, T, C, W, bias, segments
-    (2, 50, 64, 4, True, True),
-    (1, 33, 32, 4, False, False),
-    (2, 64, 128, 3, True, False),
-    (1, 17, 48, 2, False, True),  # channel tile 16
-    (3, 5, 16, 4, True, True),  # fewer tokens than taps
-    (2, 9, 32, 1, True, True),  # one tap
-    (2, 3, 64, 6, False, True),  # a width that is no power of two, longer than T
-    (2, 40, 32, 5, True, True),
-]
-# per case: (block_t, tiles) of the "tiles" layout, (rows, seg_len, ahead) of the "scan" layout
-TILE_CHOICES = [(16, 2), (32, 1), (16, 4), (8, 3), (16, 1), (8, 1), (8, 2), (8, 2)]
-SCAN_CHOICES = [
-    (4, 8, 1),
-    (2, 16, 2),
-    (1, 64, 1),
-    (8, 3, 3),
-    (2, 2, 1),
-    (4, 1, 2),
-    (1, 2, 1),
-    (4, 3, 4),
-]
-
-
-@pytest.mark.parametrize("layout", ["scan", "tiles"])
-@pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
-def test_kernel_matches_autodiff(rng, layout, case):
-    """Both layouts against autodiff: programs whose last stretch or tile runs past the end,
-    stretches shorter than the kernel, documents (some one token long), widths 1 to 6."""
-    B, T, C, W, bias, segments = KERNEL_CASES[case]
+@pytest.mark.parametrize(
+    "B, T, C, W, bias, segments, rows, seg_len, ahead",
+    [
+        (2, 50, 64, 4, True, True, 4, 8, 1),  # the last program's stretches run past the end
+        (1, 33, 32, 4, False, False, 2, 16, 2),
+        (2, 64, 128, 3, True, False, 1, 64, 1),  # one stretch per program
+        (1, 17, 48, 2, False, True, 8, 3, 3),  # channel tile 16
+        (3, 5, 16, 4, True, True, 2, 2, 1),  # stretches shorter than the kernel
+        (2, 9, 32, 1, True, True, 4, 1, 2),  # one tap
+        (2, 3, 64, 6, False, True, 1, 2, 1),  # a width that is no power of two, longer than T
+        (2, 40, 32, 5, True, True, 4, 3, 4),
+    ],
+)
+def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, rows, seg_len, ahead):
+    """Against autodiff, with documents (some one token long) and widths 1 to 6."""
     x, dy, kernel, b, seg = problem(rng, B, T, C, W, bias, segments)
-    if layout == "scan":
-        rows, seg_len, ahead = SCAN_CHOICES[case]
-        tiles = dict(rows=rows, seg_len=seg_len, ahead=ahead)
-    else:
-        block_t, tiles = TILE_CHOICES[case]
-        tiles = dict(block_t=block_t, tiles=tiles)
-    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, layout=layout, interpret=True, **tiles)
+    dx, dw, db = short_conv_backward(
+        x, dy, kernel, b, seg, rows=rows, seg_len=seg_len, ahead=ahead, interpret=True
+    )
     gx, gw, gb = autodiff(x, dy, kernel, b, seg)
     assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == kernel.shape
     assert rel_err(dx, gx) < 1e-6 and rel_err(dw, gw) < 1e-6
@@ -116,9 +97,6 @@ def test_bad_arguments_are_named(rng):
     with pytest.raises(ValueError, match="dy: expected shape"):
         short_conv_backward(x, dy[:, :4], kernel, b, seg, interpret=True)
     bad = [
-        (dict(layout="rows"), "layout: expected one of"),
-        (dict(layout="tiles", block_t=24), "block_t: expected a power of two, got 24"),
-        (dict(layout="tiles", tiles=0), "tiles: expected a positive count, got 0"),
         (dict(rows=12), "rows: expected a power of two, got 12"),
         (dict(seg_len=0), "seg_len: expected a positive length, got 0"),
         (dict(ahead=0), "ahead: expected a positive count, got 0"),
@@ -212,12 +190,7 @@ def test_kernel_backward_under_shard_map(rng, use_bias, segments):
 
 @pytest.mark.parametrize(
     "bias, segments, tiles",
-    [
-        (False, True, dict(layout="tiles")),
-        (True, False, dict(layout="tiles", tiles=8)),
-        (False, True, dict()),
-        (True, False, dict(rows=8, ahead=3, num_warps=8)),
-    ],
+    [(False, True, dict()), (True, False, dict(rows=16, ahead=3, num_warps=8))],
 )
 def test_kernel_lowers_for_h100(bias, segments, tiles):
     T, C = 4096, 2048
@@ -236,11 +209,8 @@ def test_kernel_lowers_for_h100(bias, segments, tiles):
 @pytest.mark.parametrize(
     "B, T, C, bias, tiles",
     [
-        (8, 4096, 2048, False, dict(layout="tiles")),
-        (8, 4096, 2048, False, dict(layout="tiles", tiles=8)),
-        (2, 1000, 96, True, dict(layout="tiles", tiles=4)),
         (8, 4096, 2048, False, dict()),
-        (8, 4096, 2048, True, dict(rows=8, ahead=3, num_warps=8)),
+        (8, 4096, 2048, True, dict(rows=16, ahead=3, num_warps=8)),
         (2, 1000, 96, True, dict(rows=4, seg_len=100, ahead=2)),
     ],
 )

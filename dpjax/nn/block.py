@@ -37,7 +37,6 @@ class Block(nnx.Module):
             c.mlp_intermediate_size,
             in_init=initializer(c, "mlp_in"),
             out_init=initializer(c, "mlp_out"),
-            fused=c.fused_projections,
             **kw,
         )
 

@@ -25,7 +25,7 @@ from flax import nnx
 from dpjax.nn.config import DeltaProductConfig
 from dpjax.nn.conv import ShortConv
 from dpjax.nn.init import a_log_init, dt_bias_init, initializer
-from dpjax.nn.linear import Linear, mixed_matmul
+from dpjax.nn.linear import Linear
 from dpjax.nn.norms import GatedRMSNorm, RMSNorm
 from dpjax.nn.param import make_param
 from dpjax.nn.sequence import SequenceInfo
@@ -88,49 +88,23 @@ class DeltaProductMixer(nnx.Module):
         self.o_proj = Linear(H * dv, D, names=OUT_PROJ, init=initializer(c, "mixer_out"), **kw)
 
     # ----------------------------------------------------------------------------------------
-    def _projections(self, x: jax.Array) -> dict[str, jax.Array]:
-        """The input projections of ``x [..., D]`` in the compute dtype: ``"q"``, ``"k"``,
-        ``"v"``, ``"b"`` (beta logits), with the forget gate ``"a"`` and with the output gate
-        ``"g"``. With ``config.fused_projections`` they come from one GEMM over the
-        concatenated kernels (``x`` read once; in the backward one ``dx`` GEMM instead of a sum
-        of six), else one ``Linear`` call each; the parameters are the same either way."""
-        c = self.config
-        layers = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "b": self.b_proj}
-        if c.use_forget_gate:
-            layers["a"] = self.a_proj
-        if c.use_output_gate:
-            layers["g"] = self.g_proj
-        if not c.fused_projections:
-            return {name: layer(x) for name, layer in layers.items()}
-        kernels = [layer.kernel[...] for layer in layers.values()]
-        dtype = c.compute_dtype
-        y = mixed_matmul(x, jnp.concatenate(kernels, axis=1), dtype, dtype)
-        out, start = {}, 0
-        for name, kernel in zip(layers, kernels, strict=True):
-            out[name] = y[..., start : start + kernel.shape[1]]
-            start += kernel.shape[1]
-        return out
-
-    def _gate(self, a: jax.Array) -> jax.Array:
-        """Gate logits ``a [..., H]`` (``a_proj(x)``) -> ``g [..., H]`` fp32 log-space forget
-        gate (<= 0)."""
-        a = a.astype(jnp.float32) + self.dt_bias[...]
+    def _gate(self, x: jax.Array) -> jax.Array:
+        """``x [..., D] -> g [..., H]`` fp32 log-space forget gate (<= 0)."""
+        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
         return -jnp.exp(self.A_log[...]) * jax.nn.softplus(a)
 
-    def _beta(self, b: jax.Array) -> jax.Array:
-        """Beta logits ``b [..., n_h*H]`` (``b_proj(x)``) -> ``beta`` in ``(0, 1)`` or
-        ``(0, 2)``."""
-        beta = jax.nn.sigmoid(b.astype(jnp.float32))
+    def _beta(self, x: jax.Array) -> jax.Array:
+        """``x [..., D] -> [..., n_h*H]`` in ``(0, 1)`` or ``(0, 2)``."""
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         if self.config.allow_neg_eigval:
             beta = 2.0 * beta
         return beta.astype(self.config.compute_dtype)
 
-    def _output(self, o: jax.Array, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        """``o [..., H, d_v]``, ``x [..., D]`` -> ``[..., D]`` (``gate``: ``g_proj(x)`` when
-        already computed)."""
+    def _output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        """``o [..., H, d_v]``, ``x [..., D]`` -> ``[..., D]``."""
         if self.config.use_output_gate:
-            gate = self.g_proj(x) if gate is None else gate
-            o = self.o_norm(o, gate.reshape(o.shape))
+            gate = self.g_proj(x).reshape(o.shape)
+            o = self.o_norm(o, gate)
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
@@ -149,17 +123,15 @@ class DeltaProductMixer(nnx.Module):
 
     def _op_inputs(
         self, x: jax.Array, seq: SequenceInfo | None, *, windows: bool = False
-    ) -> tuple[dict[str, jax.Array | None], MixerCache, jax.Array | None]:
-        """``op_inputs``, with ``windows`` the short-conv decoding windows after the last token
-        (``{"conv_q", "conv_k", "conv_v"}``; empty otherwise), and the output gate's projection
-        (None without the output gate)."""
+    ) -> tuple[dict[str, jax.Array | None], MixerCache]:
+        """``op_inputs`` and, with ``windows``, the short-conv decoding windows after the last
+        token (``{"conv_q", "conv_k", "conv_v"}``; empty otherwise)."""
         c = self.config
         B, T, _ = x.shape
         H, n, dk, dv = c.num_heads, c.num_householder, c.head_dim, c.value_head_dim
         seg = None if seq is None else seq.segment_ids
         mask = None if seq is None else seq.mask
-        proj = self._projections(x)
-        q, k, v = proj["q"], proj["k"], proj["v"]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         cache: MixerCache = {}
         if c.use_short_conv:
             if windows:
@@ -174,8 +146,8 @@ class DeltaProductMixer(nnx.Module):
             v = self.v_conv(v, segment_ids=seg, mask=mask)
         else:
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-        beta = self._beta(proj["b"])
-        g = self._gate(proj["a"]) if c.use_forget_gate else None
+        beta = self._beta(x)
+        g = self._gate(x) if c.use_forget_gate else None
         if mask is not None:
             beta = jnp.where(mask[..., None], beta, 0)
             g = None if g is None else jnp.where(mask[..., None], g, 0.0)
@@ -187,7 +159,7 @@ class DeltaProductMixer(nnx.Module):
             "g": g,
             "segment_ids": seg,
         }
-        return inputs, cache, proj.get("g")
+        return inputs, cache
 
     def __call__(
         self,
@@ -209,7 +181,7 @@ class DeltaProductMixer(nnx.Module):
           ``[B, T, D]`` in the compute dtype (and the cache ``{"state": [B,H,d_k,d_v] fp32,
           "conv_q"/"conv_k"/"conv_v": [B, W-1, C] fp32}`` with ``return_cache``).
         """
-        inp, cache, gate = self._op_inputs(x, seq, windows=return_cache)
+        inp, cache = self._op_inputs(x, seq, windows=return_cache)
         o, state = delta_product(
             inp["q"],
             inp["k"],
@@ -222,7 +194,7 @@ class DeltaProductMixer(nnx.Module):
             use_qk_l2norm=True,
             impl=self.config.impl,
         )
-        out = self._output(o, x, gate)
+        out = self._output(o, x)
         if not return_cache:
             return out
         cache["state"] = state
@@ -247,8 +219,7 @@ class DeltaProductMixer(nnx.Module):
         c = self.config
         B = x.shape[0]
         H, n, dk, dv = c.num_heads, c.num_householder, c.head_dim, c.value_head_dim
-        proj = self._projections(x)
-        q, k, v = proj["q"], proj["k"], proj["v"]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         new: MixerCache = {}
         if c.use_short_conv:
             q, new["conv_q"] = self.q_conv.step(q, cache["conv_q"])
@@ -256,8 +227,8 @@ class DeltaProductMixer(nnx.Module):
             v, new["conv_v"] = self.v_conv.step(v, cache["conv_v"])
         else:
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-        beta = self._beta(proj["b"]).reshape(B, n, H)
-        g = self._gate(proj["a"]) if c.use_forget_gate else None
+        beta = self._beta(x).reshape(B, n, H)
+        g = self._gate(x) if c.use_forget_gate else None
         o, new["state"] = decode(
             cache["state"],
             q.reshape(B, H, dk),
@@ -267,4 +238,4 @@ class DeltaProductMixer(nnx.Module):
             g,
             use_qk_l2norm=True,
         )
-        return self._output(o.astype(c.compute_dtype), x, proj.get("g")), new
+        return self._output(o.astype(c.compute_dtype), x), new

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpjax.nn.init import Initializer
-from dpjax.nn.linear import Linear, mixed_matmul
+from dpjax.nn.linear import Linear
 from dpjax.nn.sharding_names import MLP_IN, MLP_OUT
 
 
@@ -32,8 +32,6 @@ class GatedMLP(nnx.Module):
       hidden_size: ``D``; inter_size: ``I``.
       in_init: initialiser of ``gate_proj``/``up_proj`` ``[D, I]``; out_init: of ``down_proj``
         ``[I, D]``.
-      fused: ``gate_proj`` and ``up_proj`` as one GEMM over their concatenated kernels (same
-        parameters; ``DeltaProductConfig.fused_projections``).
     """
 
     def __init__(
@@ -45,11 +43,8 @@ class GatedMLP(nnx.Module):
         out_init: Initializer,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
-        fused: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.fused = fused
-        self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(hidden_size, inter_size, names=MLP_IN, init=in_init, **kw)
         self.up_proj = Linear(hidden_size, inter_size, names=MLP_IN, init=in_init, **kw)
@@ -57,9 +52,4 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [..., D] -> [..., D]``."""
-        if self.fused:
-            kernel = jnp.concatenate([self.gate_proj.kernel[...], self.up_proj.kernel[...]], axis=1)
-            gate, up = jnp.split(mixed_matmul(x, kernel, self.dtype, self.dtype), 2, axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
