@@ -197,7 +197,8 @@ def short_conv_backward(
         power-of-two divisor >= 16).
       rows, seg_len: stretches per program (a power of two) and their length (the defaults, 8
         x 64 tokens of 64 channels at 4 warps, were the fastest of nine tile choices on an H100
-        at B=8, T=4096, C=2048: docs/BENCHMARKS.md).
+        at B=8, T=4096, C=2048: docs/BENCHMARKS.md); the length is cut to ``cdiv(T, rows)``
+        where one program covers the whole row, so short sequences do not walk empty stretches.
       ahead: how many tokens ahead of the one being computed the loads are issued (each one more
         holds another ``[rows, block_c]`` of ``x`` and ``dy`` in registers).
 
@@ -219,6 +220,7 @@ def short_conv_backward(
         raise ValueError(f"seg_len: expected a positive length, got {seg_len}")
     if ahead < 1:
         raise ValueError(f"ahead: expected a positive count, got {ahead}")
+    seg_len = max(1, min(seg_len, pl.cdiv(T, rows)))
     span = rows * seg_len
     Wp = next_pow2(W)
     NT = pl.cdiv(T, span)  # programs along T

@@ -62,6 +62,7 @@ def rel_err(got, want) -> float:
         (2, 9, 32, 1, True, True, 4, 1, 2),  # one tap
         (2, 3, 64, 6, False, True, 1, 2, 1),  # a width that is no power of two, longer than T
         (2, 40, 32, 5, True, True, 4, 3, 4),
+        (2, 129, 32, 4, True, True, 8, 64, 1),  # the default stretches, cut to 17 tokens
     ],
 )
 def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, rows, seg_len, ahead):
