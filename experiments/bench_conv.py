@@ -1,9 +1,11 @@
-"""Time the short convolution's backward: XLA's autodiff against the one-pass Pallas kernel.
+"""Time the short convolution: XLA against the one-pass Pallas kernels, backward and forward.
 
 For each shape (default: the 392M language models' convolutions, B=8, T=4096, C=1024 and 2048,
-bf16, packed documents), times forward + backward of ``<conv_silu(x), dy>`` w.r.t. ``x``, the
-kernel and the bias with ``ShortConv``'s two backwards, side by side (interleaved medians), plus
-the kernel alone at a few tile shapes. Writes ``bench_conv.json`` and ``bench_conv.md``.
+bf16, packed documents), times side by side (interleaved medians) the gradients of
+``<conv_silu(x), dy>`` w.r.t. ``x`` and the kernel with ``ShortConv``'s two backwards (XLA's
+autodiff; the backward kernel), the backward kernel alone at a few tile shapes, and the forward
+``SiLU(conv(x))`` by XLA and by the forward kernel at a few tile shapes. Writes
+``bench_conv.json`` and ``bench_conv.md``.
 
 Example (GPU)::
 
@@ -27,7 +29,7 @@ from bench_op import time_round_robin  # noqa: E402
 
 from dpjax.nn.conv import conv_silu, conv_silu_kernel_vjp  # noqa: E402
 from pallas_kernels.common import default_interpret  # noqa: E402
-from pallas_kernels.short_conv import short_conv_backward  # noqa: E402
+from pallas_kernels.short_conv import short_conv_backward, short_conv_forward  # noqa: E402
 
 # the kernel alone at these tile choices (``short_conv_backward`` keywords)
 TILES = [
@@ -38,11 +40,13 @@ TILES = [
     dict(rows=16, seg_len=128, ahead=2),
     dict(rows=8, seg_len=64, block_c=128, num_warps=8, ahead=2),
 ]
+FORWARD_TILES = [dict(), dict(rows=16), dict(rows=16, ahead=2), dict(rows=32, num_warps=8)]
 
 
 def variants(interpret: bool) -> dict:
     """name -> jitted ``f(x, dy, kernel, segment_ids)``: forward + backward with either backward,
-    and the kernel alone at each of ``TILES``."""
+    the backward kernel alone at each of ``TILES``, and the forward (bf16 output) by XLA and by
+    the forward kernel at each of ``FORWARD_TILES``."""
 
     def grads(conv):
         def f(x, dy, w, seg):
@@ -55,11 +59,18 @@ def variants(interpret: bool) -> dict:
         "xla autodiff (fwd+bwd)": grads(conv_silu),
         "pallas backward (fwd+bwd)": grads(lambda *a: conv_silu_kernel_vjp(*a, interpret)),
     }
+    label = lambda tiles: " ".join(f"{k}={v}" for k, v in tiles.items())  # noqa: E731
     for tiles in TILES:
-        label = " ".join(f"{k}={v}" for k, v in tiles.items())
-        fns[f"kernel alone {label}"] = jax.jit(
+        fns[f"kernel alone {label(tiles)}"] = jax.jit(
             lambda x, dy, w, seg, tiles=tiles: short_conv_backward(
                 x, dy, w, None, seg, interpret=interpret, **tiles
+            )
+        )
+    fns["xla forward"] = jax.jit(lambda x, dy, w, seg: conv_silu(x, w, None, seg, jnp.bfloat16))
+    for tiles in FORWARD_TILES:
+        fns[f"pallas forward {label(tiles)}".strip()] = jax.jit(
+            lambda x, dy, w, seg, tiles=tiles: short_conv_forward(
+                x, w, None, seg, jnp.bfloat16, interpret=interpret, **tiles
             )
         )
     return fns

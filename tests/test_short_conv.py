@@ -1,6 +1,7 @@
-"""The short convolution's one-pass Pallas backward (``pallas_kernels.short_conv``) against XLA's
-autodiff of the same forward: the kernel alone (interpret mode), inside ``ShortConv`` and the
-model config, under ``shard_map``, lowered for an H100, and on a real GPU (marker ``gpu``)."""
+"""The short convolution's one-pass Pallas kernels (``pallas_kernels.short_conv``) against XLA:
+the backward against autodiff of the same forward and the forward against ``conv_silu``, alone
+(interpret mode), the backward inside ``ShortConv`` and the model config and under
+``shard_map``, both lowered for an H100 and on a real GPU (marker ``gpu``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dpjax.nn.conv import ShortConv, conv_silu
 from dpjax.nn.init import uniform
 from dpjax.ops import sharded
 from dpjax.train import mesh as mesh_lib
-from pallas_kernels.short_conv import channel_block, short_conv_backward
+from pallas_kernels.short_conv import channel_block, short_conv_backward, short_conv_forward
 
 
 def problem(rng, B, T, C, W, bias, segments, dtype=jnp.float32):
@@ -51,7 +52,7 @@ def rel_err(got, want) -> float:
     return rel_rmse(want, got)
 
 
-@pytest.mark.parametrize(
+KERNEL_CASES = pytest.mark.parametrize(
     "B, T, C, W, bias, segments, rows, seg_len, ahead",
     [
         (2, 50, 64, 4, True, True, 4, 8, 1),  # the last program's stretches run past the end
@@ -65,6 +66,9 @@ def rel_err(got, want) -> float:
         (2, 129, 32, 4, True, True, 8, 64, 1),  # the default stretches, cut to 17 tokens
     ],
 )
+
+
+@KERNEL_CASES
 def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, rows, seg_len, ahead):
     """Against autodiff, with documents (some one token long) and widths 1 to 6."""
     x, dy, kernel, b, seg = problem(rng, B, T, C, W, bias, segments)
@@ -78,6 +82,21 @@ def test_kernel_matches_autodiff(rng, B, T, C, W, bias, segments, rows, seg_len,
         assert rel_err(db, gb) < 1e-6
     else:
         assert db is None
+
+
+@KERNEL_CASES
+def test_forward_kernel_matches_conv_silu(rng, B, T, C, W, bias, segments, rows, seg_len, ahead):
+    """The forward kernel against ``conv_silu`` (fp32 and bf16 outputs)."""
+    x, _, kernel, b, seg = problem(rng, B, T, C, W, bias, segments)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        y = short_conv_forward(
+            x, kernel, b, seg, dtype, rows=rows, seg_len=seg_len, ahead=ahead, interpret=True
+        )
+        want = conv_silu(x, kernel, b, seg, dtype)
+        assert y.shape == x.shape and y.dtype == dtype
+        assert rel_err(y.astype(jnp.float32), want.astype(jnp.float32)) < (
+            1e-6 if dtype == jnp.float32 else 1e-3
+        )
 
 
 def test_kernel_bf16_inputs(rng):
@@ -105,6 +124,10 @@ def test_bad_arguments_are_named(rng):
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             short_conv_backward(x, dy, kernel, b, seg, interpret=True, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            short_conv_forward(x, kernel, b, seg, jnp.float32, interpret=True, **kwargs)
+    with pytest.raises(ValueError, match=r"kernel: expected shape \[W, 32\]"):
+        short_conv_forward(x, kernel[:, :16], b, seg, jnp.float32, interpret=True)
     assert channel_block(2048) == 128 and channel_block(96) == 32 and channel_block(40) is None
 
 
@@ -189,14 +212,21 @@ def test_kernel_backward_under_shard_map(rng, use_bias, segments):
         assert rel_err(g_state["bias"][...], g_ref.bias[...]) < 1e-6
 
 
+@pytest.mark.parametrize("forward", [False, True])
 @pytest.mark.parametrize(
     "bias, segments, tiles",
     [(False, True, dict()), (True, False, dict(rows=16, ahead=3, num_warps=8))],
 )
-def test_kernel_lowers_for_h100(bias, segments, tiles):
+def test_kernel_lowers_for_h100(forward, bias, segments, tiles):
     T, C = 4096, 2048
+
+    def run(x, dy, w, b, s):
+        if forward:
+            return short_conv_forward(x, w, b, s, jnp.bfloat16, interpret=False, **tiles)
+        return short_conv_backward(x, dy, w, b, s, interpret=False, **tiles)
+
     text = lower_text(
-        lambda x, dy, w, b, s: short_conv_backward(x, dy, w, b, s, interpret=False, **tiles),
+        run,
         sds((2, T, C)),
         sds((2, T, C)),
         sds((4, C), jnp.float32),
@@ -224,6 +254,11 @@ def test_gpu_kernel_matches_autodiff(rng, B, T, C, bias, tiles):
     assert rel_err(dw, gw) < 1e-4
     if bias:
         assert rel_err(db, gb) < 1e-4
+    y = jax.jit(lambda *a: short_conv_forward(*a, jnp.bfloat16, interpret=False, **tiles))(
+        x, kernel, b, seg
+    )
+    want = jax.jit(lambda *a: conv_silu(*a, jnp.float32))(x, kernel, b, seg)
+    assert rel_err(y.astype(jnp.float32), want) < 8e-3  # one bf16 rounding of y
 
 
 def test_bench_conv_runs(tmp_path):
@@ -239,6 +274,8 @@ def test_bench_conv_runs(tmp_path):
     assert {r["variant"] for r in records} >= {
         "xla autodiff (fwd+bwd)",
         "pallas backward (fwd+bwd)",
+        "xla forward",
+        "pallas forward",
     }
     assert all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in records)
     assert (tmp_path / "bench_conv.md").exists()
