@@ -94,33 +94,28 @@ def test_fp32_matches_oracle(rng, n, T, K, V, gated, h0, resets, scale):
     starts = random_resets(rng, B, T) if resets else None
     s = K**-0.5 if scale is None else scale
     o, final = run_pallas(p, starts, jnp.float32, s, n)
-    ref_o, ref_final = delta_product_np(
+    ref_o, ref_final = oracle(p, starts, s)
+    assert rel_rmse(ref_o, o) < FP32_TOL
+    assert rel_rmse(ref_final, final) < FP32_TOL
+
+
+def oracle(p: dict, starts, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 oracle's ``(o, final)`` on the problem ``p``."""
+    return delta_product_np(
         p["q"],
         p["k"],
         p["v"],
         p["beta"],
         p["g"],
-        scale=s,
+        scale=scale,
         initial_state=p["initial_state"],
         doc_starts=starts,
     )
-    assert rel_rmse(ref_o, o) < FP32_TOL
-    assert rel_rmse(ref_final, final) < FP32_TOL
 
 
 def rounded_oracle(p: dict, starts, dtype, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """The float64 oracle's ``(o, final)`` on the problem's inputs rounded to ``dtype``."""
-    r = rounded(p, dtype)
-    return delta_product_np(
-        r["q"],
-        r["k"],
-        r["v"],
-        r["beta"],
-        r["g"],
-        scale=scale,
-        initial_state=r["initial_state"],
-        doc_starts=starts,
-    )
+    return oracle(rounded(p, dtype), starts, scale)
 
 
 # (n_h, T, gated, initial_state, resets, state_split, dtype): pieces of whole token chunks
@@ -227,16 +222,7 @@ def test_low_precision_matches_oracle(rng, dtype, n):
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     starts = random_resets(rng, B, T)
     o, final = run_pallas(p, starts, dtype, K**-0.5, n)
-    r = rounded(p, dtype)
-    ref_o, ref_final = delta_product_np(
-        r["q"],
-        r["k"],
-        r["v"],
-        r["beta"],
-        r["g"],
-        initial_state=r["initial_state"],
-        doc_starts=starts,
-    )
+    ref_o, ref_final = rounded_oracle(p, starts, dtype, K**-0.5)
     assert o.dtype == np.float32 and np.isfinite(o).all() and np.isfinite(final).all()
     assert rel_rmse(ref_o, o) < LOW_TOL[dtype]
     assert rel_rmse(ref_final, final) < LOW_TOL[dtype]
@@ -275,16 +261,7 @@ def test_extreme_and_infinite_gates_are_exact_resets(rng):
     o, final = run_pallas(p_inf, None, jnp.float32, 0.25, n)
     g_ref = g.copy()
     g_ref[:, 10] = 0.0
-    ref_o, ref_final = delta_product_np(
-        p["q"],
-        p["k"],
-        p["v"],
-        p["beta"],
-        g_ref,
-        scale=0.25,
-        initial_state=p["initial_state"],
-        doc_starts=starts,
-    )
+    ref_o, ref_final = oracle(dict(p, g=g_ref), starts, 0.25)
     assert np.isfinite(o).all() and np.isfinite(final).all()
     assert rel_rmse(ref_o, o) < FP32_TOL
     assert rel_rmse(ref_final, final) < FP32_TOL
