@@ -165,11 +165,11 @@ def device_op_times(trace_dir: str) -> tuple[dict[str, float], float]:
 
 def op_home(name: str, sources: dict[str, list[str]]) -> str:
     """Where a device op's time is charged: the DeltaProduct kernels (``dp_*``) and the short
-    convolution's kernel by name, an XLA fusion by the source file most of its instructions came
-    from, else ``"(no source: <kind>)"`` with the op name's leading word."""
+    convolution's kernels (``short_conv_*``) by name, an XLA fusion by the source file most of
+    its instructions came from, else ``"(no source: <kind>)"`` with the op name's leading word."""
     if name.startswith("dp_"):
         return "pallas_kernels (DeltaProduct op)"
-    if name.startswith("short_conv_bwd"):
+    if name.startswith("short_conv_"):
         return "pallas_kernels/short_conv.py"
     home = home_file(sources.get(op_key(name), []))
     if home is not None:
