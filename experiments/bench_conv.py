@@ -2,10 +2,11 @@
 
 For each shape (default: the 392M language models' convolutions, B=8, T=4096, C=1024 and 2048,
 bf16, packed documents), times side by side (interleaved medians) the gradients of
-``<conv_silu(x), dy>`` w.r.t. ``x`` and the kernel with ``ShortConv``'s two backwards (XLA's
-autodiff; the backward kernel), the backward kernel alone at a few tile shapes, and the forward
-``SiLU(conv(x))`` by XLA and by the forward kernel at a few tile shapes. Writes
-``bench_conv.json`` and ``bench_conv.md``.
+``<conv_silu(x), dy>`` w.r.t. ``x`` and the kernel (XLA's autodiff; the backward kernel; both
+kernels; each also with the L2 norm over heads of 128 channels that the mixer's q and k get),
+the backward kernel alone at a few tile shapes, and the forward ``SiLU(conv(x))`` by XLA and by
+the forward kernel at a few tile shapes (and with the L2 norm). Writes ``bench_conv.json`` and
+``bench_conv.md``.
 
 Example (GPU)::
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_op import time_round_robin  # noqa: E402
 
-from dpjax.nn.conv import conv_silu, conv_silu_kernel_vjp  # noqa: E402
+from dpjax.nn.conv import conv_silu, conv_silu_kernels  # noqa: E402
 from pallas_kernels.common import default_interpret  # noqa: E402
 from pallas_kernels.short_conv import short_conv_backward, short_conv_forward  # noqa: E402
 
@@ -40,10 +42,12 @@ TILES = [
     dict(rows=16, seg_len=128, ahead=2),
     dict(rows=8, seg_len=64, block_c=128, num_warps=8, ahead=2),
 ]
+# the mixer's q and k: SiLU(conv) then an L2 norm over each head of this many channels
+NORM_GROUP = 128
 FORWARD_TILES = [dict(), dict(rows=16), dict(rows=16, ahead=2), dict(rows=32, num_warps=8)]
 
 
-def variants(interpret: bool) -> dict:
+def variants(interpret: bool, norm_group: int = NORM_GROUP) -> dict:
     """name -> jitted ``f(x, dy, kernel, segment_ids)``: forward + backward with either backward,
     the backward kernel alone at each of ``TILES``, and the forward (bf16 output) by XLA and by
     the forward kernel at each of ``FORWARD_TILES``."""
@@ -55,10 +59,16 @@ def variants(interpret: bool) -> dict:
 
         return jax.jit(jax.grad(f, argnums=(0, 2)))
 
-    fns = {
-        "xla autodiff (fwd+bwd)": grads(conv_silu),
-        "pallas backward (fwd+bwd)": grads(lambda *a: conv_silu_kernel_vjp(*a, interpret)),
-    }
+    fns = {}
+    for norm in (None, norm_group):
+        tag = "" if norm is None else f" l2norm/{norm}"
+        fns[f"xla autodiff (fwd+bwd){tag}"] = grads(lambda *a, n=norm: conv_silu(*a, n))
+        fns[f"pallas backward (fwd+bwd){tag}"] = grads(
+            lambda *a, n=norm: conv_silu_kernels(*a, n, False, True, interpret)
+        )
+        fns[f"pallas forward and backward (fwd+bwd){tag}"] = grads(
+            lambda *a, n=norm: conv_silu_kernels(*a, n, True, True, interpret)
+        )
     label = lambda tiles: " ".join(f"{k}={v}" for k, v in tiles.items())  # noqa: E731
     for tiles in TILES:
         fns[f"kernel alone {label(tiles)}"] = jax.jit(
@@ -67,6 +77,14 @@ def variants(interpret: bool) -> dict:
             )
         )
     fns["xla forward"] = jax.jit(lambda x, dy, w, seg: conv_silu(x, w, None, seg, jnp.bfloat16))
+    fns[f"xla forward l2norm/{norm_group}"] = jax.jit(
+        lambda x, dy, w, seg: conv_silu(x, w, None, seg, jnp.bfloat16, norm_group)
+    )
+    fns[f"pallas forward l2norm/{norm_group}"] = jax.jit(
+        lambda x, dy, w, seg: short_conv_forward(
+            x, w, None, seg, jnp.bfloat16, norm_group=norm_group, interpret=interpret
+        )
+    )
     for tiles in FORWARD_TILES:
         fns[f"pallas forward {label(tiles)}".strip()] = jax.jit(
             lambda x, dy, w, seg, tiles=tiles: short_conv_forward(
@@ -109,7 +127,7 @@ def main(argv=None) -> list[dict]:
         w = jnp.asarray(rng.normal(size=(args.width, C)) * 0.3, jnp.float32)
         seg = jnp.asarray(np.sort(rng.integers(0, 8, size=(B, T)), axis=1), jnp.int32)
 
-        fns = variants(interpret)
+        fns = variants(interpret, math.gcd(NORM_GROUP, C))
         times = time_round_robin(fns, [(x, dy, w, seg)], args.repeats, args.iters)
         bytes_min = 3 * B * T * C * 2  # read x, dy; write dx (bf16)
         for name, ms in times.items():

@@ -126,7 +126,7 @@ def _add_prepare(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    from dpjax.nn.conv import CONV_BACKWARDS
+    from dpjax.nn.conv import CONV_IMPLS
     from dpjax.nn.presets import list_presets
 
     p = sub.add_parser(
@@ -163,10 +163,17 @@ def _add_train(sub) -> None:
     m.add_argument(
         "--conv_backward",
         default="auto",
-        choices=CONV_BACKWARDS,
+        choices=CONV_IMPLS,
         help="backward of the short convolutions: auto (the one-pass Pallas kernel on a GPU, "
         "2.8x faster than autodiff on an H100, docs/LM.md; autodiff elsewhere), xla (autodiff), "
         "pallas (the kernel, interpret mode on CPU)",
+    )
+    m.add_argument(
+        "--conv_forward",
+        default="xla",
+        choices=CONV_IMPLS,
+        help="forward of the short convolutions: xla (XLA's fusion), auto (the one-pass Pallas "
+        "kernel on a GPU, XLA elsewhere), pallas (the kernel, interpret mode on CPU)",
     )
     m.add_argument(
         "--compute_dtype",
@@ -529,6 +536,7 @@ def model_config(args: argparse.Namespace, tok, seq_len: int):
         "pad_token_id": tok.pad_id,
         "max_position_embeddings": seq_len,
         "impl": args.impl,
+        "conv_forward": args.conv_forward,
         "conv_backward": args.conv_backward,
         "dtype": DTYPES[args.compute_dtype],
         "param_dtype": DTYPES[args.param_dtype],

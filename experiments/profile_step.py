@@ -47,7 +47,7 @@ from flax import nnx
 from hlo_sources import fusion_sources, home_file, op_key
 
 from dpjax.nn import DeltaProductLM
-from dpjax.nn.conv import CONV_BACKWARDS
+from dpjax.nn.conv import CONV_IMPLS
 from dpjax.nn.presets import get_preset, state_tracking
 from dpjax.train import mesh as mesh_lib
 from dpjax.train.flops import device_peak_flops, flops_per_token
@@ -71,9 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--conv_backward",
         default="auto",
-        choices=CONV_BACKWARDS,
+        choices=CONV_IMPLS,
         help="backward of a preset's short convolutions (dpjax.nn.conv; auto: the Pallas kernel "
         "on a GPU, autodiff elsewhere; xla: autodiff; pallas: the kernel)",
+    )
+    p.add_argument(
+        "--conv_forward",
+        default="xla",
+        choices=CONV_IMPLS,
+        help="forward of a preset's short convolutions (xla: XLA's fusion; auto: the one-pass "
+        "Pallas kernel on a GPU, XLA elsewhere; pallas: the kernel)",
     )
     p.add_argument(
         "--param_dtype",
@@ -116,6 +123,7 @@ def model_config(args: argparse.Namespace):
         return get_preset(
             args.preset,
             impl=args.impl,
+            conv_forward=args.conv_forward,
             conv_backward=args.conv_backward,
             dtype="bfloat16",
             param_dtype=param_dtype,

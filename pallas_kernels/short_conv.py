@@ -32,7 +32,13 @@ tokens per program, the length cut to ``cdiv(T, rows)`` where one program covers
 (short sequences walk no empty stretches); loads issued ``ahead`` tokens early (each one more
 holds another ``[rows, block_c]`` block of each input in registers). The defaults, 8 x 64 tokens
 of 64 channels at 4 warps, were the fastest of nine tile choices for the backward on an H100 at
-B=8, T=4096, C=2048 (docs/BENCHMARKS.md).
+B=8, T=4096, C=2048 (docs/BENCHMARKS.md); ``num_warps`` defaults to 4 per 64 channels of the tile
+(the same registers per thread: 128 channels at 4 warps take 226 in the backward, 128 at 8).
+
+``norm_group`` (the mixer's q and k) L2-normalises each group of that many channels after the
+SiLU: the group is the channel tile, so the norm is a per-token reduction inside the program;
+the backward turns the normalised output's cotangent into ``dy`` there
+(``r (g - y_hat <y_hat, g>)``, ``r = 1 / sqrt(sum y^2 + eps)``) before ``dz``.
 """
 
 from __future__ import annotations
@@ -153,6 +159,11 @@ def _pre_activation(x_now, xs, links2, taps, bias) -> tuple[jax.Array, list[jax.
     return z, seen
 
 
+def _inverse_norm(y: jax.Array, eps: float) -> jax.Array:
+    """``1 / sqrt(sum(y^2) + eps)`` over the channels of each row of ``y [R, BC]`` -> ``[R, 1]``."""
+    return lax.rsqrt(jnp.sum(y * y, axis=1, keepdims=True) + eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -175,6 +186,7 @@ def _forward_kernel(
     ahead: int,
     has_bias: bool,
     has_seg: bool,
+    norm_eps: float | None,
 ):
     x_ref, w_ref, b_ref, seg_ref, y_ref = _unpack(refs, 1, has_bias, has_seg)
     taps, _ = _taps(w_ref, width)
@@ -191,7 +203,10 @@ def _forward_kernel(
         x_now = x_now.astype(jnp.float32)
         links, links2 = _advance_links(links, doc_prev, doc_now, lag, block)
         z, _ = _pre_activation(x_now, xs, links2, taps, bias)
-        y_ref[local + j, :] = (z * jax.nn.sigmoid(z)).astype(y_ref.dtype)
+        y = z * jax.nn.sigmoid(z)
+        if norm_eps is not None:
+            y = y * _inverse_norm(y, norm_eps)
+        y_ref[local + j, :] = y.astype(y_ref.dtype)
         xs = (x_now, *xs[:-1]) if width > 1 else xs
         return pending, xs, doc_now, links
 
@@ -209,6 +224,7 @@ def _backward_kernel(
     ahead: int,
     has_bias: bool,
     has_seg: bool,
+    norm_eps: float | None,
 ):
     x_ref, dy_ref, w_ref, b_ref, seg_ref, dx_ref, dw_ref, db_ref = _unpack(
         refs, 2, has_bias, has_seg
@@ -230,7 +246,12 @@ def _backward_kernel(
         links, links2 = _advance_links(links, doc_prev, doc_now, lag, block)
         z, seen = _pre_activation(x_now, xs, links2, taps, bias)
         sig = jax.nn.sigmoid(z)
-        dz = dy_now.astype(jnp.float32) * sig * (1.0 + z * (1.0 - sig))
+        dy_now = dy_now.astype(jnp.float32)
+        if norm_eps is not None:  # dy_now is the normalised output's cotangent
+            r = _inverse_norm(z * sig, norm_eps)
+            y_hat = z * sig * r
+            dy_now = r * (dy_now - y_hat * jnp.sum(y_hat * dy_now, axis=1, keepdims=True))
+        dz = dy_now * sig * (1.0 + z * (1.0 - sig))
         if accumulate:
             dw = tuple(dw[i] + seen[i] * dz for i in range(width))
             db = db + dz
@@ -287,11 +308,13 @@ def _launch(
     out_dtypes: list,
     sums: bool,
     *,
+    norm_group: int | None,
+    norm_eps: float,
     block_c: int,
     rows: int,
     seg_len: int,
     ahead: int,
-    num_warps: int,
+    num_warps: int | None,
     num_stages: int,
     interpret: bool,
     name: str,
@@ -303,9 +326,17 @@ def _launch(
     W = kernel.shape[0]
     if kernel.shape != (W, C):
         raise ValueError(f"kernel: expected shape [W, {C}], got {kernel.shape}")
-    bc = channel_block(C, block_c)
-    if bc is None:
-        raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
+    if norm_group is None:
+        bc = channel_block(C, block_c)
+        if bc is None:
+            raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
+    else:
+        if norm_group < 16 or norm_group & (norm_group - 1) or C % norm_group:
+            raise ValueError(
+                f"norm_group: expected a power of two >= 16 dividing the {C} channels, got "
+                f"{norm_group}"
+            )
+        bc = norm_group
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows: expected a power of two, got {rows}")
     if seg_len < 1:
@@ -347,6 +378,7 @@ def _launch(
         ahead=ahead,
         has_bias=has_bias,
         has_seg=has_seg,
+        norm_eps=None if norm_group is None else norm_eps,
     )
     outs = pallas_call(
         kern,
@@ -355,7 +387,7 @@ def _launch(
         out_shapes=out_shapes,
         out_specs=out_specs,
         grid=(NT, C // bc, B),
-        num_warps=num_warps,
+        num_warps=num_warps or 4 * max(1, bc // 64),
         num_stages=num_stages,
         interpret=interpret,
         name=name,
@@ -371,22 +403,27 @@ def short_conv_forward(
     segment_ids: jax.Array | None,
     out_dtype: jnp.dtype,
     *,
+    norm_group: int | None = None,
+    norm_eps: float = 1e-6,
     block_c: int = 64,
     rows: int = 8,
     seg_len: int = 64,
     ahead: int = 1,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 1,
     interpret: bool = False,
 ) -> jax.Array:
     """``y = SiLU(causal_depthwise_conv(x, kernel) + bias)`` ``[B, T, C]`` in ``out_dtype``
-    (module doc; the same function as ``dpjax.nn.conv.conv_silu``).
+    (module doc; the same function as ``dpjax.nn.conv.conv_silu``), with ``norm_group`` each
+    group of that many channels L2-normalised (``y / sqrt(sum y^2 + norm_eps)``).
 
     Args:
       x: ``[B, T, C]`` (any float dtype; padding already zeroed).
       kernel: ``[W, C]`` (``kernel[W-1]`` multiplies the current token); bias: ``[C]`` or None.
       segment_ids: ``[B, T]`` int document ids or None (one document per row).
       out_dtype: dtype of ``y``.
+      norm_group: None, or the L2 norm's group size (a power of two >= 16 dividing ``C``; the
+        channel tile, ``block_c`` is then ignored); norm_eps: its epsilon.
       block_c, rows, seg_len, ahead, num_warps, num_stages: tiles and launch (module doc).
     """
     (y,), _ = _launch(
@@ -397,6 +434,8 @@ def short_conv_forward(
         segment_ids,
         [jnp.dtype(out_dtype)],
         False,
+        norm_group=norm_group,
+        norm_eps=norm_eps,
         block_c=block_c,
         rows=rows,
         seg_len=seg_len,
@@ -416,21 +455,25 @@ def short_conv_backward(
     bias: jax.Array | None,
     segment_ids: jax.Array | None,
     *,
+    norm_group: int | None = None,
+    norm_eps: float = 1e-6,
     block_c: int = 64,
     rows: int = 8,
     seg_len: int = 64,
     ahead: int = 1,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Gradients of ``y = SiLU(causal_depthwise_conv(x, kernel) + bias)`` (module doc).
+    """Gradients of ``y = SiLU(causal_depthwise_conv(x, kernel) + bias)`` (module doc), or with
+    ``norm_group`` of ``y`` with each group of channels L2-normalised (``short_conv_forward``).
 
     Args:
       x: ``[B, T, C]`` the convolution's input (any float dtype; padding already zeroed).
-      dy: ``[B, T, C]`` the output cotangent.
+      dy: ``[B, T, C]`` the output cotangent (of the normalised output with ``norm_group``).
       kernel: ``[W, C]`` (``kernel[W-1]`` multiplies the current token); bias: ``[C]`` or None.
       segment_ids: ``[B, T]`` int document ids or None (one document per row).
+      norm_group, norm_eps: as ``short_conv_forward``.
       block_c, rows, seg_len, ahead, num_warps, num_stages: tiles and launch (module doc).
 
     Returns:
@@ -446,6 +489,8 @@ def short_conv_backward(
         segment_ids,
         [x.dtype],
         True,
+        norm_group=norm_group,
+        norm_eps=norm_eps,
         block_c=block_c,
         rows=rows,
         seg_len=seg_len,

@@ -22,9 +22,10 @@
 #   6. `lm`: the 392M DN / DP2 / DP3 train steps (8 x 4096 tokens, --remat block) profiled by
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
 #      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
-#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward]", ";"-
-#      separated; conv_backward auto by default: the short convolution's Pallas backward, "xla"
-#      for autodiff), each with the step's time by source file;
+#      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward
+#      [conv_forward]]", ";"-separated; a preset without "-" means its 392M size; conv_backward auto by default: the short convolution's
+#      Pallas backward, "xla" for autodiff; conv_forward xla by default, "auto" for the Pallas
+#      forward), each with the step's time by source file;
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
@@ -108,11 +109,15 @@ for stage in $STAGES; do
       [ "$stage" = lm_remat ] && runs=("dp2 none" "dp2 block_save_dots")
       [ -n "${LM_RUNS:-}" ] && IFS=';' read -ra runs <<< "$LM_RUNS"
       for run in "${runs[@]}"; do
-        read -r p remat conv <<< "$run"
+        read -r p remat conv conv_fwd <<< "$run"
         conv=${conv:-auto}
-        timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset $p-392m --batch_size 8 \
+        conv_fwd=${conv_fwd:-xla}
+        preset=$p
+        [[ $p == *-* ]] || preset=$p-392m
+        timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset "$preset" --batch_size 8 \
           --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
-          --impl auto --top 30 --out "$OUT/lm_${p}_${remat}_$conv" 2>&1 | grep -v "^WARNING" \
+          --conv_forward "$conv_fwd" \
+          --impl auto --top 30 --out "$OUT/lm_${p}_${remat}_${conv}_$conv_fwd" 2>&1 | grep -v "^WARNING" \
           | tail -66
       done ;;
     multi)

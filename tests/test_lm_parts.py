@@ -270,7 +270,6 @@ def test_mixer_inputs_reproduce_the_mixer():
             inp["g"],
             num_householder=3,
             segment_ids=inp["segment_ids"],
-            use_qk_l2norm=True,
             impl="chunked",
         )
         return inp, mixer._output(o, x), mixer(x, seq)

@@ -206,21 +206,24 @@ def test_bfloat16_forward_is_finite():
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_conv_backward_kernel_matches_autodiff_in_the_model():
-    """The whole model's gradients with the short convolutions' Pallas backward (interpret mode)
-    equal those of XLA's autodiff (packed documents: segment ids)."""
+def test_conv_kernels_match_xla_in_the_model():
+    """The whole model's gradients with the short convolutions' Pallas backward, and with both
+    their Pallas forward and backward (interpret mode), equal those of XLA's forward and autodiff
+    (packed documents: segment ids)."""
     rng = np.random.default_rng(7)
     ids = jnp.asarray(rng.integers(0, 64, size=(2, 12)), jnp.int32)
     seg = jnp.asarray(np.repeat([[0] * 5 + [1] * 7], 2, axis=0), jnp.int32)
     grads = {}
-    for backward in ("xla", "pallas"):
-        model = build(config(conv_backward=backward))
+    for forward, backward in (("xla", "xla"), ("xla", "pallas"), ("pallas", "pallas")):
+        model = build(config(conv_forward=forward, conv_backward=backward))
 
         def loss(model):
             logits = model(ids, segment_ids=seg)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.arange(64)[ids])
 
-        grads[backward] = jax.tree.leaves(nnx.grad(loss)(model))
-    for want, got in zip(grads["xla"], grads["pallas"], strict=True):
-        assert np.isfinite(np.asarray(got)).all()
-        assert rel_err(want, got) < 1e-5
+        grads[forward, backward] = jax.tree.leaves(nnx.grad(loss)(model))
+    want = grads["xla", "xla"]
+    for kernels in (("xla", "pallas"), ("pallas", "pallas")):
+        for w, got in zip(want, grads[kernels], strict=True):
+            assert np.isfinite(np.asarray(got)).all()
+            assert rel_err(w, got) < 1e-5

@@ -99,6 +99,37 @@ def test_forward_kernel_matches_conv_silu(rng, B, T, C, W, bias, segments, rows,
         )
 
 
+@pytest.mark.parametrize(
+    "B, T, C, group, bias, segments, rows, seg_len",
+    [
+        (2, 50, 64, 32, True, True, 4, 8),  # two heads per row of channels
+        (1, 37, 128, 128, False, False, 2, 16),
+        (2, 21, 48, 16, True, True, 8, 3),
+    ],
+)
+def test_kernels_with_l2norm(rng, B, T, C, group, bias, segments, rows, seg_len):
+    """``norm_group``: the forward against ``conv_silu(..., norm_group)`` and the backward
+    against its autodiff (the L2 norm over each group of channels after the SiLU)."""
+    x, dy, kernel, b, seg = problem(rng, B, T, C, 4, bias, segments)
+    tiles = dict(rows=rows, seg_len=seg_len, norm_group=group, interpret=True)
+    y = short_conv_forward(x, kernel, b, seg, jnp.float32, **tiles)
+    want = conv_silu(x, kernel, b, seg, jnp.float32, group)
+    assert rel_err(y, want) < 1e-6
+    norms = jnp.sum(want.reshape(B, T, C // group, group) ** 2, axis=-1)
+    assert float(jnp.max(jnp.abs(norms - 1.0))) < 1e-4  # a real normalisation
+
+    def f(x, kernel, b):
+        return jnp.sum(conv_silu(x, kernel, b, seg, jnp.float32, group) * dy)
+
+    gx, gw, gb = jax.grad(f, argnums=(0, 1, 2))(x, kernel, b)
+    dx, dw, db = short_conv_backward(x, dy, kernel, b, seg, **tiles)
+    assert rel_err(dx, gx) < 1e-5 and rel_err(dw, gw) < 1e-5
+    if bias:
+        assert rel_err(db, gb) < 1e-5
+    with pytest.raises(ValueError, match="norm_group: expected a power of two >= 16 dividing"):
+        short_conv_forward(x, kernel, b, seg, jnp.float32, norm_group=24, interpret=True)
+
+
 def test_kernel_bf16_inputs(rng):
     """bf16 x, dy: the kernel's fp32 sums against fp32 autodiff of the same bf16 values."""
     x, dy, kernel, b, seg = problem(rng, 2, 70, 64, 4, True, True, jnp.bfloat16)
@@ -131,13 +162,14 @@ def test_bad_arguments_are_named(rng):
     assert channel_block(2048) == 128 and channel_block(96) == 32 and channel_block(40) is None
 
 
-def make_conv(C, backward, use_bias=True):
+def make_conv(C, backward, use_bias=True, forward="xla"):
     return ShortConv(
         C,
         kernel_size=4,
         use_bias=use_bias,
         kernel_init=uniform(0.5),
         bias_init=uniform(0.5),
+        forward=forward,
         backward=backward,
         rngs=nnx.Rngs(0),
     )
@@ -150,18 +182,23 @@ def module_grads(conv, x, seg, mask, cot):
     return nnx.grad(loss, argnums=(0, 1))(conv, x)
 
 
-def test_module_backward_pallas_equals_xla(rng):
-    """``ShortConv(backward="pallas")``: same output and gradients (x, kernel, bias) as XLA's
-    autodiff, with documents and padding."""
+@pytest.mark.parametrize(
+    "forward, backward", [("xla", "pallas"), ("pallas", "xla"), ("pallas", "pallas")]
+)
+def test_module_kernels_equal_xla(rng, forward, backward):
+    """``ShortConv`` with either or both kernels: the output and gradients (x, kernel, bias) of
+    XLA's forward and autodiff, with documents and padding."""
     B, T, C = 2, 37, 64
     x = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
     seg = jnp.asarray(np.sort(rng.integers(0, 5, size=(B, T)), axis=1), jnp.int32)
     mask = jnp.asarray(rng.random((B, T)) > 0.2)
     cot = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
-    ref, fast = make_conv(C, "xla"), make_conv(C, "pallas")
-    np.testing.assert_array_equal(
-        fast(x, segment_ids=seg, mask=mask), ref(x, segment_ids=seg, mask=mask)
-    )
+    ref, fast = make_conv(C, "xla"), make_conv(C, backward, forward=forward)
+    y_ref, y_fast = (m(x, segment_ids=seg, mask=mask) for m in (ref, fast))
+    if forward == "xla":
+        np.testing.assert_array_equal(y_fast, y_ref)
+    else:  # the kernel sums the taps in another order
+        assert rel_err(y_fast, y_ref) < 1e-6
     (g_ref, gx_ref), (g_fast, gx_fast) = (module_grads(m, x, seg, mask, cot) for m in (ref, fast))
     assert rel_err(gx_fast, gx_ref) < 1e-6
     assert rel_err(g_fast.kernel[...], g_ref.kernel[...]) < 1e-6
@@ -170,21 +207,30 @@ def test_module_backward_pallas_equals_xla(rng):
 
 
 def test_module_and_config_choices():
-    assert make_conv(64, "auto")._kernel_backward() == (jax.default_backend() == "gpu")
-    assert not make_conv(64, "xla")._kernel_backward()
-    assert make_conv(64, "pallas")._kernel_backward()
+    conv = make_conv(64, "auto")
+    assert conv.uses_kernel("auto") == (jax.default_backend() == "gpu")
+    assert not conv.uses_kernel("xla")
+    assert conv.uses_kernel("pallas")
+    assert not make_conv(24, "auto").uses_kernel("auto")  # XLA for channel counts it can't tile
     with pytest.raises(ValueError, match="backward: expected one of"):
         make_conv(64, "triton")
-    with pytest.raises(ValueError, match="power-of-two divisor"):
+    with pytest.raises(ValueError, match="forward: expected one of"):
+        make_conv(64, "xla", forward="cuda")
+    with pytest.raises(ValueError, match="backward='pallas': channels must have a power-of-two"):
         make_conv(24, "pallas")
-    assert not make_conv(24, "auto")._kernel_backward()  # XLA for channel counts it can't tile
+    with pytest.raises(ValueError, match="forward='pallas': channels must have a power-of-two"):
+        make_conv(24, "xla", forward="pallas")
     with pytest.raises(ValueError, match="conv_backward: expected one of"):
         DeltaProductConfig(conv_backward="fast")
+    with pytest.raises(ValueError, match="conv_forward: expected one of"):
+        DeltaProductConfig(conv_forward="fast")
 
 
-@pytest.mark.parametrize("use_bias, segments", [(True, True), (False, False)])
-def test_kernel_backward_under_shard_map(rng, use_bias, segments):
-    """Inside ``batch_parallel`` the kernel runs per device on its rows (a ``shard_map``) and
+@pytest.mark.parametrize(
+    "use_bias, segments, forward", [(True, True, "pallas"), (False, False, "xla")]
+)
+def test_kernels_under_shard_map(rng, use_bias, segments, forward):
+    """Inside ``batch_parallel`` the kernels run per device on their rows (a ``shard_map``) and
     the kernel/bias gradients are summed over the shards."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
@@ -195,7 +241,7 @@ def test_kernel_backward_under_shard_map(rng, use_bias, segments):
     if segments:
         seg = jnp.asarray(np.sort(rng.integers(0, 4, size=(B, T)), axis=1), jnp.int32)
     cot = jnp.asarray(rng.normal(size=(B, T, C)), jnp.float32)
-    conv, ref = make_conv(C, "pallas", use_bias), make_conv(C, "xla", use_bias)
+    conv, ref = make_conv(C, "pallas", use_bias, forward), make_conv(C, "xla", use_bias)
     graph, state = nnx.split(conv)
 
     def loss(state, x):
@@ -205,6 +251,8 @@ def test_kernel_backward_under_shard_map(rng, use_bias, segments):
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         assert "shard_map" in str(jax.make_jaxpr(step)(state, x))
         g_state, gx = step(state, x)
+        y = jax.jit(lambda state, x: nnx.merge(graph, state)(x, segment_ids=seg))(state, x)
+    assert rel_err(y, ref(x, segment_ids=seg)) < 1e-6
     g_ref, gx_ref = module_grads(ref, x, seg, None, cot)
     assert rel_err(gx, gx_ref) < 1e-6
     assert rel_err(g_state["kernel"][...], g_ref.kernel[...]) < 1e-6
@@ -259,6 +307,23 @@ def test_gpu_kernel_matches_autodiff(rng, B, T, C, bias, tiles):
     )
     want = jax.jit(lambda *a: conv_silu(*a, jnp.float32))(x, kernel, b, seg)
     assert rel_err(y.astype(jnp.float32), want) < 8e-3  # one bf16 rounding of y
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_with_l2norm(rng):
+    """``norm_group=128`` (the mixer's q and k heads) at the 392M models' shape, bf16."""
+    x, dy, kernel, _, seg = problem(rng, 8, 4096, 2048, 4, False, True, jnp.bfloat16)
+    tiles = dict(norm_group=128, interpret=False)
+    y = jax.jit(lambda *a: short_conv_forward(*a, jnp.bfloat16, **tiles))(x, kernel, None, seg)
+    want = jax.jit(lambda *a: conv_silu(*a, jnp.float32, 128))(x, kernel, None, seg)
+    assert rel_err(y.astype(jnp.float32), want) < 8e-3
+
+    def f(x, kernel):
+        return jnp.sum(conv_silu(x, kernel, None, seg, jnp.float32, 128) * dy.astype(jnp.float32))
+
+    gx, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(x.astype(jnp.float32), kernel)
+    dx, dw, _ = jax.jit(lambda *a: short_conv_backward(*a, **tiles))(x, dy, kernel, None, seg)
+    assert rel_err(dx, gx) < 8e-3 and rel_err(dw, gw) < 1e-4
 
 
 def test_bench_conv_runs(tmp_path):

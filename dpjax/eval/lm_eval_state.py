@@ -187,7 +187,13 @@ def state_rank_by_layer(
                 g0 = jnp.zeros(starts.shape + (c.num_heads,), jnp.float32) if g is None else g
                 g = jnp.where(starts[..., None], -jnp.inf, g0)
             ranks[layer] = state_rank_trace(
-                inp["k"], inp["v"], inp["beta"], g, num_householder=n, every=every
+                inp["k"],
+                inp["v"],
+                inp["beta"],
+                g,
+                num_householder=n,
+                every=every,
+                normalize_keys=False,  # the mixer's keys are normalised
             )[0]  # [P, H]
         return ranks
 

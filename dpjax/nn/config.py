@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from dpjax.nn.conv import CONV_BACKWARDS
+from dpjax.nn.conv import CONV_IMPLS
 from dpjax.nn.init import INIT_SCHEMES
 from dpjax.nn.mlp import intermediate_size
 from dpjax.ops.validation import IMPLS
@@ -60,6 +60,7 @@ class DeltaProductConfig:
       conv_backward: the short convolutions' backward (``dpjax.nn.conv``): ``"auto"`` (default:
         the one-pass Pallas kernel on a GPU, 2.8x faster than autodiff on an H100; autodiff
         elsewhere), ``"xla"`` (autodiff everywhere) or ``"pallas"`` (interpret mode off the GPU).
+      conv_forward: their forward, the same choices; ``"xla"`` by default (XLA's fusion).
       init_scheme: ``"paper"`` (DEFAULT, reproduces the paper's runs: mixer Linears
         xavier-uniform gain 2^-2.5; embedding/MLP gate, up ``N(0, initializer_range)``; MLP down
         kaiming-uniform / sqrt(2L)) or ``"fla"`` (current FLA/HF: every Linear/conv/embedding
@@ -105,6 +106,7 @@ class DeltaProductConfig:
     # --- ours ----------------------------------------------------------------------------
     conv_bias: bool = False
     impl: str = "auto"
+    conv_forward: str = "xla"
     conv_backward: str = "auto"
     init_scheme: str = "paper"
     dtype: str = "float32"
@@ -168,10 +170,11 @@ class DeltaProductConfig:
             raise ValueError(f"hidden_act: expected one of {_ACTIVATIONS}, got {self.hidden_act!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {self.impl!r}")
-        if self.conv_backward not in CONV_BACKWARDS:
-            raise ValueError(
-                f"conv_backward: expected one of {CONV_BACKWARDS}, got {self.conv_backward!r}"
-            )
+        for name in ("conv_forward", "conv_backward"):
+            if getattr(self, name) not in CONV_IMPLS:
+                raise ValueError(
+                    f"{name}: expected one of {CONV_IMPLS}, got {getattr(self, name)!r}"
+                )
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(
                 f"init_scheme: expected one of {INIT_SCHEMES}, got {self.init_scheme!r}"

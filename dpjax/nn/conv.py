@@ -12,6 +12,8 @@ model's train step on an H100); ``backward="auto"`` (the default) runs it on a G
 kernel instead (``pallas_kernels.short_conv``: reads ``x`` and ``dy`` once, writes ``dx`` once;
 2.8x faster than autodiff on an H100, docs/BENCHMARKS.md), under ``shard_map`` over the batch
 when ``dpjax.ops.sharded.batch_parallel`` is active; off the GPU it falls back to autodiff.
+``forward="pallas"`` (or ``"auto"``) runs the forward as the same kind of one-pass kernel
+(``short_conv_forward``); by default XLA runs it (its fusion can feed the next elementwise work).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from dpjax.nn.init import Initializer
 from dpjax.nn.param import make_param
 from dpjax.nn.sharding_names import CONV_KERNEL, HEADS_BIAS
 from dpjax.ops import sharded
+from dpjax.ops.l2norm import L2NORM_EPS, l2norm
 from pallas_kernels.common import default_interpret
-from pallas_kernels.short_conv import channel_block, short_conv_backward
+from pallas_kernels.short_conv import channel_block, short_conv_backward, short_conv_forward
 
-CONV_BACKWARDS = ("auto", "xla", "pallas")
+CONV_IMPLS = ("auto", "xla", "pallas")
 
 
 def _shift(x: jax.Array, s: int) -> jax.Array:
@@ -48,10 +51,12 @@ def conv_silu(
     bias: jax.Array | None,
     segment_ids: jax.Array | None,
     out_dtype: jnp.dtype,
+    norm_group: int | None = None,
 ) -> jax.Array:
     """``SiLU(causal_depthwise_conv(x, kernel) + bias)``: ``x [B, T, C]`` (padding zeroed),
     ``kernel [W, C]``, ``bias [C]`` or None, ``segment_ids [B, T]`` or None -> ``[B, T, C]``
-    ``out_dtype`` (math in fp32)."""
+    ``out_dtype`` (math in fp32); with ``norm_group`` each group of that many channels
+    L2-normalised (``dpjax.ops.l2norm``) before the cast."""
     x = x.astype(jnp.float32)
     w = kernel.astype(jnp.float32)
     W = kernel.shape[0]
@@ -62,62 +67,120 @@ def conv_silu(
             same = _shift(segment_ids, s) == segment_ids
             xs = jnp.where(same[..., None], xs, 0.0)
         y = y + xs * w[W - 1 - s]
-    return _bias_silu(y, bias, out_dtype)
+    return _bias_silu(y, bias, out_dtype, norm_group)
 
 
-def _bias_silu(y: jax.Array, bias: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
-    """``SiLU(y + bias)`` in fp32 (``y`` fp32 pre-activation), cast to ``out_dtype``."""
+def _bias_silu(
+    y: jax.Array, bias: jax.Array | None, out_dtype: jnp.dtype, norm_group: int | None
+) -> jax.Array:
+    """``SiLU(y + bias)`` in fp32 (``y [..., C]`` fp32 pre-activation), each group of
+    ``norm_group`` channels L2-normalised (None: not normalised), cast to ``out_dtype``."""
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return jax.nn.silu(y).astype(out_dtype)
+    y = jax.nn.silu(y)
+    if norm_group is not None:
+        y = l2norm(y.reshape(*y.shape[:-1], -1, norm_group)).reshape(y.shape)
+    return y.astype(out_dtype)
 
 
-def _kernel_backward(x, dy, kernel, bias, segment_ids, interpret: bool):
-    """``pallas_kernels.short_conv.short_conv_backward``, per device on its rows when a
-    ``batch_parallel`` block covering ``"pallas"`` is active."""
-    run = functools.partial(short_conv_backward, interpret=interpret)
+def _per_device(run, row_args: tuple, shared_args: tuple, row_outs: int, summed_outs: int):
+    """``run(*row_args, *shared_args)``, per device on its rows (a ``shard_map``) when a
+    ``batch_parallel`` block covering ``"pallas"`` is active. ``row_args`` are ``[B, ...]`` (or
+    None); the outputs are ``row_outs`` ``[B, ...]`` arrays then ``summed_outs`` per-device sums
+    (or None), added over the devices."""
     setting = sharded.active()
     if setting is None or "pallas" not in setting.impls:
-        return run(x, dy, kernel, bias, segment_ids)
-    sharded.check_rows(x.shape[0], setting.size, setting.axes, "the short convolution's batch")
+        return run(*row_args, *shared_args)
+    sharded.check_rows(
+        row_args[0].shape[0], setting.size, setting.axes, "the short convolution's batch"
+    )
     rows = sharded.row_spec(setting.axes)
 
-    def local(x, dy, kernel, bias, segment_ids):
-        dx, dw, db = run(x, dy, kernel, bias, segment_ids)
-        return dx, dw[None], None if db is None else db[None]
+    def local(*args):
+        outs = run(*args)
+        return (*outs[:row_outs], *(None if o is None else o[None] for o in outs[row_outs:]))
 
-    dx, dw, db = jax.shard_map(
+    outs = jax.shard_map(
         local,
         mesh=setting.mesh,
-        in_specs=(rows, rows, P(), P(), None if segment_ids is None else rows),
-        out_specs=(rows, rows, None if bias is None else rows),
+        in_specs=(
+            *(None if a is None else rows for a in row_args),
+            *(None if a is None else P() for a in shared_args),
+        ),
+        out_specs=(rows,) * (row_outs + summed_outs),
         check_vma=False,
-    )(x, dy, kernel, bias, segment_ids)
-    return dx, jnp.sum(dw, axis=0), None if db is None else jnp.sum(db, axis=0)
+    )(*row_args, *shared_args)
+    return (*outs[:row_outs], *(None if o is None else jnp.sum(o, 0) for o in outs[row_outs:]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def conv_silu_kernel_vjp(x, kernel, bias, segment_ids, out_dtype, interpret: bool):
-    """``conv_silu`` with its backward in one Pallas kernel (module doc)."""
-    return conv_silu(x, kernel, bias, segment_ids, out_dtype)
+def _kernel_forward(x, kernel, bias, segment_ids, out_dtype, norm_group, interpret: bool):
+    """``pallas_kernels.short_conv.short_conv_forward`` (per device, ``_per_device``)."""
+
+    def run(x, segment_ids, kernel, bias):
+        y = short_conv_forward(
+            x, kernel, bias, segment_ids, out_dtype, interpret=interpret, **_norm(norm_group)
+        )
+        return (y,)
+
+    (y,) = _per_device(run, (x, segment_ids), (kernel, bias), 1, 0)
+    return y
 
 
-def _vjp_fwd(x, kernel, bias, segment_ids, out_dtype, interpret):
-    return conv_silu(x, kernel, bias, segment_ids, out_dtype), (x, kernel, bias, segment_ids)
+def _kernel_backward(x, dy, kernel, bias, segment_ids, norm_group, interpret: bool):
+    """``pallas_kernels.short_conv.short_conv_backward`` (per device, ``_per_device``; the kernel
+    and bias gradients summed over the devices)."""
+
+    def run(x, dy, segment_ids, kernel, bias):
+        return short_conv_backward(
+            x, dy, kernel, bias, segment_ids, interpret=interpret, **_norm(norm_group)
+        )
+
+    return _per_device(run, (x, dy, segment_ids), (kernel, bias), 1, 2)
 
 
-def _vjp_bwd(out_dtype, interpret, res, dy):
+def _norm(norm_group: int | None) -> dict:
+    return {"norm_group": norm_group, "norm_eps": L2NORM_EPS}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def conv_silu_kernels(
+    x, kernel, bias, segment_ids, out_dtype, norm_group: int | None, forward_kernel: bool,
+    backward_kernel: bool, interpret: bool,
+):  # fmt: skip
+    """``conv_silu`` with its forward (``forward_kernel``) and/or backward (``backward_kernel``)
+    each one Pallas kernel (module doc); the other by XLA."""
+    return _vjp_fwd(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel,
+                    backward_kernel, interpret)[0]  # fmt: skip
+
+
+def _vjp_fwd(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel, backward_kernel,
+             interpret):  # fmt: skip
+    args = (x, kernel, bias, segment_ids, out_dtype, norm_group)
+    y = _kernel_forward(*args, interpret) if forward_kernel else conv_silu(*args)
+    return y, (x, kernel, bias, segment_ids)
+
+
+def _vjp_bwd(out_dtype, norm_group, forward_kernel, backward_kernel, interpret, res, dy):
     x, kernel, bias, segment_ids = res
-    dx, dw, db = _kernel_backward(x, dy, kernel, bias, segment_ids, interpret)
+    if backward_kernel:
+        dx, dw, db = _kernel_backward(x, dy, kernel, bias, segment_ids, norm_group, interpret)
+    else:
+        _, pullback = jax.vjp(
+            lambda x, w, b: conv_silu(x, w, b, segment_ids, out_dtype, norm_group),
+            x,
+            kernel,
+            bias,
+        )
+        dx, dw, db = pullback(dy)
     return (
-        dx,
+        dx.astype(x.dtype),
         dw.astype(kernel.dtype),
         None if bias is None else db.astype(bias.dtype),
         None,
     )
 
 
-conv_silu_kernel_vjp.defvjp(_vjp_fwd, _vjp_bwd)
+conv_silu_kernels.defvjp(_vjp_fwd, _vjp_bwd)
 
 
 class ShortConv(nnx.Module):
@@ -129,9 +192,12 @@ class ShortConv(nnx.Module):
       use_bias: add a per-channel bias.
       kernel_init, bias_init: initialisers for ``kernel [W, C]`` and ``bias [C]``.
       dtype: output dtype (math in fp32).
-      backward: ``"auto"`` (the default: the Pallas kernel on a GPU when ``C`` has a
-        power-of-two divisor >= 16, else autodiff), ``"xla"`` (autodiff), or ``"pallas"`` (the
-        kernel; interpret mode off the GPU).
+      norm_group: None, or L2-normalise each group of this many channels after the SiLU (the
+        mixer's q and k heads; with the kernels: a power of two >= 16).
+      forward, backward: ``"auto"`` (the Pallas kernel on a GPU when ``C`` has a power-of-two
+        divisor >= 16, else XLA), ``"xla"`` (XLA; for the backward its autodiff), or ``"pallas"``
+        (the kernel; interpret mode off the GPU). Defaults: ``forward="xla"``,
+        ``backward="auto"``.
     """
 
     def __init__(
@@ -144,17 +210,27 @@ class ShortConv(nnx.Module):
         bias_init: Initializer,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        norm_group: int | None = None,
+        forward: str = "xla",
         backward: str = "auto",
         rngs: nnx.Rngs,
     ):
-        if backward not in CONV_BACKWARDS:
-            raise ValueError(f"backward: expected one of {CONV_BACKWARDS}, got {backward!r}")
-        if backward == "pallas" and channel_block(channels) is None:
+        for name, impl in (("forward", forward), ("backward", backward)):
+            if impl not in CONV_IMPLS:
+                raise ValueError(f"{name}: expected one of {CONV_IMPLS}, got {impl!r}")
+            if impl == "pallas" and not self._kernel_serves(channels, norm_group):
+                raise ValueError(
+                    f"{name}='pallas': channels must have a power-of-two divisor >= 16 (with "
+                    f"norm_group: a power-of-two group >= 16), got channels={channels}, "
+                    f"norm_group={norm_group}"
+                )
+        if norm_group is not None and (norm_group < 1 or channels % norm_group):
             raise ValueError(
-                f"backward='pallas': channels must have a power-of-two divisor >= 16, got "
-                f"{channels}"
+                f"norm_group: expected a positive divisor of channels={channels}, got {norm_group}"
             )
         self.channels = channels
+        self.norm_group = norm_group
+        self.forward = forward
         self.backward = backward
         self.kernel_size = kernel_size
         self.dtype = dtype
@@ -170,7 +246,8 @@ class ShortConv(nnx.Module):
         return x if mask is None else jnp.where(mask[..., None], x, 0.0)
 
     def _finish(self, y: jax.Array) -> jax.Array:
-        return _bias_silu(y, None if self.bias is None else self.bias[...], self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return _bias_silu(y, bias, self.dtype, self.norm_group)
 
     def __call__(
         self,
@@ -188,15 +265,28 @@ class ShortConv(nnx.Module):
         if mask is not None:
             x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
         bias = None if self.bias is None else self.bias[...]
-        args = (x, self.kernel[...], bias, segment_ids, self.dtype)
-        if self._kernel_backward():
-            return conv_silu_kernel_vjp(*args, default_interpret())
+        args = (x, self.kernel[...], bias, segment_ids, self.dtype, self.norm_group)
+        forward_kernel, backward_kernel = (
+            self.uses_kernel(self.forward),
+            self.uses_kernel(self.backward),
+        )
+        if forward_kernel or backward_kernel:
+            return conv_silu_kernels(*args, forward_kernel, backward_kernel, default_interpret())
         return conv_silu(*args)
 
-    def _kernel_backward(self) -> bool:
-        if self.backward == "auto":
-            return jax.default_backend() == "gpu" and channel_block(self.channels) is not None
-        return self.backward == "pallas"
+    def uses_kernel(self, impl: str) -> bool:
+        """Whether ``impl`` (``self.forward`` or ``self.backward``) runs the Pallas kernel here."""
+        if impl == "auto":
+            return jax.default_backend() == "gpu" and self._kernel_serves(
+                self.channels, self.norm_group
+            )
+        return impl == "pallas"
+
+    @staticmethod
+    def _kernel_serves(channels: int, norm_group: int | None) -> bool:
+        if norm_group is None:
+            return channel_block(channels) is not None
+        return norm_group >= 16 and norm_group & (norm_group - 1) == 0
 
     def window(
         self,

@@ -3,11 +3,13 @@
 Per token ``x [D]`` (already pre-normed by the block):
 
 1. ``q = SiLU(conv_q(x W_q))``, ``k = SiLU(conv_k(x W_k))``, ``v = SiLU(conv_v(x W_v))``
-   (without short convs: ``SiLU(x W)``). ``W_k``/``W_v`` fuse the ``n_h`` sub-step projections
-   with FLA's ``(n, h, d)`` feature layout (sub-step ``j`` = the ``j``-th contiguous block).
+   (without short convs: ``SiLU(x W)``), q and k L2-normalised per head (``x / sqrt(sum x^2 +
+   1e-6)``; with short convs inside them: fused into their Pallas kernels on a GPU).
+   ``W_k``/``W_v`` fuse the ``n_h`` sub-step projections with FLA's ``(n, h, d)`` feature layout
+   (sub-step ``j`` = the ``j``-th contiguous block).
 2. ``beta = sigmoid(x W_b)`` (``[n_h * H]``, ``(n, h)`` layout), ``x 2`` with ``allow_neg_eigval``.
 3. Forget gate (optional, fp32): ``g = -exp(A_log) * softplus(x W_a + dt_bias)``, ``[H]``.
-4. ``o = delta_product(q, k, v, beta, g, use_qk_l2norm=True)`` (scale ``d_k^-1/2``).
+4. ``o = delta_product(q, k, v, beta, g)`` (scale ``d_k^-1/2``; FLA's ``use_qk_l2norm`` done).
 5. Per-head RMSNorm over ``d_v``, times ``SiLU(x W_g)`` with the output gate; then ``o_proj``.
 
 Padding (``mask``) sets ``beta = 0`` and ``g = 0`` on pad tokens, which leaves the state
@@ -31,6 +33,7 @@ from dpjax.nn.param import make_param
 from dpjax.nn.sequence import SequenceInfo
 from dpjax.nn.sharding_names import IN_PROJ, OUT_PROJ, SCALAR_PROJ, VECTOR
 from dpjax.ops import decode, delta_product
+from dpjax.ops.l2norm import l2norm
 
 MixerCache = dict[str, Any]
 
@@ -66,19 +69,21 @@ class DeltaProductMixer(nnx.Module):
             self.dt_bias = make_param(rngs, dt_bias_init(), (H,), VECTOR, jnp.float32)
         if c.use_short_conv:
 
-            def conv(channels):
+            def conv(channels, norm_group=None):
                 return ShortConv(
                     channels,
+                    norm_group=norm_group,
                     kernel_size=c.conv_size,
                     use_bias=c.conv_bias,
                     kernel_init=initializer(c, "conv_kernel"),
                     bias_init=initializer(c, "conv_bias"),
+                    forward=c.conv_forward,
                     backward=c.conv_backward,
                     **kw,
                 )
 
-            self.q_conv = conv(H * dk)
-            self.k_conv = conv(n * H * dk)
+            self.q_conv = conv(H * dk, dk)
+            self.k_conv = conv(n * H * dk, dk)
             self.v_conv = conv(n * H * dv)
         if c.use_output_gate:
             self.g_proj = proj(H * dv, IN_PROJ)
@@ -88,6 +93,14 @@ class DeltaProductMixer(nnx.Module):
         self.o_proj = Linear(H * dv, D, names=OUT_PROJ, init=initializer(c, "mixer_out"), **kw)
 
     # ----------------------------------------------------------------------------------------
+    def _silu_qkv(self, q, k, v) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Without short convolutions: ``SiLU`` of ``q, k, v [..., C]``, q and k L2-normalised
+        per head of ``d_k`` channels (as the convolutions' ``norm_group`` does)."""
+        dk = self.config.head_dim
+        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+        per_head = lambda a: l2norm(a.reshape(*a.shape[:-1], -1, dk)).reshape(a.shape)  # noqa: E731
+        return per_head(q), per_head(k), v
+
     def _gate(self, x: jax.Array) -> jax.Array:
         """``x [..., D] -> g [..., H]`` fp32 log-space forget gate (<= 0)."""
         a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]
@@ -116,8 +129,8 @@ class DeltaProductMixer(nnx.Module):
 
         Returns:
           ``{"q": [B,T,H,d_k], "k": [B,T*n_h,H,d_k], "v": [B,T*n_h,H,d_v], "beta": [B,T*n_h,H],
-          "g": [B,T,H] fp32 or None, "segment_ids": [B,T] or None}`` (q and k before the op's
-          L2 normalisation, as ``__call__`` passes them with ``use_qk_l2norm=True``).
+          "g": [B,T,H] fp32 or None, "segment_ids": [B,T] or None}`` (q and k L2-normalised per
+          head, as ``__call__`` passes them to the op with ``use_qk_l2norm=False``).
         """
         return self._op_inputs(x, seq)[0]
 
@@ -145,7 +158,7 @@ class DeltaProductMixer(nnx.Module):
             k = self.k_conv(k, segment_ids=seg, mask=mask)
             v = self.v_conv(v, segment_ids=seg, mask=mask)
         else:
-            q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+            q, k, v = self._silu_qkv(q, k, v)
         beta = self._beta(x)
         g = self._gate(x) if c.use_forget_gate else None
         if mask is not None:
@@ -191,7 +204,7 @@ class DeltaProductMixer(nnx.Module):
             num_householder=self.config.num_householder,
             segment_ids=inp["segment_ids"],
             output_final_state=return_cache,
-            use_qk_l2norm=True,
+            use_qk_l2norm=False,
             impl=self.config.impl,
         )
         out = self._output(o, x)
@@ -226,7 +239,7 @@ class DeltaProductMixer(nnx.Module):
             k, new["conv_k"] = self.k_conv.step(k, cache["conv_k"])
             v, new["conv_v"] = self.v_conv.step(v, cache["conv_v"])
         else:
-            q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+            q, k, v = self._silu_qkv(q, k, v)
         beta = self._beta(x).reshape(B, n, H)
         g = self._gate(x) if c.use_forget_gate else None
         o, new["state"] = decode(
@@ -236,6 +249,6 @@ class DeltaProductMixer(nnx.Module):
             v.reshape(B, n, H, dv),
             beta,
             g,
-            use_qk_l2norm=True,
+            use_qk_l2norm=False,
         )
         return self._output(o.astype(c.compute_dtype), x), new
