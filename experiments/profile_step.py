@@ -77,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--conv_forward",
-        default="xla",
+        default="auto",
         choices=CONV_IMPLS,
-        help="forward of a preset's short convolutions (xla: XLA's fusion; auto: the one-pass "
-        "Pallas kernel on a GPU, XLA elsewhere; pallas: the kernel)",
+        help="forward of a preset's short convolutions (auto: the one-pass Pallas kernel on a "
+        "GPU, XLA elsewhere; xla: XLA's fusion; pallas: the kernel)",
     )
     p.add_argument(
         "--param_dtype",

@@ -23,9 +23,9 @@
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
 #      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
 #      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward
-#      [conv_forward]]", ";"-separated; a preset without "-" means its 392M size; conv_backward auto by default: the short convolution's
-#      Pallas backward, "xla" for autodiff; conv_forward xla by default, "auto" for the Pallas
-#      forward), each with the step's time by source file;
+#      [conv_forward]]", ";"-separated; a preset without "-" means its 392M size; conv_backward
+#      auto by default: the short convolution's Pallas backward, "xla" for autodiff;
+#      conv_forward likewise, auto by default), each with the step's time by source file;
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
@@ -111,7 +111,7 @@ for stage in $STAGES; do
       for run in "${runs[@]}"; do
         read -r p remat conv conv_fwd <<< "$run"
         conv=${conv:-auto}
-        conv_fwd=${conv_fwd:-xla}
+        conv_fwd=${conv_fwd:-auto}
         preset=$p
         [[ $p == *-* ]] || preset=$p-392m
         timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset "$preset" --batch_size 8 \

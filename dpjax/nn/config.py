@@ -60,7 +60,8 @@ class DeltaProductConfig:
       conv_backward: the short convolutions' backward (``dpjax.nn.conv``): ``"auto"`` (default:
         the one-pass Pallas kernel on a GPU, 2.8x faster than autodiff on an H100; autodiff
         elsewhere), ``"xla"`` (autodiff everywhere) or ``"pallas"`` (interpret mode off the GPU).
-      conv_forward: their forward, the same choices; ``"xla"`` by default (XLA's fusion).
+      conv_forward: their forward, the same choices and default (with the q/k L2 norm inside
+        it, the kernel is 6x faster than XLA's fusion on an H100).
       init_scheme: ``"paper"`` (DEFAULT, reproduces the paper's runs: mixer Linears
         xavier-uniform gain 2^-2.5; embedding/MLP gate, up ``N(0, initializer_range)``; MLP down
         kaiming-uniform / sqrt(2L)) or ``"fla"`` (current FLA/HF: every Linear/conv/embedding
@@ -106,7 +107,7 @@ class DeltaProductConfig:
     # --- ours ----------------------------------------------------------------------------
     conv_bias: bool = False
     impl: str = "auto"
-    conv_forward: str = "xla"
+    conv_forward: str = "auto"
     conv_backward: str = "auto"
     init_scheme: str = "paper"
     dtype: str = "float32"
