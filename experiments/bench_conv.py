@@ -48,9 +48,10 @@ FORWARD_TILES = [dict(), dict(rows=16), dict(rows=16, ahead=2), dict(rows=32, nu
 
 
 def variants(interpret: bool, norm_group: int = NORM_GROUP) -> dict:
-    """name -> jitted ``f(x, dy, kernel, segment_ids)``: forward + backward with either backward,
-    the backward kernel alone at each of ``TILES``, and the forward (bf16 output) by XLA and by
-    the forward kernel at each of ``FORWARD_TILES``."""
+    """name -> jitted ``f(x, dy, kernel, segment_ids)``: forward + backward by XLA, with the
+    backward kernel and with both kernels, each without and with the L2 norm over groups of
+    ``norm_group`` channels; the backward kernel alone at each of ``TILES``; and the forward
+    (bf16 output) by XLA and by the kernel, with the norm and at each of ``FORWARD_TILES``."""
 
     def grads(conv):
         def f(x, dy, w, seg):

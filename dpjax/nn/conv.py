@@ -147,19 +147,28 @@ def _norm(norm_group: int | None) -> dict:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def conv_silu_kernels(
-    x, kernel, bias, segment_ids, out_dtype, norm_group: int | None, forward_kernel: bool,
-    backward_kernel: bool, interpret: bool,
-):  # fmt: skip
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    segment_ids: jax.Array | None,
+    out_dtype: jnp.dtype,
+    norm_group: int | None,
+    forward_kernel: bool,
+    backward_kernel: bool,
+    interpret: bool,
+) -> jax.Array:
     """``conv_silu`` with its forward (``forward_kernel``) and/or backward (``backward_kernel``)
     each one Pallas kernel (module doc); the other by XLA."""
-    return _vjp_fwd(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel,
-                    backward_kernel, interpret)[0]  # fmt: skip
+    return _forward(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel, interpret)
 
 
-def _vjp_fwd(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel, backward_kernel,
-             interpret):  # fmt: skip
+def _forward(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel, interpret):
     args = (x, kernel, bias, segment_ids, out_dtype, norm_group)
-    y = _kernel_forward(*args, interpret) if forward_kernel else conv_silu(*args)
+    return _kernel_forward(*args, interpret) if forward_kernel else conv_silu(*args)
+
+
+def _vjp_fwd(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel, _, interpret):
+    y = _forward(x, kernel, bias, segment_ids, out_dtype, norm_group, forward_kernel, interpret)
     return y, (x, kernel, bias, segment_ids)
 
 

@@ -9,7 +9,8 @@ Per token ``x [D]`` (already pre-normed by the block):
    (sub-step ``j`` = the ``j``-th contiguous block).
 2. ``beta = sigmoid(x W_b)`` (``[n_h * H]``, ``(n, h)`` layout), ``x 2`` with ``allow_neg_eigval``.
 3. Forget gate (optional, fp32): ``g = -exp(A_log) * softplus(x W_a + dt_bias)``, ``[H]``.
-4. ``o = delta_product(q, k, v, beta, g)`` (scale ``d_k^-1/2``; FLA's ``use_qk_l2norm`` done).
+4. ``o = delta_product(q, k, v, beta, g)`` (scale ``d_k^-1/2``; q and k are normalised already,
+   so ``use_qk_l2norm=False``).
 5. Per-head RMSNorm over ``d_v``, times ``SiLU(x W_g)`` with the output gate; then ``o_proj``.
 
 Padding (``mask``) sets ``beta = 0`` and ``g = 0`` on pad tokens, which leaves the state
