@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in a few device calls, all logs under $OUT:
 #   1. the GPU correctness tests of the forward and backward kernels and of the short
-#      convolution's backward (marker `gpu`);
+#      convolution's kernels (marker `gpu`);
 #   2. experiments/bench_op.py on the target shapes (B=4, T=4096, H=8, K=V=128, n_h=1..3):
 #      forward, forward+backward, each kernel alone with its compile time, peak memory;
 #   3. the peers in the same job, each in its own process: jax-linear-attention, then FLA
@@ -12,8 +12,8 @@
 #      with the default (BWD_VARIANTS="--bwd-variant FIELD=VALUE ... --variant FIELD=VALUE,...";
 #      grad_dtype=float32 without it);
 #      VARIANT_ONLY="0 1" narrows the n_h (bench_op.py --only);
-#   4c. `conv`: the short convolution's backward, XLA's autodiff against the Pallas kernel
-#      (experiments/bench_conv.py, the 392M models' shapes; CONV_CASES="--case 8,4096,2048");
+#   4c. `conv`: the short convolution (with and without the q/k L2 norm), XLA against the Pallas
+#      forward and backward kernels (experiments/bench_conv.py, the 392M models' shapes; CONV_CASES="--case 8,4096,2048");
 #   4d. `tune`: only the stage variants of TUNE_STAGES ("state_pass bwd_state_pass" by default)
 #      alone at TUNE_CASE (B,T,H,K,V,n_h; the n_h = 2 target by default), then the op tuned;
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
