@@ -227,7 +227,8 @@ def test_module_and_config_choices():
 
 
 @pytest.mark.parametrize(
-    "use_bias, segments, forward", [(True, True, "pallas"), (False, False, "xla")]
+    "use_bias, segments, forward",
+    [(True, True, "pallas"), (False, False, "pallas"), (False, True, "xla")],
 )
 def test_kernels_under_shard_map(rng, use_bias, segments, forward):
     """Inside ``batch_parallel`` the kernels run per device on their rows (a ``shard_map``) and
