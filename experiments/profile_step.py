@@ -18,8 +18,9 @@ Python lines its instructions came from, read from the compiled HLO), and every 
 charged to the source file most of it came from (``time_by_source``: the whole step, not only the
 top ops; Pallas kernels by their names).
 
-Writes ``profile_step.json`` (all of the above), the compiled train step's HLO
-(``train_step.hlo.txt.gz``) and the trace folder to ``--out``.
+Writes ``profile_step.json`` (all of the above, and the ``XLA_FLAGS`` it ran under, e.g.
+``--xla_gpu_enable_triton_gemm=false`` to compare cuBLAS with XLA's Triton GEMMs), the compiled
+train step's HLO (``train_step.hlo.txt.gz``) and the trace folder to ``--out``.
 
 Examples::
 
@@ -221,7 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
         weights = jnp.ones((args.eval_batch_size,), jnp.float32)
         # the current state's parameters (the loop below rebinds ``state``)
         eval_args = lambda: (state["params"], state["rest"], eval_batch, weights)  # noqa: E731
-    record: dict = {"args": vars(args), "device": jax.devices()[0].device_kind}
+    record: dict = {
+        "args": vars(args),
+        "device": jax.devices()[0].device_kind,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     with op_batch_parallel(mesh):
         t0 = time.perf_counter()
         step_c = train_step.lower(state, batches[0]).compile()
