@@ -56,9 +56,15 @@ from pallas_kernels.common import next_pow2, pallas_call
 MAX_BLOCK_C = 128
 
 
-def channel_block(channels: int, most: int = MAX_BLOCK_C) -> int | None:
+def channel_block(
+    channels: int, most: int = MAX_BLOCK_C, norm_group: int | None = None
+) -> int | None:
     """The channel tile: the largest power of two ``<= most`` dividing ``channels`` (at least
-    16), or None when there is none (the kernels do not serve such channel counts)."""
+    16); with ``norm_group`` the group itself if it is such a divisor (``most`` ignored). None
+    when there is none (the kernels do not serve such channel counts or groups)."""
+    if norm_group is not None:
+        valid = norm_group >= 16 and not norm_group & (norm_group - 1)
+        return norm_group if valid and channels % norm_group == 0 else None
     block = most
     while block >= 16:
         if channels % block == 0:
@@ -326,17 +332,13 @@ def _launch(
     W = kernel.shape[0]
     if kernel.shape != (W, C):
         raise ValueError(f"kernel: expected shape [W, {C}], got {kernel.shape}")
-    if norm_group is None:
-        bc = channel_block(C, block_c)
-        if bc is None:
-            raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
-    else:
-        if norm_group < 16 or norm_group & (norm_group - 1) or C % norm_group:
-            raise ValueError(
-                f"norm_group: expected a power of two >= 16 dividing the {C} channels, got "
-                f"{norm_group}"
-            )
-        bc = norm_group
+    bc = channel_block(C, block_c, norm_group)
+    if bc is None and norm_group is None:
+        raise ValueError(f"x: channel count {C} has no power-of-two divisor >= 16")
+    if bc is None:
+        raise ValueError(
+            f"norm_group: expected a power of two >= 16 dividing the {C} channels, got {norm_group}"
+        )
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows: expected a power of two, got {rows}")
     if seg_len < 1:

@@ -32,7 +32,7 @@ from dpjax.nn.init import Initializer
 from dpjax.nn.param import make_param
 from dpjax.nn.sharding_names import CONV_KERNEL, HEADS_BIAS
 from dpjax.ops import sharded
-from dpjax.ops.l2norm import L2NORM_EPS, l2norm
+from dpjax.ops.l2norm import L2NORM_EPS, l2norm_groups
 from pallas_kernels.common import default_interpret
 from pallas_kernels.short_conv import channel_block, short_conv_backward, short_conv_forward
 
@@ -82,7 +82,7 @@ def _bias_silu(
         y = y + bias.astype(jnp.float32)
     y = jax.nn.silu(y)
     if norm_group is not None:
-        y = l2norm(y.reshape(*y.shape[:-1], -1, norm_group)).reshape(y.shape)
+        y = l2norm_groups(y, norm_group)
     return y.astype(out_dtype)
 
 
@@ -229,7 +229,7 @@ class ShortConv(nnx.Module):
         for name, impl in (("forward", forward), ("backward", backward)):
             if impl not in CONV_IMPLS:
                 raise ValueError(f"{name}: expected one of {CONV_IMPLS}, got {impl!r}")
-            if impl == "pallas" and not self._kernel_serves(channels, norm_group):
+            if impl == "pallas" and channel_block(channels, norm_group=norm_group) is None:
                 raise ValueError(
                     f"{name}='pallas': channels must have a power-of-two divisor >= 16 (with "
                     f"norm_group: a power-of-two group >= 16), got channels={channels}, "
@@ -288,16 +288,9 @@ class ShortConv(nnx.Module):
     def uses_kernel(self, impl: str) -> bool:
         """Whether ``impl`` (``self.forward`` or ``self.backward``) runs the Pallas kernel here."""
         if impl == "auto":
-            return jax.default_backend() == "gpu" and self._kernel_serves(
-                self.channels, self.norm_group
-            )
+            served = channel_block(self.channels, norm_group=self.norm_group) is not None
+            return jax.default_backend() == "gpu" and served
         return impl == "pallas"
-
-    @staticmethod
-    def _kernel_serves(channels: int, norm_group: int | None) -> bool:
-        if norm_group is None:
-            return channel_block(channels) is not None
-        return norm_group >= 16 and norm_group & (norm_group - 1) == 0
 
     def window(
         self,

@@ -34,7 +34,7 @@ from dpjax.nn.param import make_param
 from dpjax.nn.sequence import SequenceInfo
 from dpjax.nn.sharding_names import IN_PROJ, OUT_PROJ, SCALAR_PROJ, VECTOR
 from dpjax.ops import decode, delta_product
-from dpjax.ops.l2norm import l2norm
+from dpjax.ops.l2norm import l2norm_groups
 
 MixerCache = dict[str, Any]
 
@@ -99,8 +99,7 @@ class DeltaProductMixer(nnx.Module):
         per head of ``d_k`` channels (as the convolutions' ``norm_group`` does)."""
         dk = self.config.head_dim
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-        per_head = lambda a: l2norm(a.reshape(*a.shape[:-1], -1, dk)).reshape(a.shape)  # noqa: E731
-        return per_head(q), per_head(k), v
+        return l2norm_groups(q, dk), l2norm_groups(k, dk), v
 
     def _gate(self, x: jax.Array) -> jax.Array:
         """``x [..., D] -> g [..., H]`` fp32 log-space forget gate (<= 0)."""

@@ -16,3 +16,9 @@ def l2norm(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
     """
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def l2norm_groups(x: jax.Array, group: int, eps: float = L2NORM_EPS) -> jax.Array:
+    """``l2norm`` of each run of ``group`` channels of ``x [..., C]`` (``C % group == 0``; the
+    heads of a ``[..., H * d]`` projection) -> ``[..., C]`` in ``x.dtype``."""
+    return l2norm(x.reshape(*x.shape[:-1], -1, group), eps).reshape(x.shape)
