@@ -222,6 +222,19 @@ def test_bf16_params():
     assert np.isfinite(list(res.train_losses.values())).all()
 
 
+def test_gemm_choice_reaches_both_compiled_steps(monkeypatch):
+    """``TrainConfig.gemm`` becomes the compiler options of the train and eval steps: ``cublas``
+    trains on the CPU (the option is a valid no-op there), and options from the choice reach
+    XLA (an unknown option makes the compile fail)."""
+    res = _run(gemm="cublas", total_steps=4)
+    assert np.isfinite(list(res.train_losses.values())).all()
+    import dpjax.train.loop as loop
+
+    monkeypatch.setattr(loop, "gemm_compiler_options", lambda *a: {"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        _run(total_steps=4)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="total_steps"):
         TrainConfig(total_steps=0)

@@ -236,3 +236,56 @@ print(float(f(jnp.ones((8, 8))).sum()))
         sorted(p.name for p in (tmp_path / "cache").iterdir()) == entries
     )  # reused, not rewritten
     assert enable_compilation_cache(None) is None
+
+
+def test_gemm_choice_reads_the_dense_kernels():
+    """``auto`` picks cuBLAS only on a GPU and only for an unaligned dense kernel (the dp2-805m
+    preset's hidden size 1468), ``cublas`` always, ``xla`` never; bad choices are named."""
+    from dpjax.nn import DeltaProductLM
+    from dpjax.nn.presets import get_preset
+    from dpjax.train.gemm import CUBLAS_OPTIONS, gemm_compiler_options, unaligned_dense_kernels
+
+    def abstract_params(name):
+        model = nnx.eval_shape(lambda: DeltaProductLM(get_preset(name), rngs=nnx.Rngs(0)))
+        return nnx.state(model, nnx.Param)
+
+    odd, even = abstract_params("dp2-805m"), abstract_params("dp3-392m")
+    found = dict(unaligned_dense_kernels(odd))
+    assert found["['embeddings']['embedding'].value"] == (32000, 1468)
+    assert any("mlp']['down_proj" in path for path in found)
+    # dp3-392m's beta projection [1024, 18] is too narrow to count; its conv taps [4, C] too
+    assert unaligned_dense_kernels(even) == []
+    assert gemm_compiler_options("auto", odd, platform="gpu") == CUBLAS_OPTIONS
+    assert gemm_compiler_options("auto", odd, platform="cpu") == {}
+    assert gemm_compiler_options("auto", even, platform="gpu") == {}
+    assert gemm_compiler_options("xla", odd, platform="gpu") == {}
+    assert gemm_compiler_options("cublas", even) == CUBLAS_OPTIONS
+    with pytest.raises(ValueError, match="gemm: expected one of .* got 'triton'"):
+        gemm_compiler_options("triton", even)
+    from dpjax.train.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        TrainConfig(total_steps=1, gemm="tf32")
+
+
+def test_cublas_options_compile_and_compute_the_same_everywhere(tmp_path):
+    """The cuBLAS compiler options are valid XLA options on any backend (here the CPU) and do not
+    change results; bench_gemm.py runs end to end with both emitters."""
+    from dpjax.train.gemm import gemm_compiler_options
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 24))
+    w = jax.random.normal(jax.random.PRNGKey(1), (24, 8))
+    options = gemm_compiler_options("cublas", None)
+    cublas = jax.jit(lambda a, b: a @ b, compiler_options=options)
+    np.testing.assert_array_equal(cublas(x, w), jax.jit(lambda a, b: a @ b)(x, w))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "experiments"))
+    import bench_gemm
+
+    records = bench_gemm.main(
+        ["--case", "64,24,40", "--repeats", "1", "--iters", "1", "--out", str(tmp_path)]
+    )
+    assert {(r["pass_"], r["emitter"]) for r in records} == {
+        (p, e) for p in ("fwd", "fwd+bwd") for e in ("xla", "cublas")
+    }
+    assert len(records) == 8 and all(r["ms"] > 0 for r in records)
+    assert (tmp_path / "bench_gemm.json").exists()

@@ -42,6 +42,7 @@ from flax import nnx
 from dpjax.eval.accuracy import AccuracyCurve
 from dpjax.train import mesh as mesh_lib
 from dpjax.train.checkpoint import Checkpointer, abstract_like, cast_floating
+from dpjax.train.gemm import GEMM_CHOICES, gemm_compiler_options
 from dpjax.train.logging import MetricsLogger, Progress
 from dpjax.train.optimizer import OptimizerConfig, make_optimizer
 from dpjax.train.step import TokenFn, logits_token_fn, make_eval_step, make_train_step
@@ -86,6 +87,9 @@ class TrainConfig:
       fsdp: size of the mesh's ``fsdp`` axis (1 = data parallel).
       accum_steps: gradient accumulation: each batch is split into this many micro-batches.
       progress: show a tqdm bar; tensorboard: also write TensorBoard events.
+      gemm: GEMM emitter of the dense layers on a GPU: ``"auto"`` (cuBLAS where a dense
+        kernel has a side not a multiple of 8, else XLA's choice), ``"xla"``, ``"cublas"``
+        (``dpjax.train.gemm``).
       optimizer: AdamW and schedule settings.
     """
 
@@ -106,6 +110,7 @@ class TrainConfig:
     accum_steps: int = 1
     progress: bool = True
     tensorboard: bool = True
+    gemm: str = "auto"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self):
@@ -120,6 +125,8 @@ class TrainConfig:
             object.__setattr__(self, "param_dtype", PARAM_DTYPES[self.param_dtype])
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        if self.gemm not in GEMM_CHOICES:
+            raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {self.gemm!r}")
         for name in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -285,9 +292,11 @@ def make_steps(
     schedule: optax.Schedule | None,
     token_fn: TokenFn = logits_token_fn,
     accum_steps: int = 1,
+    compiler_options: dict[str, Any] | None = None,
 ):
     """``(train_step, eval_step)`` for the state ``init_train_state`` made (batches sharded over
-    the mesh's data axes); see ``dpjax.train.step``."""
+    the mesh's data axes), both compiled with ``compiler_options`` (e.g.
+    ``dpjax.train.gemm.gemm_compiler_options``); see ``dpjax.train.step``."""
     batch_sh = mesh_lib.batch_sharding(mesh)
     train_step = make_train_step(
         graphdef,
@@ -297,6 +306,7 @@ def make_steps(
         schedule=schedule,
         token_fn=token_fn,
         accum_steps=accum_steps,
+        compiler_options=compiler_options,
     )
     eval_step = make_eval_step(
         graphdef,
@@ -304,6 +314,7 @@ def make_steps(
         rest_shardings=shardings["rest"],
         batch_sharding=batch_sh,
         token_fn=token_fn,
+        compiler_options=compiler_options,
     )
     return train_step, eval_step
 
@@ -432,8 +443,18 @@ def train(
     config = dict(config or {}, run=cfg.to_dict())
 
     graphdef, state, shardings, tx, schedule = init_train_state(build_model, cfg, mesh, rules)
+    compiler_options = gemm_compiler_options(cfg.gemm, state["params"])
+    if compiler_options and is_main:
+        print(f"dense-layer GEMMs: cuBLAS (gemm={cfg.gemm!r}; XLA options {compiler_options})")
     train_step, eval_step = make_steps(
-        graphdef, tx, shardings, mesh, schedule, token_fn, accum_steps=cfg.accum_steps
+        graphdef,
+        tx,
+        shardings,
+        mesh,
+        schedule,
+        token_fn,
+        accum_steps=cfg.accum_steps,
+        compiler_options=compiler_options,
     )
     perf = _Throughput(flops_per_token, peak_flops, mesh.size)
     data_iter = iter(train_data)

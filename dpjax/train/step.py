@@ -110,6 +110,7 @@ def make_train_step(
     token_fn: TokenFn = logits_token_fn,
     accum_steps: int = 1,
     donate: bool = True,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``step(state, batch) -> (new_state, metrics)``, jitted with explicit shardings.
 
@@ -124,6 +125,7 @@ def make_train_step(
         form micro-batch ``j``, so each stays spread over all devices) and accumulate fp32
         gradients with ``lax.scan``; the loss is still the mean over the whole batch.
       donate: donate the input state buffers.
+      compiler_options: XLA compile options of the jitted step (``dpjax.train.gemm``).
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -181,6 +183,7 @@ def make_train_step(
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options,
     )
 
 
@@ -215,6 +218,7 @@ def make_eval_step(
     rest_shardings: nnx.State,
     batch_sharding: NamedSharding,
     token_fn: TokenFn = logits_token_fn,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[nnx.State, nnx.State, Batch, jax.Array], dict]:
     """``eval_step(params, rest, batch, weights [B]) -> sums`` (weights 0 mark padding rows).
 
@@ -222,6 +226,7 @@ def make_eval_step(
     ``loss_sum`` and ``correct_sum`` (over weighted masked tokens), ``token_count``,
     ``sequence_count`` (sum of weights) and ``prefix_correct`` ``[T]``: weighted number of
     sequences correct at every position ``<= t`` (``dpjax.eval.accuracy``).
+    ``compiler_options``: XLA compile options of the jitted step (``dpjax.train.gemm``).
     """
 
     mesh = batch_sharding.mesh
@@ -244,4 +249,5 @@ def make_eval_step(
         eval_step,
         in_shardings=(params_shardings, rest_shardings, batch_sharding, weights_sharding),
         out_shardings=replicated,
+        compiler_options=compiler_options,
     )
