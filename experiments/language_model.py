@@ -127,7 +127,9 @@ def _add_prepare(sub) -> None:
 
 def _add_train(sub) -> None:
     from dpjax.nn.conv import CONV_IMPLS
+    from dpjax.nn.norms import NORM_IMPLS
     from dpjax.nn.presets import list_presets
+    from dpjax.train.gemm import GEMM_CHOICES
 
     p = sub.add_parser(
         "train",
@@ -175,6 +177,13 @@ def _add_train(sub) -> None:
         help="forward of the short convolutions (with q/k's L2 norm): auto (the one-pass Pallas "
         "kernel on a GPU, 6x faster than XLA's fusion on an H100; XLA elsewhere), xla (XLA's "
         "fusion), pallas (the kernel, interpret mode on CPU)",
+    )
+    m.add_argument(
+        "--norm_impl",
+        default="xla",
+        choices=NORM_IMPLS,
+        help="the RMSNorms (dpjax.nn.norms): xla (XLA's fusions), pallas (one Pallas kernel each "
+        "way; interpret mode on CPU), auto (the kernels on a GPU, XLA elsewhere)",
     )
     m.add_argument(
         "--compute_dtype",
@@ -302,6 +311,14 @@ def _add_train(sub) -> None:
         type=int,
         default=1,
         help="size of the parameter-sharding mesh axis (1: pure data parallel)",
+    )
+    r.add_argument(
+        "--gemm",
+        default="auto",
+        choices=GEMM_CHOICES,
+        help="GEMM emitter of the dense layers on a GPU (dpjax.train.gemm): auto (cuBLAS where a "
+        "dense kernel has a side not a multiple of 8, e.g. the dp2-805m preset's hidden size "
+        "1468, where XLA's Triton GEMMs were 2x slower on an H100; else XLA's choice), xla, cublas",
     )
     r.add_argument(
         "--peak_tflops",
@@ -539,6 +556,7 @@ def model_config(args: argparse.Namespace, tok, seq_len: int):
         "impl": args.impl,
         "conv_forward": args.conv_forward,
         "conv_backward": args.conv_backward,
+        "norm_impl": args.norm_impl,
         "dtype": DTYPES[args.compute_dtype],
         "param_dtype": DTYPES[args.param_dtype],
     }
@@ -576,6 +594,7 @@ def train_config(args: argparse.Namespace, out_dir: str):
         eval_batch_size=args.eval_batch_size,
         fsdp=args.fsdp,
         accum_steps=args.accum_steps,
+        gemm=args.gemm,
         progress=args.progress,
         tensorboard=args.tensorboard,
         optimizer=OptimizerConfig(

@@ -49,9 +49,11 @@ from hlo_sources import fusion_sources, home_file, op_key
 
 from dpjax.nn import DeltaProductLM
 from dpjax.nn.conv import CONV_IMPLS
+from dpjax.nn.norms import NORM_IMPLS
 from dpjax.nn.presets import get_preset, state_tracking
 from dpjax.train import mesh as mesh_lib
 from dpjax.train.flops import device_peak_flops, flops_per_token
+from dpjax.train.gemm import GEMM_CHOICES, gemm_compiler_options
 from dpjax.train.lm_step import REMAT_POLICIES, lm_token_fn
 from dpjax.train.loop import TrainConfig, init_train_state, make_steps, op_batch_parallel
 from dpjax.train.optimizer import OptimizerConfig
@@ -82,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CONV_IMPLS,
         help="forward of a preset's short convolutions (auto: the one-pass Pallas kernel on a "
         "GPU, XLA elsewhere; xla: XLA's fusion; pallas: the kernel)",
+    )
+    p.add_argument(
+        "--norm_impl",
+        default="xla",
+        choices=NORM_IMPLS,
+        help="a preset's RMSNorms (dpjax.nn.norms; xla: XLA's fusions; pallas: the Pallas kernels; "
+        "auto: the kernels on a GPU)",
+    )
+    p.add_argument(
+        "--gemm",
+        default="auto",
+        choices=GEMM_CHOICES,
+        help="GEMM emitter of the dense layers (dpjax.train.gemm; auto: cuBLAS on a GPU where a "
+        "dense kernel has a side not a multiple of 8, else XLA's Triton GEMMs; xla; cublas)",
     )
     p.add_argument(
         "--param_dtype",
@@ -126,6 +142,7 @@ def model_config(args: argparse.Namespace):
             impl=args.impl,
             conv_forward=args.conv_forward,
             conv_backward=args.conv_backward,
+            norm_impl=args.norm_impl,
             dtype="bfloat16",
             param_dtype=param_dtype,
             max_position_embeddings=args.k + 1,
@@ -208,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
         lambda: DeltaProductLM(mcfg, rngs=nnx.Rngs(0)), tcfg, mesh, rules
     )
     token_fn = lm_token_fn(args.remat, args.head_block) if args.preset else logits_token_fn
-    train_step, eval_step = make_steps(graphdef, tx, shardings, mesh, schedule, token_fn)
+    compiler_options = gemm_compiler_options(args.gemm, state["params"])
+    train_step, eval_step = make_steps(
+        graphdef, tx, shardings, mesh, schedule, token_fn, compiler_options=compiler_options
+    )
     rng = np.random.default_rng(0)
     batches = [
         mesh_lib.shard_batch(random_batch(rng, mcfg.vocab_size, args.batch_size, args.k + 1), mesh)
@@ -226,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "device": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": compiler_options,
     }
     with op_batch_parallel(mesh):
         t0 = time.perf_counter()

@@ -16,6 +16,9 @@
 #      forward and backward kernels (experiments/bench_conv.py, the 392M models' shapes; CONV_CASES="--case 8,4096,2048");
 #   4d. `tune`: only the stage variants of TUNE_STAGES ("state_pass bwd_state_pass" by default)
 #      alone at TUNE_CASE (B,T,H,K,V,n_h; the n_h = 2 target by default), then the op tuned;
+#   4e. `gemm`: the dense-layer GEMMs (experiments/bench_gemm.py) at the 392M MLP's shape and at
+#      the 805M presets' hidden sizes (1468 against 1472 and 1536), XLA's Triton GEMMs against
+#      cuBLAS side by side; GEMM_CASES="--case N,D,F ..." overrides;
 #   5. `split`: the sequence split of the state passes (state_split 2, 4, 8) against the other
 #      stage variants, side by side, at B=1, T=32768 and at the target shape (--tune, --bwd-tune;
 #      SPLIT_CASES="4,4096,8,128,128,2" overrides the B,T,H,K,V,n_h cases);
@@ -23,9 +26,11 @@
 #      experiments/profile_step.py: step time, tokens/s (SPEC §9 item 11's ratios), top device ops;
 #      `lm_remat`: DP2 without rematerialisation and with the matmul outputs saved;
 #      LM_RUNS="dp2 none;dn block" overrides either list ("preset remat [conv_backward
-#      [conv_forward]]", ";"-separated; a preset without "-" means its 392M size; conv_backward
-#      auto by default: the short convolution's Pallas backward, "xla" for autodiff;
-#      conv_forward likewise, auto by default), each with the step's time by source file;
+#      [conv_forward [gemm [norm_impl]]]]", ";"-separated; a preset without "-" means its 392M
+#      size; conv_backward auto by default: the short convolution's Pallas backward, "xla" for
+#      autodiff; conv_forward likewise, auto by default; gemm: profile_step.py --gemm, auto by
+#      default; norm_impl: --norm_impl, xla by default),
+#      each with the step's time by source file (LM_HLO=0: without the compiled HLO);
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
@@ -39,6 +44,7 @@
 #   bash scripts/gpu_check.sh shapes          # at most 6.5 minutes
 #   bash scripts/gpu_check.sh conv            # at most 2.5 minutes
 #   bash scripts/gpu_check.sh tune            # at most 4 minutes
+#   bash scripts/gpu_check.sh gemm            # at most 4 minutes
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
 #   bash scripts/gpu_check.sh lm_remat        # at most 6 minutes
@@ -62,7 +68,7 @@ for stage in $STAGES; do
     tests)
       # shellcheck disable=SC2086
       timeout "${TESTS_TIMEOUT:-450}" python3 -m pytest \
-        ${TEST_FILES:-tests/test_pallas_forward.py tests/test_pallas_backward.py tests/test_short_conv.py} \
+        ${TEST_FILES:-tests/test_pallas_forward.py tests/test_pallas_backward.py tests/test_short_conv.py tests/test_rms_norm.py} \
         ${TEST_K:+-k "$TEST_K"} -m gpu -q -rA 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     bench)
       timeout 200 python3 experiments/bench_op.py --only 0 1 2 --stages --bwd-stages --memory \
@@ -98,6 +104,11 @@ for stage in $STAGES; do
         --bwd-tune --tune-stages ${TUNE_STAGES:-state_pass bwd_state_pass} --no-chunked \
         --repeats 5 --out "$OUT/tune" > "$OUT/tune.stdout" 2>&1
       grep -E "^\| .*state_pass" "$OUT/tune/bench_op.md" | head -30 ;;
+    gemm)
+      # shellcheck disable=SC2086
+      timeout 200 python3 experiments/bench_gemm.py ${GEMM_CASES:---case 32768,1024,2816 --case \
+        32768,1468,4096 --case 32768,1472,4096 --case 32768,1536,4096 --case 32768,1468,1536} \
+        --out "$OUT/gemm" 2>&1 | grep -v "^WARNING" ;;
     split)
       for case in ${SPLIT_CASES:-1,32768,8,128,128,2 4,4096,8,128,128,2}; do
         timeout 200 python3 experiments/bench_op.py --case $case --tune --bwd-tune --no-chunked \
@@ -109,16 +120,20 @@ for stage in $STAGES; do
       [ "$stage" = lm_remat ] && runs=("dp2 none" "dp2 block_save_dots")
       [ -n "${LM_RUNS:-}" ] && IFS=';' read -ra runs <<< "$LM_RUNS"
       for run in "${runs[@]}"; do
-        read -r p remat conv conv_fwd <<< "$run"
+        read -r p remat conv conv_fwd gemm norm <<< "$run"
         conv=${conv:-auto}
         conv_fwd=${conv_fwd:-auto}
+        gemm=${gemm:-auto}
+        norm=${norm:-xla}
         preset=$p
         [[ $p == *-* ]] || preset=$p-392m
         timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset "$preset" --batch_size 8 \
           --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
-          --conv_forward "$conv_fwd" \
-          --impl auto --top 30 --out "$OUT/lm_${p}_${remat}_${conv}_$conv_fwd" 2>&1 | grep -v "^WARNING" \
+          --conv_forward "$conv_fwd" --gemm "$gemm" --norm_impl "$norm" --impl auto --top 30 \
+          --out "$OUT/lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm" 2>&1 | grep -v "^WARNING" \
           | tail -66
+        # the device tool returns at most 8 files: LM_HLO=0 keeps only profile_step.json
+        [ "${LM_HLO:-1}" = 0 ] && rm -f "$OUT/lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm/train_step.hlo.txt.gz"
       done ;;
     multi)
       python3 experiments/language_model.py prepare --corpus stdlib \
@@ -136,7 +151,7 @@ for stage in $STAGES; do
         cp /tmp/"$name"/*.json* "$OUT/$name/" 2>/dev/null
         rm -rf "/tmp/$name"
       done ;;
-    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, variants, conv, tune, split, lm,"\
-         "lm_remat, multi)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench, jla, fla, shapes, variants, conv, gemm, tune, split,"\
+         "lm, lm_remat, multi)"; exit 2 ;;
   esac
 done

@@ -28,10 +28,10 @@ class Block(nnx.Module):
         self.layer_idx = layer_idx
         self.is_attention = layer_idx in c.attention_layers
         kw = dict(dtype=c.compute_dtype, param_dtype=c.parameter_dtype, rngs=rngs)
-        self.attn_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, **kw)
+        self.attn_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, impl=c.norm_impl, **kw)
         mixer_cls = Attention if self.is_attention else DeltaProductMixer
         self.mixer = mixer_cls(c, layer_idx=layer_idx, rngs=rngs)
-        self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, **kw)
+        self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, impl=c.norm_impl, **kw)
         self.mlp = GatedMLP(
             c.hidden_size,
             c.mlp_intermediate_size,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from dpjax.nn.conv import CONV_IMPLS
 from dpjax.nn.init import INIT_SCHEMES
 from dpjax.nn.mlp import intermediate_size
+from dpjax.nn.norms import NORM_IMPLS
 from dpjax.ops.validation import IMPLS
 
 # Keys of HF/FLA config files that carry no model information: dropped without a warning.
@@ -62,6 +63,9 @@ class DeltaProductConfig:
         elsewhere), ``"xla"`` (autodiff everywhere) or ``"pallas"`` (interpret mode off the GPU).
       conv_forward: their forward, the same choices and default (with the q/k L2 norm inside
         it, the kernel is 6x faster than XLA's fusion on an H100).
+      norm_impl: the RMSNorms (``dpjax.nn.norms``): ``"xla"`` (default: XLA's fusions),
+        ``"pallas"`` (one Pallas kernel each way; interpret mode off the GPU) or ``"auto"``
+        (the kernels on a GPU, XLA elsewhere).
       init_scheme: ``"paper"`` (DEFAULT, reproduces the paper's runs: mixer Linears
         xavier-uniform gain 2^-2.5; embedding/MLP gate, up ``N(0, initializer_range)``; MLP down
         kaiming-uniform / sqrt(2L)) or ``"fla"`` (current FLA/HF: every Linear/conv/embedding
@@ -109,6 +113,7 @@ class DeltaProductConfig:
     impl: str = "auto"
     conv_forward: str = "auto"
     conv_backward: str = "auto"
+    norm_impl: str = "xla"
     init_scheme: str = "paper"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -176,6 +181,8 @@ class DeltaProductConfig:
                 raise ValueError(
                     f"{name}: expected one of {CONV_IMPLS}, got {getattr(self, name)!r}"
                 )
+        if self.norm_impl not in NORM_IMPLS:
+            raise ValueError(f"norm_impl: expected one of {NORM_IMPLS}, got {self.norm_impl!r}")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(
                 f"init_scheme: expected one of {INIT_SCHEMES}, got {self.init_scheme!r}"

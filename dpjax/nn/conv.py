@@ -26,7 +26,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from dpjax.nn.init import Initializer
 from dpjax.nn.param import make_param
@@ -86,38 +85,9 @@ def _bias_silu(
     return y.astype(out_dtype)
 
 
-def _per_device(run, row_args: tuple, shared_args: tuple, row_outs: int, summed_outs: int):
-    """``run(*row_args, *shared_args)``, per device on its rows (a ``shard_map``) when a
-    ``batch_parallel`` block covering ``"pallas"`` is active. ``row_args`` are ``[B, ...]`` (or
-    None); the outputs are ``row_outs`` ``[B, ...]`` arrays then ``summed_outs`` per-device sums
-    (or None), added over the devices."""
-    setting = sharded.active()
-    if setting is None or "pallas" not in setting.impls:
-        return run(*row_args, *shared_args)
-    sharded.check_rows(
-        row_args[0].shape[0], setting.size, setting.axes, "the short convolution's batch"
-    )
-    rows = sharded.row_spec(setting.axes)
-
-    def local(*args):
-        outs = run(*args)
-        return (*outs[:row_outs], *(None if o is None else o[None] for o in outs[row_outs:]))
-
-    outs = jax.shard_map(
-        local,
-        mesh=setting.mesh,
-        in_specs=(
-            *(None if a is None else rows for a in row_args),
-            *(None if a is None else P() for a in shared_args),
-        ),
-        out_specs=(rows,) * (row_outs + summed_outs),
-        check_vma=False,
-    )(*row_args, *shared_args)
-    return (*outs[:row_outs], *(None if o is None else jnp.sum(o, 0) for o in outs[row_outs:]))
-
-
 def _kernel_forward(x, kernel, bias, segment_ids, out_dtype, norm_group, interpret: bool):
-    """``pallas_kernels.short_conv.short_conv_forward`` (per device, ``_per_device``)."""
+    """``pallas_kernels.short_conv.short_conv_forward``, per device
+    (``sharded.per_device_rows``)."""
 
     def run(x, segment_ids, kernel, bias):
         y = short_conv_forward(
@@ -125,20 +95,24 @@ def _kernel_forward(x, kernel, bias, segment_ids, out_dtype, norm_group, interpr
         )
         return (y,)
 
-    (y,) = _per_device(run, (x, segment_ids), (kernel, bias), 1, 0)
+    (y,) = sharded.per_device_rows(
+        run, (x, segment_ids), (kernel, bias), 1, 0, "the short convolution's batch"
+    )
     return y
 
 
 def _kernel_backward(x, dy, kernel, bias, segment_ids, norm_group, interpret: bool):
-    """``pallas_kernels.short_conv.short_conv_backward`` (per device, ``_per_device``; the kernel
-    and bias gradients summed over the devices)."""
+    """``pallas_kernels.short_conv.short_conv_backward``, per device
+    (``sharded.per_device_rows``; the kernel and bias gradients summed over the devices)."""
 
     def run(x, dy, segment_ids, kernel, bias):
         return short_conv_backward(
             x, dy, kernel, bias, segment_ids, interpret=interpret, **_norm(norm_group)
         )
 
-    return _per_device(run, (x, dy, segment_ids), (kernel, bias), 1, 2)
+    return sharded.per_device_rows(
+        run, (x, dy, segment_ids), (kernel, bias), 1, 2, "the short convolution's batch"
+    )
 
 
 def _norm(norm_group: int | None) -> dict:

@@ -59,7 +59,7 @@ class DeltaProductLM(nnx.Module):
         self.layers = nnx.List(
             [Block(c, layer_idx=i, rngs=rngs) for i in range(c.num_hidden_layers)]
         )
-        self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, **kw)
+        self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, impl=c.norm_impl, **kw)
         self.lm_head = (
             None
             if c.tie_word_embeddings

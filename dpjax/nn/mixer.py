@@ -88,9 +88,9 @@ class DeltaProductMixer(nnx.Module):
             self.v_conv = conv(n * H * dv)
         if c.use_output_gate:
             self.g_proj = proj(H * dv, IN_PROJ)
-            self.o_norm = GatedRMSNorm(dv, eps=c.norm_eps, **kw)
+            self.o_norm = GatedRMSNorm(dv, eps=c.norm_eps, impl=c.norm_impl, **kw)
         else:
-            self.o_norm = RMSNorm(dv, eps=c.norm_eps, **kw)
+            self.o_norm = RMSNorm(dv, eps=c.norm_eps, impl=c.norm_impl, **kw)
         self.o_proj = Linear(H * dv, D, names=OUT_PROJ, init=initializer(c, "mixer_out"), **kw)
 
     # ----------------------------------------------------------------------------------------

@@ -131,6 +131,41 @@ def check_rows(n: int, n_shards: int, axes: Sequence[str], what: str) -> None:
         )
 
 
+def per_device_rows(
+    run: Callable, row_args: tuple, shared_args: tuple, row_outs: int, summed_outs: int, what: str
+) -> tuple:
+    """``run(*row_args, *shared_args)``, per device on its rows (a ``shard_map``) when a
+    ``batch_parallel`` block covering ``"pallas"`` is active, else as it is (the Pallas kernels
+    of the short convolutions and norms, ``dpjax.nn``).
+
+    ``row_args`` are ``[B, ...]`` (or None; the first is not None, and ``what`` names its batch in
+    the error when ``B`` does not divide over the devices); ``shared_args`` (or None) are whole on
+    every device. The outputs are ``row_outs`` ``[B, ...]`` arrays then ``summed_outs`` per-device
+    sums (or None), added over the devices.
+    """
+    setting = active()
+    if setting is None or "pallas" not in setting.impls:
+        return run(*row_args, *shared_args)
+    check_rows(row_args[0].shape[0], setting.size, setting.axes, what)
+    rows = row_spec(setting.axes)
+
+    def local(*args):
+        outs = run(*args)
+        return (*outs[:row_outs], *(None if o is None else o[None] for o in outs[row_outs:]))
+
+    outs = jax.shard_map(
+        local,
+        mesh=setting.mesh,
+        in_specs=(
+            *(None if a is None else rows for a in row_args),
+            *(None if a is None else P() for a in shared_args),
+        ),
+        out_specs=(rows,) * (row_outs + summed_outs),
+        check_vma=False,
+    )(*row_args, *shared_args)
+    return (*outs[:row_outs], *(None if o is None else jnp.sum(o, 0) for o in outs[row_outs:]))
+
+
 def shard_forward(forward: Forward, mesh: Mesh, axes: Sequence[str]) -> Forward:
     """``forward`` run per device on its rows: ``shard_map`` over ``axes``, batch-leading specs.
 
