@@ -10,7 +10,8 @@ Given the cotangent ``g`` of ``y``, with ``a = g w s``::
 
 ``rms_norm_forward`` reads ``x`` (and ``z``) once and writes ``y`` and ``r [N]`` fp32;
 ``rms_norm_backward`` reads ``x``, ``g`` (and ``z``) and ``r`` once and writes ``dx`` (and
-``dz``) and per-program partial sums of ``dw`` (summed in JAX). All arithmetic is fp32.
+``dz``) and per-program partial sums of ``dw`` (summed in JAX; each backward program walks
+``row_steps`` row blocks). All arithmetic is fp32.
 
 Grid ``(cdiv(N, block_rows),)``: each program owns ``block_rows`` whole rows, padded to the next
 power of two ``Dp >= D`` columns (masked loads and stores: any ``D`` and ``N``). The row count
@@ -30,6 +31,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.common import next_pow2, pallas_call
 
 ELEMENTS_PER_PROGRAM = 4096
+BACKWARD_PROGRAMS = 1024
+MAX_STEPS = 16
 
 
 def tiles(rows: int, dim: int, block_rows: int | None = None) -> tuple[int, int, int]:
@@ -68,29 +71,42 @@ def _forward_kernel(x_ref, w_ref, *refs, n_rows, dim, block_rows, block_dim, eps
     pltriton.store(r_ref.at[rows], r, mask=row_ok)
 
 
-def _backward_kernel(x_ref, w_ref, r_ref, g_ref, *refs, n_rows, dim, block_rows, block_dim, gated):
+def _backward_kernel(
+    x_ref, w_ref, r_ref, g_ref, *refs, n_rows, dim, block_rows, block_dim, steps, gated
+):
     z_ref = refs[0] if gated else None
     dx_ref = refs[1] if gated else refs[0]
     dz_ref = refs[2] if gated else None
     dw_ref = refs[-1]
-    index, mask, rows, row_ok, cols = _where(n_rows, dim, block_rows, block_dim)
-    x = _load(x_ref, index, mask)
-    g = _load(g_ref, index, mask)
-    r = _load(r_ref, rows, row_ok)[:, None]
+    cols = jnp.arange(block_dim)
     w = _load(w_ref, cols, cols < dim)[None, :]
-    x_hat = x * r
-    if gated:
-        z = _load(z_ref, index, mask)
-        sig = jax.nn.sigmoid(z)
-        gs = g * (z * sig)
-        dz = g * x_hat * w * sig * (1.0 + z * (1.0 - sig))
-        pltriton.store(dz_ref.at[index], dz.astype(dz_ref.dtype), mask=mask)
-    else:
-        gs = g
-    a = gs * w
-    dx = r * (a - x_hat * (jnp.sum(x_hat * a, axis=1, keepdims=True) / dim))
-    pltriton.store(dx_ref.at[index], dx.astype(dx_ref.dtype), mask=mask)
-    dw_ref[...] = jnp.sum(gs * x_hat, axis=0)[None, :]
+    program = pl.program_id(0)  # read outside the loop (interpret mode cannot inside it)
+
+    def block(step, dw):
+        first = (program * steps + step) * block_rows
+        rows = first + jnp.arange(block_rows)
+        row_ok = rows < n_rows
+        index = (rows[:, None], cols[None, :])
+        mask = row_ok[:, None] & (cols < dim)[None, :]
+        x = _load(x_ref, index, mask)
+        g = _load(g_ref, index, mask)
+        r = _load(r_ref, rows, row_ok)[:, None]
+        x_hat = x * r
+        if gated:
+            z = _load(z_ref, index, mask)
+            sig = jax.nn.sigmoid(z)
+            gs = g * (z * sig)
+            dz = g * x_hat * w * sig * (1.0 + z * (1.0 - sig))
+            pltriton.store(dz_ref.at[index], dz.astype(dz_ref.dtype), mask=mask)
+        else:
+            gs = g
+        a = gs * w
+        dx = r * (a - x_hat * (jnp.sum(x_hat * a, axis=1, keepdims=True) / dim))
+        pltriton.store(dx_ref.at[index], dx.astype(dx_ref.dtype), mask=mask)
+        return dw + jnp.sum(gs * x_hat, axis=0)
+
+    dw = lax.fori_loop(0, steps, block, jnp.zeros((block_dim,), jnp.float32))
+    dw_ref[...] = dw[None, :]
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -152,7 +168,7 @@ def rms_norm_forward(
     return y.reshape(x.shape), r.reshape(x.shape[:-1])
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_rows", "row_steps", "interpret"))
 def rms_norm_backward(
     x: jax.Array,
     weight: jax.Array,
@@ -161,15 +177,24 @@ def rms_norm_backward(
     dy: jax.Array,
     *,
     block_rows: int | None = None,
+    row_steps: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """``(dx, dgate or None, dweight)`` of ``rms_norm_forward`` given ``dy [..., D]`` and its
-    saved ``r [...]`` fp32: ``dx`` like ``x``, ``dgate`` like ``gate``, ``dweight [D]`` fp32."""
+    saved ``r [...]`` fp32: ``dx`` like ``x``, ``dgate`` like ``gate``, ``dweight [D]`` fp32.
+
+    ``row_steps``: row blocks each program walks, adding its weight gradient in registers (by
+    default enough for about ``BACKWARD_PROGRAMS`` programs, at most ``MAX_STEPS``), so the
+    partial sums written are ``[programs, Dp]``, not one row per block."""
     dim = x.shape[-1]
     xs = _rows(x)
     n = xs.shape[0]
     br, bd, warps = tiles(n, dim, block_rows)
-    programs = pl.cdiv(n, br)
+    blocks = pl.cdiv(n, br)
+    steps = min(MAX_STEPS, max(1, blocks // BACKWARD_PROGRAMS)) if row_steps is None else row_steps
+    if steps < 1:
+        raise ValueError(f"row_steps: expected >= 1, got {row_steps}")
+    programs = pl.cdiv(blocks, steps)
     inputs = [xs, weight, r.reshape(n), _rows(dy)] + ([] if gate is None else [_rows(gate)])
     out_shapes = [jax.ShapeDtypeStruct((n, dim), x.dtype)]
     if gate is not None:
@@ -181,6 +206,7 @@ def rms_norm_backward(
         dim=dim,
         block_rows=br,
         block_dim=bd,
+        steps=steps,
         gated=gate is not None,
     )
     outs = pallas_call(

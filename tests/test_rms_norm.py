@@ -49,20 +49,21 @@ def autodiff(x, weight, gate, dy):
 
 
 @pytest.mark.parametrize(
-    "shape, gated, block_rows",
+    "shape, gated, block_rows, row_steps",
     [
-        ((2, 7, 64), False, None),  # rows not a multiple of the tile
-        ((3, 5, 20), True, 2),  # D not a power of two, several programs
-        ((2, 9, 3, 128), True, None),  # the mixer's per-head gated norm
-        ((4, 1468), False, 1),  # the dp2-805m width, one row per program
-        ((1, 3, 2048), True, 4),
+        ((2, 7, 64), False, None, None),  # rows not a multiple of the tile
+        ((3, 5, 20), True, 2, None),  # D not a power of two, several programs
+        ((3, 5, 20), True, 2, 3),  # programs walk 3 row blocks, the last past the end
+        ((2, 9, 3, 128), True, None, 2),  # the mixer's per-head gated norm
+        ((4, 1468), False, 1, None),  # the dp2-805m width, one row per program
+        ((1, 3, 2048), True, 4, None),
     ],
 )
-def test_kernels_match_autodiff(rng, shape, gated, block_rows):
+def test_kernels_match_autodiff(rng, shape, gated, block_rows, row_steps):
     x, weight, gate, dy = problem(rng, shape, gated)
     kw = dict(block_rows=block_rows, interpret=True)
     y, r = rms_norm_forward(x, weight, gate, eps=EPS, out_dtype=jnp.float32, **kw)
-    dx, dgate, dweight = rms_norm_backward(x, weight, gate, r, dy, **kw)
+    dx, dgate, dweight = rms_norm_backward(x, weight, gate, r, dy, row_steps=row_steps, **kw)
     y_ref, dx_ref, dw_ref, dg_ref = autodiff(x, weight, gate, dy)
     assert y.shape == x.shape and r.shape == x.shape[:-1] and r.dtype == jnp.float32
     assert rel_err(y, y_ref) < 1e-6
@@ -92,6 +93,8 @@ def test_kernel_output_dtypes_and_bad_input(rng):
         rms_norm_forward(x, weight, gate[:1], eps=EPS, out_dtype=jnp.float32, interpret=True)
     with pytest.raises(ValueError, match="block_rows: expected a power of two, got 3"):
         tiles(10, 32, 3)
+    with pytest.raises(ValueError, match="row_steps: expected >= 1, got 0"):
+        rms_norm_backward(x, weight, gate, r, dy, row_steps=0, interpret=True)
     assert tiles(10_000, 1468) == (2, 2048, 8) and tiles(3, 128) == (4, 128, 4)
 
 
