@@ -2,9 +2,12 @@
 
 XLA:GPU runs most dense-layer matmuls as its own Triton GEMM fusions (which also fold in the
 neighbouring converts and elementwise ops) and the rest through cuBLAS. With a matrix side that is
-not a multiple of 8 (bf16 rows not a multiple of 16 bytes), its Triton GEMMs were 2.0–2.2x
-slower on an H100 than cuBLAS's (the DP2-805M preset's hidden size 1468; docs/BENCHMARKS.md
-"2026-12-07 (second session)"), while at aligned sizes the two were within 2 %. The choices:
+not a multiple of 8 (bf16 rows not a multiple of 16 bytes), its Triton GEMMs took 1.4–2.2x as
+long on an H100 as cuBLAS's (the DP2-805M preset's hidden size 1468; docs/BENCHMARKS.md
+"2026-12-07 (second session)"), while at aligned sizes the two were within 3 %; with cuBLAS the
+DP2-805M train step ran 1.34x faster. Aligned models keep XLA's choice: with cuBLAS everywhere the
+DP2-392M step was 2 % slower (XLA no longer folds converts and the SiLU gate into its GEMMs).
+The choices:
 
 - ``"auto"``: cuBLAS for every GEMM of the step (``xla_gpu_enable_triton_gemm=False``) when the
   step runs on a GPU and some dense kernel has an unaligned side (``unaligned_dense_kernels``);
