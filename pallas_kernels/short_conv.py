@@ -254,8 +254,9 @@ def _backward_kernel(
         sig = jax.nn.sigmoid(z)
         dy_now = dy_now.astype(jnp.float32)
         if norm_eps is not None:  # dy_now is the normalised output's cotangent
-            r = _inverse_norm(z * sig, norm_eps)
-            y_hat = z * sig * r
+            y = z * sig
+            r = _inverse_norm(y, norm_eps)
+            y_hat = y * r
             dy_now = r * (dy_now - y_hat * jnp.sum(y_hat * dy_now, axis=1, keepdims=True))
         dz = dy_now * sig * (1.0 + z * (1.0 - sig))
         if accumulate:

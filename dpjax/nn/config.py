@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dpjax.nn.conv import CONV_IMPLS
 from dpjax.nn.init import INIT_SCHEMES
 from dpjax.nn.mlp import intermediate_size
-from dpjax.nn.norms import NORM_IMPLS
+from dpjax.nn.norms import check_norm_impl
 from dpjax.ops.validation import IMPLS
 
 # Keys of HF/FLA config files that carry no model information: dropped without a warning.
@@ -181,8 +181,7 @@ class DeltaProductConfig:
                 raise ValueError(
                     f"{name}: expected one of {CONV_IMPLS}, got {getattr(self, name)!r}"
                 )
-        if self.norm_impl not in NORM_IMPLS:
-            raise ValueError(f"norm_impl: expected one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        check_norm_impl(self.norm_impl, "norm_impl")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(
                 f"init_scheme: expected one of {INIT_SCHEMES}, got {self.init_scheme!r}"

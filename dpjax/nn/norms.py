@@ -26,6 +26,12 @@ from pallas_kernels.rms_norm import rms_norm_backward, rms_norm_forward
 NORM_IMPLS = ("auto", "xla", "pallas")
 
 
+def check_norm_impl(impl: str, name: str = "impl") -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``impl`` is one of ``NORM_IMPLS``."""
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"{name}: expected one of {NORM_IMPLS}, got {impl!r}")
+
+
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """``x / sqrt(mean(x^2, -1) + eps)`` in fp32."""
     xf = x.astype(jnp.float32)
@@ -49,8 +55,7 @@ def rms_norm(
       eps: added to the mean square; out_dtype: output dtype.
       impl: ``"xla"``, ``"pallas"`` or ``"auto"`` (module docstring).
     """
-    if impl not in NORM_IMPLS:
-        raise ValueError(f"impl: expected one of {NORM_IMPLS}, got {impl!r}")
+    check_norm_impl(impl)
     if impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu"):
         return rms_norm_kernels(x, weight, gate, eps, jnp.dtype(out_dtype), default_interpret())
     y = rms_normalize(x, eps) * weight.astype(jnp.float32)
@@ -116,8 +121,7 @@ class RMSNorm(nnx.Module):
         impl: str = "xla",
         rngs: nnx.Rngs,
     ):
-        if impl not in NORM_IMPLS:
-            raise ValueError(f"impl: expected one of {NORM_IMPLS}, got {impl!r}")
+        check_norm_impl(impl)
         self.eps = eps
         self.dtype = dtype
         self.impl = impl
