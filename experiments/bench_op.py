@@ -286,6 +286,7 @@ def stage_fns(c: Case, config: kernels.KernelConfig, inputs: dict) -> dict[str, 
             tf32_state=config.state_tf32,
             split=config.state_split,
             wu=wu,
+            loop=config.state_loop,
             interpret=default_interpret(),
         )
     )
@@ -433,7 +434,9 @@ BWD_TUNE_SPACE = {
         for bv, w, s in ((32, 4, 3), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 2, 3))
     ]
     + [dict(state_split=p) for p in (2, 4, 8)]
-    + [dict(state_read_masked=True), dict(state_dots="input"), dict(state_stored_w=True)],
+    + [dict(state_loop=loop) for loop in ("token", "sub")]
+    + [dict(state_loop="sub", state_read_masked=True)]
+    + [dict(state_dots="input"), dict(state_stored_w=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_dots=d, wy_stages=s)
@@ -552,7 +555,7 @@ TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 
     ]
     + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True, state_split=1)]
     + [dict(state_split=p) for p in (2, 4, 8)]
-    + [dict(state_stored_wu=True)],
+    + [dict(state_stored_wu=True), dict(state_loop="token"), dict(state_loop="sub")],
     "output": [
         dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8), (64, 2))
     ],

@@ -49,7 +49,14 @@ from pallas_kernels.backward_recompute import recompute
 from pallas_kernels.backward_state_adjoint import state_adjoint
 from pallas_kernels.backward_state_pass import state_pass_backward
 from pallas_kernels.backward_wy import wy_backward, wy_backward_fused
-from pallas_kernels.common import AUTO_SPLIT, CHUNK, default_interpret, pad_to, padded_length
+from pallas_kernels.common import (
+    AUTO_SPLIT,
+    CHUNK,
+    STATE_LOOPS,
+    default_interpret,
+    pad_to,
+    padded_length,
+)
 from pallas_kernels.forward import Residuals, pad_inputs, pad_state, padded_dims
 
 
@@ -72,8 +79,11 @@ class BackwardConfig:
     state_warps: int = 4
     state_stages: int = 3
     state_split: int = AUTO_SPLIT  # sequence split of the reverse state pass (as the forward's)
-    # its read term without a branch (state_pass_backward; faster at 128 programs, slower at 256
-    # and under the split on an H100: docs/BENCHMARKS.md)
+    # its loop: "token" (one step per token chunk, sub-chunks unrolled, no branch), "sub" (one
+    # step per interleaved chunk, the read term behind a branch or, with state_read_masked,
+    # formed every sub-chunk) or "auto" (token up to one wave of programs,
+    # common.resolve_state_loop)
+    state_loop: str = "auto"
     state_read_masked: bool = False
     # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves) or
     # "input" (16-bit operands, one product each; not the default: on long ungated sequences the
@@ -112,6 +122,10 @@ class BackwardConfig:
         if self.grad_dtype not in ("float32", "input"):
             raise ValueError(
                 f"BackwardConfig.grad_dtype must be 'float32' or 'input', got {self.grad_dtype!r}"
+            )
+        if self.state_loop not in STATE_LOOPS:
+            raise ValueError(
+                f"BackwardConfig.state_loop must be one of {STATE_LOOPS}, got {self.state_loop!r}"
             )
         if self.state_dots not in ("split", "input"):
             raise ValueError(
@@ -230,6 +244,7 @@ def stage_kernels(
         "state_pass": partial(
             state_pass_backward,
             split=config.state_split,
+            loop=config.state_loop,
             read_masked=config.state_read_masked,
             dots=config.state_dots,
             **op,

@@ -16,8 +16,15 @@ with ``dE [Kp, BV]`` fp32 in registers. ``W_c`` is never formed (``W^T x = K^T d
 A^T x``) unless the forward's 16-bit ``W`` is given (``BackwardConfig.state_stored_w``:
 ``W^T dv_new``, two dependent products per step). Without decay every gate factor is 1.
 
+One loop step covers a token chunk (``loop="token"``; by default where the programs run as one
+wave, ``common.resolve_state_loop``): its ``n_h`` sub-chunks
+unrolled (an inner loop above ``common.UNROLL_MAX``), ``Q_J``, ``dO_J`` loaded at its start and
+the read term added after sub-chunk 0, with no branch; ``loop="sub"`` steps one interleaved chunk
+at a time with the read term behind ``lax.cond``.
+
 Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
-``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]``, ``dv_out [L, BV]``, ``Q [T, Kp]``,
+``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]`` (fp32 rows of a ``[B, H, L]`` copy: a pipelined
+load), ``dv_out [L, BV]``, ``Q [T, Kp]``,
 ``dO [T, BV]`` and, with decay, ``gam, fdec [L]`` and the token ``gam_tok [T]`` fp32, plus
 ``dht [Kp, BV]`` fp32. Writes ``dv_new [L, BV]`` and ``dh_il [NI, Kp, BV]`` (input dtype) and
 ``dh0 [Kp, BV]`` fp32.
@@ -45,12 +52,15 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
+    UNROLL_MAX,
     DotMode,
     chain_pieces,
     element_select,
     identity_columns,
     mm,
     pallas_call,
+    pipeline_stages,
+    resolve_state_loop,
     state_pass_pieces,
 )
 
@@ -64,6 +74,8 @@ def _kernel(
     pieces: int,
     transfer_tiles: int | None,
     read_masked: bool,
+    loop: str,
+    unroll: bool,
     stored_w: bool,
     mode: dict,
     dots: dict,
@@ -87,19 +99,18 @@ def _kernel(
         local = (tile < transfer_tiles).astype(jnp.float32)
     else:
         d_start = dht_ref[...].astype(jnp.float32)
-    per_piece = num_token_chunks * n // pieces
-    last = per_piece - 1
+    tokens_per_piece = num_token_chunks // pieces
+    last_token = tokens_per_piece - 1
     if pieces > 1:
-        last = last + lax.rem(pl.program_id(2), pieces) * per_piece
+        last_token = last_token + lax.rem(pl.program_id(2), pieces) * tokens_per_piece
 
-    def chunk(step, d_state):
-        c = last - step
+    def sub_chunk(c, d_state):  # interleaved chunk c: dE at its end -> dE at its start
         if dhil_ref is not None:
             dhil_ref[c] = d_state.astype(dhil_ref.dtype)
         rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
         k = k_ref[rows, :]
         k_ds = mm(k, d_state, mode["ks"], **dots)  # [64, BV]
-        coef = beta_ref[rows].astype(jnp.float32)
+        coef = beta_ref[rows]
         if decay:
             gam = gam_ref[rows]
             k_ds = k_ds * fdec_ref[rows][:, None]
@@ -110,27 +121,50 @@ def _kernel(
         if dvnew_ref is not None:
             dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
         if stored_w:  # W^T dv_new: one product on the chain instead of two
-            d_state = d_state - mm(w_ref[rows, :], dvnew, mode["kv"], trans_a=True, **dots)
-        else:
-            y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
-            d_state = d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
+            return d_state - mm(w_ref[rows, :], dvnew, mode["kv"], trans_a=True, **dots)
+        y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
+        return d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
 
-        def read_term(d_state):  # first sub-chunk of a token chunk: the output reads h[J]
-            tok = pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)
-            q = q_ref[tok, :]
-            if decay:
-                q = q.astype(jnp.float32) * gtok_ref[tok][:, None]
-            read = mm(q, do_ref[tok, :], mode["in"], trans_a=True, **dots)
-            return d_state + (scale * local) * read if transfer else d_state + scale * read
+    def read_operands(token_chunk):  # the output reads h[J]: (diag(gam_tok) Q_J, dO_J)
+        tok = pl.ds(pl.multiple_of(token_chunk * CHUNK, CHUNK), CHUNK)
+        q = q_ref[tok, :]
+        if decay:
+            q = q.astype(jnp.float32) * gtok_ref[tok][:, None]
+        return q, do_ref[tok, :]
 
+    def read_term(operands):  # scale (diag(gam_tok) Q_J)^T dO_J
+        q, do = operands
+        return (scale * local) * mm(q, do, mode["in"], trans_a=True, **dots)
+
+    if loop == "token":  # one step per token chunk, the read term added without a branch
+
+        def token_step(step, d_state):
+            j = last_token - step
+            read = read_operands(j)  # loaded first, used last
+            if unroll:
+                for i in reversed(range(n)):
+                    d_state = sub_chunk(j * n + i, d_state)
+            else:  # an inner loop: its loads are pipelined, the step's shared memory stays small
+                d_state = lax.fori_loop(0, n, lambda i, d: sub_chunk(j * n + n - 1 - i, d), d_state)
+            return d_state + read_term(read)
+
+        dh0_ref[...] = lax.fori_loop(0, tokens_per_piece, token_step, d_start)
+        return
+
+    last = (last_token + 1) * n - 1
+
+    def sub_step(step, d_state):  # one step per interleaved chunk; the read term on i == 0
+        c = last - step
+        d_state = sub_chunk(c, d_state)
+        with_read = lambda x: x + read_term(read_operands(lax.div(c, n)))
         if n == 1:
-            return read_term(d_state)
+            return with_read(d_state)
         first = lax.rem(c, n) == 0
         if read_masked:  # loads and product every sub-chunk (no branch), kept on the first
-            return jnp.where(first, read_term(d_state), d_state)
-        return lax.cond(first, read_term, lambda x: x, d_state)
+            return jnp.where(first, with_read(d_state), d_state)
+        return lax.cond(first, with_read, lambda x: x, d_state)
 
-    dh0_ref[...] = lax.fori_loop(0, per_piece, chunk, d_start)
+    dh0_ref[...] = lax.fori_loop(0, tokens_per_piece * n, sub_step, d_start)
 
 
 def state_pass_backward(
@@ -151,6 +185,7 @@ def state_pass_backward(
     num_warps: int = 4,
     num_stages: int = 3,
     split: int = AUTO_SPLIT,
+    loop: str = "auto",
     read_masked: bool = False,
     dots: str = "split",
     w: jax.Array | None = None,
@@ -170,11 +205,20 @@ def state_pass_backward(
         ``dE_start = M dE_end + E``, the pieces' end gradients follow in plain JAX, then every
         piece runs again from its own; ``common.split_pieces`` picks the count; ``AUTO_SPLIT``,
         the default: ``common.auto_split`` of the ``B * H * Vp / BV`` programs).
-      read_masked: for ``n_h > 1``, load ``Q``, ``dO`` and form the read term on every sub-chunk
-        and keep it on the first (no ``lax.cond``: the loads can be pipelined), instead of a
-        branch on the first sub-chunk of each token chunk (on an H100 2 % faster with 128
-        programs, B=4, H=8; slower with 256, in the 392M model's step, and with the 8-piece
-        split at B=1, T=32768).
+      num_stages: the pipeline depth, at most: lowered to what fits in shared memory
+        (``common.pipeline_stages``).
+      loop: ``"token"``: one loop step per token chunk, its ``n_h`` sub-chunks
+        unrolled (an inner loop above ``common.UNROLL_MAX``, or where unrolled they would not
+        pipeline in shared memory) and the read term added after the first without a branch
+        (its ``Q``, ``dO`` loads are issued first); ``"sub"``: one step per interleaved chunk,
+        the read term on the first sub-chunk of each token chunk (branch or ``read_masked``);
+        ``"auto"`` (the default): ``common.resolve_state_loop`` (the token loop up to one wave of
+        programs).
+      read_masked: with ``loop="sub"`` and ``n_h > 1``, load ``Q``, ``dO`` and form the read
+        term on every sub-chunk and keep it on the first (no ``lax.cond``: the loads can be
+        pipelined), instead of a branch on the first sub-chunk of each token chunk (on an H100
+        2 % faster with 128 programs, B=4, H=8; slower with 256, in the 392M model's step, and
+        with the 8-piece split at B=1, T=32768).
       dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
         with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
         16-bit product each, as FLA's backward).
@@ -196,7 +240,7 @@ def state_pass_backward(
         _launch,
         a,
         k,
-        beta,
+        jnp.swapaxes(beta, 1, 2).astype(jnp.float32),  # [B, H, L]: rows a pipelined load
         dv_out,
         q,
         do,
@@ -208,6 +252,7 @@ def state_pass_backward(
         block_v=block_v,
         num_warps=num_warps,
         num_stages=num_stages,
+        loop=loop,
         read_masked=read_masked,
         dots=dots,
         stored_w=stored_w,
@@ -242,6 +287,7 @@ def _launch(
     interpret: bool,
     poison: bool,
     pieces: int,
+    loop: str = "auto",
     read_masked: bool = False,
     dots: str = "split",
     stored_w: bool = False,
@@ -269,7 +315,7 @@ def _launch(
     in_specs = [
         pl.BlockSpec((None, None, L, Kp if stored_w else CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
         pl.BlockSpec((None, L, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
-        pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),
+        head_vec(L),
         pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, vtile(i))),
         pl.BlockSpec((None, T, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
         pl.BlockSpec((None, T, None, bv), lambda i, h, b: (row(b), 0, h, vtile(i))),
@@ -305,6 +351,19 @@ def _launch(
         modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.INPUT)
         if dots == "split":
             modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
+    size = jnp.dtype(dtype).itemsize
+    per_chunk = CHUNK * (Kp * size + (Kp * size if stored_w else CHUNK * 4) + bv * size + 4)
+    per_chunk += 2 * CHUNK * 4 if decay else 0
+    per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))
+    # the token loop unrolls its sub-chunks where they still pipeline (at least 2 stages of
+    # shared memory), else walks them in an inner loop
+    loop = resolve_state_loop(loop, (nv + (Kp // bv if transfer else 0)) * H * B * P)
+    unroll = loop == "token" and n <= UNROLL_MAX
+    unroll = unroll and pipeline_stages(num_stages, n * per_chunk + per_token) >= min(num_stages, 2)
+    if loop == "token":
+        per_step = (n if unroll else 1) * per_chunk + per_token
+    else:
+        per_step = per_chunk + (per_token if read_masked else 0)
     kernel = functools.partial(
         _kernel,
         n=n,
@@ -313,6 +372,8 @@ def _launch(
         decay=decay,
         pieces=P,
         transfer_tiles=nv if transfer else None,
+        loop=loop,
+        unroll=unroll,
         read_masked=read_masked,
         stored_w=stored_w,
         mode=modes,
@@ -326,7 +387,7 @@ def _launch(
         out_specs=out_specs,
         grid=(nv + (Kp // bv if transfer else 0), H, B * P),
         num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=pipeline_stages(num_stages, per_step),
         interpret=interpret,
         name="dp_bwd_state_transfer" if transfer else "dp_bwd_state_pass",
         poison=poison,

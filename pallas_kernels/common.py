@@ -29,6 +29,10 @@ from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
 CHUNK = 64
+# the state passes' token loop (``loop="token"``) unrolls up to this many sub-chunks per step;
+# above, an inner loop (n_h = 3 unrolled would pipeline 256 KB of shared memory at 2 stages in the
+# reverse pass, more than an H100's 227 KB)
+UNROLL_MAX = 2
 
 
 def next_pow2(n: int) -> int:
@@ -222,6 +226,40 @@ def split_pieces(token_chunks: int, most: int) -> int:
 # at 32 programs (B=1, T=32768) split 8 is fastest (forward 1.842 -> 0.882 ms, backward
 # 3.263 -> 1.504 ms), split 4 next (1.026 / 1.786).
 AUTO_SPLIT = 0
+
+# shared memory a Triton program may use on an H100 (sm_90): 227 KB
+SHARED_MEMORY_BYTES = 232_448
+
+
+def pipeline_stages(requested: int, bytes_per_stage: int, reserve: int = 8192) -> int:
+    """The pipeline depth (Triton ``num_stages``) a loop kernel compiles with: ``requested``,
+    lowered until ``stages * bytes_per_stage`` (the shared-memory buffers of the loads pipelined
+    per loop step) plus ``reserve`` (the kernel's other buffers, e.g. a product's operand staged
+    in shared memory) fits ``SHARED_MEMORY_BYTES``; at least 1."""
+    stages = requested
+    while stages > 1 and stages * bytes_per_stage + reserve > SHARED_MEMORY_BYTES:
+        stages -= 1
+    return stages
+
+
+# an H100's (H200's) SM count: up to this many programs of a state pass run as one wave
+ONE_WAVE_PROGRAMS = 132
+STATE_LOOPS = ("auto", "token", "sub")
+
+
+def resolve_state_loop(loop: str, programs: int) -> str:
+    """The loop of a state pass of ``programs`` programs: ``"token"`` (one step per token chunk,
+    more shared memory per program) or ``"sub"`` (one step per interleaved chunk); ``"auto"``
+    takes the token loop where the programs run as one wave (on an H200 2-3 % faster at 128
+    programs) and the sub-chunk loop beyond (the DP2-392M step's 256 programs, two per SM, ran
+    its state passes slower with the token loop's larger pipeline: docs/BENCHMARKS.md)."""
+    if loop not in STATE_LOOPS:
+        raise ValueError(f"state_loop must be one of {STATE_LOOPS}, got {loop!r}")
+    if loop == "auto":
+        return "token" if programs <= ONE_WAVE_PROGRAMS else "sub"
+    return loop
+
+
 SPLIT_FREE_PROGRAMS = 96  # at least this many (B * H * value tiles) programs: no split
 SPLIT_TARGET_PROGRAMS = 256  # else double the pieces until programs x pieces reach this
 MAX_AUTO_SPLIT = 8

@@ -18,7 +18,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import AUTO_SPLIT, default_interpret, next_pow2, pad_to, padded_length
+from pallas_kernels.common import (
+    AUTO_SPLIT,
+    STATE_LOOPS,
+    default_interpret,
+    next_pow2,
+    pad_to,
+    padded_length,
+)
 from pallas_kernels.output import output
 from pallas_kernels.prepare import prepare
 from pallas_kernels.state_pass import state_pass
@@ -37,6 +44,10 @@ class KernelConfig:
     state_warps: int = 4
     state_stages: int = 3
     state_tf32: bool = False  # W S with TF32 operands instead of a 16-bit rounded state
+    # the state pass's loop: "token" (one step per token chunk, sub-chunks unrolled, stores of h
+    # without branches), "sub" (one step per interleaved chunk) or "auto" (token up to one wave
+    # of programs, common.resolve_state_loop)
+    state_loop: str = "auto"
     # the state pass forms v_new = U - W S from W = A diag(beta gam) K and U = A diag(beta) V
     # formed first in the input dtype (two dependent products per chunk instead of three); the
     # prepare kernel then forms them too: 255 registers at 4 warps, 140 at prep_warps=8 (offline
@@ -58,6 +69,12 @@ class KernelConfig:
     # sequential work, for P times the parallelism (long single sequences, few heads).
     # AUTO_SPLIT (0): ``common.auto_split`` picks it from the program count.
     state_split: int = AUTO_SPLIT
+
+    def __post_init__(self):
+        if self.state_loop not in STATE_LOOPS:
+            raise ValueError(
+                f"KernelConfig.state_loop must be one of {STATE_LOOPS}, got {self.state_loop!r}"
+            )
 
 
 class Residuals(NamedTuple):
@@ -191,6 +208,7 @@ def forward(
         mid_states=save_states,
         split=config.state_split,
         wu=(prep["w"], prep["u"]) if config.state_stored_wu else None,
+        loop=config.state_loop,
         **common,
     )
     o = output(

@@ -18,8 +18,12 @@ Grid ``(Vp / BV, H, B)``: one program per value tile and (head, batch), so ``B*H
 ``BV = 32`` and ``V = 128`` still give 128 programs (defaults: ``BV = 32``, 4 warps, 3 pipeline
 stages, the fastest tried on an H100; 8 warps for K = 256). Each program walks the whole (padded)
 sequence of its head, reading per chunk ``A [64, 64]`` fp32, ``K [64, Kp]``, ``V [64, BV]``,
-``beta [64]`` (and ``gam, fdec [64]``), and ``h0 [Kp, BV]`` once; it writes ``v_new [L, BV]`` and
-``h [NT, Kp, BV]`` (input dtype) and the final state ``[Kp, BV]`` fp32.
+``beta [64]`` (fp32 rows of a ``[B, H, L]`` copy, so that the Triton pipeliner copies them
+asynchronously like the tiles; and ``gam, fdec [64]``), and ``h0 [Kp, BV]`` once; it writes
+``v_new [L, BV]`` and ``h [NT, Kp, BV]`` (input dtype) and the final state ``[Kp, BV]`` fp32. One
+loop step covers a token chunk (its ``n_h`` sub-chunks unrolled, ``loop="token"``; by default
+where the programs run as one wave, ``common.resolve_state_loop``) where that still pipelines in
+shared memory, else one interleaved chunk.
 
 Sequence split (``pieces = P > 1``; ``KernelConfig.state_split``): the grid's last axis runs over
 (batch row, piece) pairs and each program walks only its piece's token chunks. A first
@@ -48,12 +52,15 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
+    UNROLL_MAX,
     DotMode,
     chain_pieces,
     element_select,
     identity_columns,
     mm,
     pallas_call,
+    pipeline_stages,
+    resolve_state_loop,
     state_pass_pieces,
 )
 
@@ -68,6 +75,7 @@ def _kernel(
     pieces: int,
     transfer_tiles: int | None,
     stored_wu: bool,
+    loop: str,
     ks_dot: DotMode,
     ax_dot: DotMode,
     kv_dot: DotMode,
@@ -96,24 +104,14 @@ def _kernel(
     else:
         state = jnp.zeros((kp, bv), jnp.float32)
     dots = dict(dtype=dtype, interpret=interpret)
-    per_piece = num_token_chunks * n // pieces
-    first = 0 if pieces == 1 else lax.rem(pl.program_id(2), pieces) * per_piece
+    tokens_per_piece = num_token_chunks // pieces
+    first_token = 0 if pieces == 1 else lax.rem(pl.program_id(2), pieces) * tokens_per_piece
 
-    def chunk(j, state):
-        c = j if pieces == 1 else first + j
-        if h_ref is not None:
-
-            @pl.when(lax.rem(c, n) == 0)
-            def _():
-                h_ref[lax.div(c, n)] = state.astype(h_ref.dtype)
-
+    def store_mid(c, i, state):  # start state of sub-chunk i > 0 of token chunk c // n
         if hmid_ref is not None:
+            hmid_ref[lax.div(c, n) * (n - 1) + i - 1] = state.astype(hmid_ref.dtype)
 
-            @pl.when(lax.rem(c, n) != 0)
-            def _():
-                mid = lax.div(c, n) * (n - 1) + lax.rem(c, n) - 1
-                hmid_ref[mid] = state.astype(hmid_ref.dtype)
-
+    def sub_chunk(c, state):  # interleaved chunk c: its v_new, and the state at its end
         rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
         k = k_ref[rows, :]
         vals = v_ref[rows, :].astype(jnp.float32)
@@ -127,7 +125,7 @@ def _kernel(
             ks = mm(k, state, ks_dot, **dots)  # [64, BV]
             if decay:
                 ks = ks * gam[:, None]
-            x = beta_ref[rows].astype(jnp.float32)[:, None] * (vals - ks)
+            x = beta_ref[rows][:, None] * (vals - ks)
             vnew = mm(a_ref[rows, :], x, ax_dot, **dots)
         if vnew_ref is not None:
             vnew_ref[rows, :] = vnew.astype(vnew_ref.dtype)
@@ -136,7 +134,38 @@ def _kernel(
             state = state * element_select(gam, CHUNK - 1)
         return state + mm(k, vnew, kv_dot, trans_a=True, **dots)
 
-    final_ref[...] = lax.fori_loop(0, per_piece, chunk, state)
+    if loop == "token":  # one step per token chunk, no branches
+
+        def token_step(j, state):
+            j = first_token + j
+            if h_ref is not None:
+                h_ref[j] = state.astype(h_ref.dtype)
+            for i in range(n):
+                if i > 0:
+                    store_mid(j * n + i, i, state)
+                state = sub_chunk(j * n + i, state)
+            return state
+
+        final_ref[...] = lax.fori_loop(0, tokens_per_piece, token_step, state)
+        return
+
+    def sub_step(j, state):  # one step per interleaved chunk, the stores behind branches
+        c = first_token * n + j
+        if h_ref is not None:
+
+            @pl.when(lax.rem(c, n) == 0)
+            def _():
+                h_ref[lax.div(c, n)] = state.astype(h_ref.dtype)
+
+        if hmid_ref is not None:
+
+            @pl.when(lax.rem(c, n) != 0)
+            def _():
+                store_mid(c, lax.rem(c, n), state)
+
+        return sub_chunk(c, state)
+
+    final_ref[...] = lax.fori_loop(0, tokens_per_piece * n, sub_step, state)
 
 
 def state_pass(
@@ -156,6 +185,7 @@ def state_pass(
     mid_states: bool = False,
     split: int = AUTO_SPLIT,
     wu: tuple[jax.Array, jax.Array] | None = None,
+    loop: str = "auto",
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -175,6 +205,13 @@ def state_pass(
         (``common.split_pieces`` picks the largest count dividing ``T_pad / 64``); 1 = one
         sequential walk; ``AUTO_SPLIT`` (0, the default) = ``common.auto_split`` of the
         ``B * H * Vp / BV`` programs (a split only where they leave SMs idle).
+      loop: ``"token"``: for ``n_h <= common.UNROLL_MAX``, one loop step per token chunk, its
+        ``n_h`` sub-chunks unrolled, the stores of ``h`` and ``h_mid`` without branches, where the
+        unrolled step still pipelines in shared memory (at least 2 stages); otherwise, or with
+        ``"sub"``: one step per interleaved chunk, the stores behind ``pl.when``; ``"auto"`` (the
+        default): ``common.resolve_state_loop`` (the token loop up to one wave of programs).
+      num_stages: the pipeline depth, at most: lowered to what fits in shared memory
+        (``common.pipeline_stages``).
       wu: the WY factors ``(W [B, H, L, Kp], U [B, H, L, Vp])`` in the input dtype
         (``W = A diag(beta gam) K``, ``U = A diag(beta) V``: ``prepare(factors="wu")``, as FLA's
         forward keeps them): ``v_new = U - W S`` on the chain, two dependent products per chunk
@@ -197,7 +234,7 @@ def state_pass(
         a,
         k,
         v,
-        beta,
+        jnp.swapaxes(beta, 1, 2).astype(jnp.float32),  # [B, H, L]: rows a pipelined load
         gam,
         fdec,
         num_householder=num_householder,
@@ -206,6 +243,7 @@ def state_pass(
         num_stages=num_stages,
         tf32_state=tf32_state,
         stored_wu=stored_wu,
+        loop=loop,
         interpret=interpret,
         poison=poison,
     )
@@ -237,6 +275,7 @@ def _launch(
     poison: bool,
     pieces: int,
     stored_wu: bool = False,
+    loop: str = "auto",
     mid_states: bool = False,
     transfer: bool = False,
 ) -> list[jax.Array]:
@@ -273,7 +312,7 @@ def _launch(
         head_rows(Kp if stored_wu else CHUNK, False),
         seq(Kp, False),
         head_rows(bv, True) if stored_wu else seq(bv, True),
-        pl.BlockSpec((None, L, None), lambda i, h, b: (row(b), 0, h)),
+        head_vec,
     ]
     if decay:
         inputs += [gam, fdec]
@@ -306,6 +345,18 @@ def _launch(
     else:
         ks_dot = DotMode.TF32 if tf32_state else DotMode.INPUT
         ax_dot, kv_dot = DotMode.TF32, DotMode.SPLIT_B
+    size = jnp.dtype(dtype).itemsize
+    per_chunk = CHUNK * (Kp * size + (Kp * size if stored_wu else CHUNK * 4) + bv * size + 4)
+    per_chunk += 2 * CHUNK * 4 if decay else 0
+    # the token loop unrolls the sub-chunks where they still pipeline (at least 2 stages of
+    # shared memory); else the sub-chunk loop
+    loop = resolve_state_loop(loop, (nv + (Kp // bv if transfer else 0)) * H * B * P)
+    if loop == "token" and n <= UNROLL_MAX:
+        fits = pipeline_stages(num_stages, n * per_chunk) >= min(num_stages, 2)
+        loop = "token" if fits else "sub"
+    else:
+        loop = "sub"
+    chunks_per_step = n if loop == "token" else 1
     kernel = functools.partial(
         _kernel,
         n=n,
@@ -316,6 +367,7 @@ def _launch(
         pieces=P,
         transfer_tiles=nv if transfer else None,
         stored_wu=stored_wu,
+        loop=loop,
         ks_dot=ks_dot,
         ax_dot=ax_dot,
         kv_dot=kv_dot,
@@ -330,7 +382,7 @@ def _launch(
         out_specs=out_specs,
         grid=(nv + (Kp // bv if transfer else 0), H, B * P),
         num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=pipeline_stages(num_stages, chunks_per_step * per_chunk),
         interpret=interpret,
         name="dp_state_transfer" if transfer else "dp_state_pass",
         poison=poison,

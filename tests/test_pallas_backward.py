@@ -310,26 +310,38 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
         kernel_backward.BackwardConfig(wy_dots="fp8")
     with pytest.raises(ValueError, match="state_dots must be .split. or .input., got .tf32."):
         kernel_backward.BackwardConfig(state_dots="tf32")
+    with pytest.raises(ValueError, match="state_loop must be one of .*, got .chunk."):
+        kernel_backward.BackwardConfig(state_loop="chunk")
+
+
+SUB_LOOP = dict(state_loop="sub")
+TOKEN_LOOP = dict(state_loop="token")
+MASKED_SUB_LOOP = dict(state_loop="sub", state_read_masked=True)
+STORED_W = dict(state_stored_w=True)
 
 
 @pytest.mark.parametrize(
-    "field,n,split,tol",
-    [("state_read_masked", 2, 1, 1e-6), ("state_read_masked", 3, 2, 1e-6)]
-    + [("state_stored_w", 1, 1, 1e-5), ("state_stored_w", 2, 2, 1e-5)]
-    + [("state_stored_w", 3, 1, 1e-5)],
+    "variant,n,split,tol",
+    [(SUB_LOOP, 1, 1, 1e-6), (SUB_LOOP, 2, 1, 1e-6), (SUB_LOOP, 2, 3, 1e-6)]
+    + [(SUB_LOOP, 3, 2, 1e-6), (SUB_LOOP, 4, 1, 1e-6), (TOKEN_LOOP, 2, 2, 1e-6)]
+    + [(MASKED_SUB_LOOP, 2, 1, 1e-6), (MASKED_SUB_LOOP, 3, 2, 1e-6)]
+    + [(STORED_W, 1, 1, 1e-5), (STORED_W, 2, 2, 1e-5), (STORED_W, 3, 1, 1e-5)],
 )
-def test_reverse_pass_options_match_the_default(rng, monkeypatch, field, n, split, tol):
+def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, split, tol):
     """On fp32 inputs the reverse state pass's options give the default's gradients, also under
-    the sequence split: ``state_read_masked`` (the read term without ``lax.cond``, also in the
-    transfer launch) and ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
+    the sequence split: ``state_loop="sub"`` (one step per interleaved chunk, the read term
+    behind ``lax.cond`` or, with ``state_read_masked``, formed every sub-chunk; the default
+    ``"auto"`` is the token loop at these few programs, which unrolls ``n_h = 1, 2`` and walks
+    ``n_h = 3, 4`` in an inner loop), ``"token"`` itself and
+    ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
     B, T, H, K, V = 1, 200, 2, 16, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     starts = jnp.asarray(random_resets(rng, B, T))
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
     args = inputs(p, jnp.float32)
     out = []
-    for value in (False, True):
-        config = kernel_backward.BackwardConfig(state_split=split, **{field: value})
+    for fields in ({}, variant):
+        config = kernel_backward.BackwardConfig(state_split=split, **fields)
         use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, starts, cot_o, cot_s, n, 0.3))
     for name in out[0]:
@@ -536,7 +548,7 @@ GPU_CASES = [
 BACKWARD_VARIANTS = {
     "default": {},
     "grad_dtype=float32": {"grad_dtype": "float32"},
-    "state_read_masked=True": {"state_read_masked": True},
+    "state_loop=sub": {"state_loop": "sub"},
     "wy_dots=tf32": {"wy_dots": "tf32"},
     "state_stored_w=True": {"state_stored_w": True},
 }

@@ -25,7 +25,14 @@ from dpjax.ops import chunked, reference
 from dpjax.ops import pallas as dp_pallas
 from dpjax.ops.validation import CallShape
 from pallas_kernels import forward as kernels
-from pallas_kernels.common import AUTO_SPLIT, auto_split, split_pieces, state_pass_pieces
+from pallas_kernels.common import (
+    AUTO_SPLIT,
+    auto_split,
+    pipeline_stages,
+    resolve_state_loop,
+    split_pieces,
+    state_pass_pieces,
+)
 from pallas_kernels.prepare import prepare
 
 FP32_TOL = 1e-4
@@ -213,6 +220,62 @@ def test_stored_wu_matches_oracle(rng, n, gated, split, dtype):
     tol = FP32_TOL if dtype == jnp.float32 else LOW_TOL[dtype]
     for default, stored in zip(*errs, strict=True):
         assert stored < tol and stored <= 4.0 * default + 5e-4, errs
+
+
+@pytest.mark.parametrize(
+    "n,gated,split,dtype",
+    [(1, True, 1, jnp.float32), (2, True, 1, jnp.float32), (2, False, 3, jnp.float32)]
+    + [(3, True, 2, jnp.float32), (2, True, 1, jnp.bfloat16)],
+)
+def test_state_loops_give_the_same_residuals(rng, n, gated, split, dtype):
+    """``KernelConfig.state_loop``: the token loop (sub-chunks unrolled, stores without
+    branches; ``n_h = 3`` falls back to the sub-chunk loop) and the sub-chunk loop give the same
+    output, final state and residuals, also under the sequence split; ``"auto"`` is one of
+    them."""
+    B, T, H, K, V = 2, 200, 2, 20, 36
+    p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=gated, initial_state=True)
+    starts = jnp.asarray(random_resets(rng, B, T))
+    cast = lambda x, d=dtype: jnp.asarray(x, d)
+    args = [cast(p[x]) for x in ("q", "k", "v", "beta")]
+    args += [cast(p["g"], jnp.float32) if gated else None, cast(p["initial_state"], jnp.float32)]
+    out = []
+    for loop in ("sub", "token", "auto"):
+        config = kernels.KernelConfig(state_split=split, state_loop=loop)
+        o, final, res = kernels.forward(
+            *args, starts, num_householder=n, scale=0.3, config=config, save_states=True
+        )
+        out.append(dict(o=o, final=final, h=res.h, v_new=res.v_new, h_mid=res.h_mid))
+    for name, sub in out[0].items():
+        for other in out[1:]:
+            if sub is None:
+                assert other[name] is None and n == 1
+                continue
+            sub64, other64 = np.asarray(sub, np.float64), np.asarray(other[name], np.float64)
+            assert np.isfinite(other64).all(), name
+            np.testing.assert_allclose(other64, sub64, rtol=1e-5, atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="state_loop must be one of .*, got 'tokens'"):
+        kernels.KernelConfig(state_loop="tokens")
+
+
+def test_auto_state_loop_is_the_token_loop_up_to_one_wave():
+    """``state_loop="auto"`` (the default): the token loop up to 132 programs (B=4, H=8, four
+    value tiles: 128), the sub-chunk loop beyond (the DP2-392M step's B=8: 256); explicit
+    choices are kept, unknown ones refused."""
+    assert kernels.KernelConfig().state_loop == "auto"
+    assert [resolve_state_loop("auto", p) for p in (32, 128, 132, 133, 256)] == (
+        ["token"] * 3 + ["sub"] * 2
+    )
+    assert resolve_state_loop("token", 256) == "token" and resolve_state_loop("sub", 8) == "sub"
+    with pytest.raises(ValueError, match="state_loop must be one of"):
+        resolve_state_loop("chunk", 8)
+
+
+def test_pipeline_stages_fit_shared_memory():
+    """``common.pipeline_stages`` lowers the requested depth until the stages fit 227 KB."""
+    assert pipeline_stages(3, 36_000) == 3
+    assert pipeline_stages(3, 94_720) == 2  # the reverse pass's unrolled n_h = 2 step
+    assert pipeline_stages(3, 74_240) == 3  # the forward's: 3 x 74,240 + 8,192 fits
+    assert pipeline_stages(2, 300_000) == 1 and pipeline_stages(1, 10) == 1
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
