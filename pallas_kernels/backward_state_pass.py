@@ -61,6 +61,7 @@ from pallas_kernels.common import (
     pallas_call,
     pipeline_stages,
     resolve_state_loop,
+    state_chunk_bytes,
     state_pass_pieces,
 )
 
@@ -352,9 +353,8 @@ def _launch(
         if dots == "split":
             modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
     size = jnp.dtype(dtype).itemsize
-    per_chunk = CHUNK * (Kp * size + (Kp * size if stored_w else CHUNK * 4) + bv * size + 4)
-    per_chunk += 2 * CHUNK * 4 if decay else 0
-    per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))
+    per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
+    per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))  # Q, dO (and gam_tok)
     # the token loop unrolls its sub-chunks where they still pipeline (at least 2 stages of
     # shared memory), else walks them in an inner loop
     loop = resolve_state_loop(loop, (nv + (Kp // bv if transfer else 0)) * H * B * P)

@@ -242,6 +242,18 @@ def pipeline_stages(requested: int, bytes_per_stage: int, reserve: int = 8192) -
     return stages
 
 
+def state_chunk_bytes(
+    key_dim: int, value_tile: int, itemsize: int, *, stored_factor: bool, decay: bool
+) -> int:
+    """Shared memory one interleaved chunk's pipelined loads take in a state pass: ``K [64, Kp]``,
+    ``A [64, 64]`` fp32 (or a stored 16-bit WY factor ``[64, Kp]``), the value-side tile
+    ``[64, BV]`` (``V`` or ``dv_out``), the fp32 ``beta`` row and, with decay, two fp32 gate
+    rows (for ``pipeline_stages``)."""
+    factor = key_dim * itemsize if stored_factor else CHUNK * 4
+    per_row = key_dim * itemsize + factor + value_tile * itemsize + 4 + (8 if decay else 0)
+    return CHUNK * per_row
+
+
 # an H100's (H200's) SM count: up to this many programs of a state pass run as one wave
 ONE_WAVE_PROGRAMS = 132
 STATE_LOOPS = ("auto", "token", "sub")

@@ -61,6 +61,7 @@ from pallas_kernels.common import (
     pallas_call,
     pipeline_stages,
     resolve_state_loop,
+    state_chunk_bytes,
     state_pass_pieces,
 )
 
@@ -345,9 +346,9 @@ def _launch(
     else:
         ks_dot = DotMode.TF32 if tf32_state else DotMode.INPUT
         ax_dot, kv_dot = DotMode.TF32, DotMode.SPLIT_B
-    size = jnp.dtype(dtype).itemsize
-    per_chunk = CHUNK * (Kp * size + (Kp * size if stored_wu else CHUNK * 4) + bv * size + 4)
-    per_chunk += 2 * CHUNK * 4 if decay else 0
+    per_chunk = state_chunk_bytes(
+        Kp, bv, jnp.dtype(dtype).itemsize, stored_factor=stored_wu, decay=decay
+    )
     # the token loop unrolls the sub-chunks where they still pipeline (at least 2 stages of
     # shared memory); else the sub-chunk loop
     loop = resolve_state_loop(loop, (nv + (Kp // bv if transfer else 0)) * H * B * P)
