@@ -31,6 +31,9 @@
 #      autodiff; conv_forward likewise, auto by default; gemm: profile_step.py --gemm, auto by
 #      default; norm_impl: --norm_impl, xla by default),
 #      each with the step's time by source file (LM_HLO=0: without the compiled HLO);
+#   BASE=1 (with .base/ from `bash scripts/snapshot_base.sh REV`, carried): `bench` and `lm`
+#      also run from that earlier revision's code in the same call (base_* records), for
+#      before/after figures from one machine;
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
@@ -73,7 +76,12 @@ for stage in $STAGES; do
     bench)
       timeout 200 python3 experiments/bench_op.py --only 0 1 2 --stages --bwd-stages --memory \
         --no-chunked --repeats 5 --out "$OUT" > "$OUT/bench_op.stdout" 2>&1
-      tail -40 "$OUT/bench_op.md" ;;
+      tail -40 "$OUT/bench_op.md"
+      if [ "${BASE:-0}" = 1 ]; then  # the snapshot of scripts/snapshot_base.sh, same shapes
+        (cd .base && PYTHONPATH=. timeout 150 python3 experiments/bench_op.py --only 0 1 2 \
+          --no-chunked --repeats 5 --out "$OUT/base_bench" > "$OUT/base_bench.stdout" 2>&1)
+        echo "base $(cat .base/REVISION):"; grep -E "^\| B=" "$OUT/base_bench/bench_op.md" | head -3
+      fi ;;
     jla|fla)
       peer=$stage; [ "$stage" = jla ] && peer=jla:mosaic_gpu
       limit=70; [ "$stage" = fla ] && limit=260
@@ -134,6 +142,15 @@ for stage in $STAGES; do
           | tail -66
         # the device tool returns at most 8 files: LM_HLO=0 keeps only profile_step.json
         [ "${LM_HLO:-1}" = 0 ] && rm -f "$OUT/lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm/train_step.hlo.txt.gz"
+        if [ "${BASE:-0}" = 1 ]; then  # the same run from the snapshot of scripts/snapshot_base.sh
+          base_out="$OUT/base_lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm"
+          (cd .base && PYTHONPATH=. timeout "${LM_TIMEOUT:-170}" python3 \
+            experiments/profile_step.py --preset "$preset" --batch_size 8 --k 4095 \
+            --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
+            --conv_forward "$conv_fwd" --gemm "$gemm" --norm_impl "$norm" --impl auto --top 30 \
+            --out "$base_out" 2>&1 | grep -v "^WARNING" | grep -E "step|MFU|dp_" | head -20)
+          rm -rf "$base_out/trace" "$base_out/train_step.hlo.txt.gz"
+        fi
       done ;;
     multi)
       python3 experiments/language_model.py prepare --corpus stdlib \
