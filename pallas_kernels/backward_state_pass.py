@@ -17,10 +17,9 @@ A^T x``) unless the forward's 16-bit ``W`` is given (``BackwardConfig.state_stor
 ``W^T dv_new``, two dependent products per step). Without decay every gate factor is 1.
 
 One loop step covers a token chunk (``loop="token"``; by default where the programs run as one
-wave, ``common.resolve_state_loop``): its ``n_h`` sub-chunks
-unrolled (an inner loop above ``common.UNROLL_MAX``), ``Q_J``, ``dO_J`` loaded at its start and
-the read term added after sub-chunk 0, with no branch; ``loop="sub"`` steps one interleaved chunk
-at a time with the read term behind ``lax.cond``.
+wave and ``n_h <= 2``, ``common.state_loop_for``): its ``n_h`` sub-chunks unrolled, ``Q_J``,
+``dO_J`` loaded at its start and the read term added after sub-chunk 0, with no branch;
+``loop="sub"`` steps one interleaved chunk at a time with the read term behind ``lax.cond``.
 
 Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
 ``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]`` (fp32 rows of a ``[B, H, L]`` copy: a pipelined
@@ -52,7 +51,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
-    UNROLL_MAX,
     DotMode,
     chain_pieces,
     element_select,
@@ -60,8 +58,8 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     pipeline_stages,
-    resolve_state_loop,
     state_chunk_bytes,
+    state_loop_for,
     state_pass_pieces,
 )
 
@@ -76,7 +74,6 @@ def _kernel(
     transfer_tiles: int | None,
     read_masked: bool,
     loop: str,
-    unroll: bool,
     stored_w: bool,
     mode: dict,
     dots: dict,
@@ -142,11 +139,8 @@ def _kernel(
         def token_step(step, d_state):
             j = last_token - step
             read = read_operands(j)  # loaded first, used last
-            if unroll:
-                for i in reversed(range(n)):
-                    d_state = sub_chunk(j * n + i, d_state)
-            else:  # an inner loop: its loads are pipelined, the step's shared memory stays small
-                d_state = lax.fori_loop(0, n, lambda i, d: sub_chunk(j * n + n - 1 - i, d), d_state)
+            for i in reversed(range(n)):
+                d_state = sub_chunk(j * n + i, d_state)
             return d_state + read_term(read)
 
         dh0_ref[...] = lax.fori_loop(0, tokens_per_piece, token_step, d_start)
@@ -208,13 +202,12 @@ def state_pass_backward(
         the default: ``common.auto_split`` of the ``B * H * Vp / BV`` programs).
       num_stages: the pipeline depth, at most: lowered to what fits in shared memory
         (``common.pipeline_stages``).
-      loop: ``"token"``: one loop step per token chunk, its ``n_h`` sub-chunks
-        unrolled (an inner loop above ``common.UNROLL_MAX``, or where unrolled they would not
-        pipeline in shared memory) and the read term added after the first without a branch
-        (its ``Q``, ``dO`` loads are issued first); ``"sub"``: one step per interleaved chunk,
-        the read term on the first sub-chunk of each token chunk (branch or ``read_masked``);
-        ``"auto"`` (the default): ``common.resolve_state_loop`` (the token loop up to one wave of
-        programs).
+      loop: ``"token"``: one loop step per token chunk, its ``n_h`` sub-chunks unrolled and the
+        read term added after the first without a branch (its ``Q``, ``dO`` loads are issued
+        first); ``"sub"``: one step per interleaved chunk, the read term on the first sub-chunk
+        of each token chunk (branch or ``read_masked``); ``"auto"`` (the default): the token
+        loop up to one wave of programs (``common.state_loop_for``: also where the token loop
+        falls back to the sub-chunk loop, above ``n_h = 2`` or where it would not pipeline).
       read_masked: with ``loop="sub"`` and ``n_h > 1``, load ``Q``, ``dO`` and form the read
         term on every sub-chunk and keep it on the first (no ``lax.cond``: the loads can be
         pipelined), instead of a branch on the first sub-chunk of each token chunk (on an H100
@@ -355,13 +348,10 @@ def _launch(
     size = jnp.dtype(dtype).itemsize
     per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
     per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))  # Q, dO (and gam_tok)
-    # the token loop unrolls its sub-chunks where they still pipeline (at least 2 stages of
-    # shared memory), else walks them in an inner loop
-    loop = resolve_state_loop(loop, (nv + (Kp // bv if transfer else 0)) * H * B * P)
-    unroll = loop == "token" and n <= UNROLL_MAX
-    unroll = unroll and pipeline_stages(num_stages, n * per_chunk + per_token) >= min(num_stages, 2)
+    programs = (nv + (Kp // bv if transfer else 0)) * H * B * P
+    loop = state_loop_for(loop, programs, n, num_stages, n * per_chunk + per_token)
     if loop == "token":
-        per_step = (n if unroll else 1) * per_chunk + per_token
+        per_step = n * per_chunk + per_token
     else:
         per_step = per_chunk + (per_token if read_masked else 0)
     kernel = functools.partial(
@@ -373,7 +363,6 @@ def _launch(
         pieces=P,
         transfer_tiles=nv if transfer else None,
         loop=loop,
-        unroll=unroll,
         read_masked=read_masked,
         stored_w=stored_w,
         mode=modes,

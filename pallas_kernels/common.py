@@ -30,8 +30,8 @@ from jax.experimental.pallas import triton as pltriton
 
 CHUNK = 64
 # the state passes' token loop (``loop="token"``) unrolls up to this many sub-chunks per step;
-# above, an inner loop (n_h = 3 unrolled would pipeline 256 KB of shared memory at 2 stages in the
-# reverse pass, more than an H100's 227 KB)
+# above, the sub-chunk loop (n_h = 3 unrolled would pipeline 256 KB of shared memory at 2 stages
+# in the reverse pass, more than an H100's 227 KB)
 UNROLL_MAX = 2
 
 
@@ -269,6 +269,22 @@ def resolve_state_loop(loop: str, programs: int) -> str:
         raise ValueError(f"state_loop must be one of {STATE_LOOPS}, got {loop!r}")
     if loop == "auto":
         return "token" if programs <= ONE_WAVE_PROGRAMS else "sub"
+    return loop
+
+
+def state_loop_for(
+    loop: str, programs: int, num_householder: int, num_stages: int, token_step_bytes: int
+) -> str:
+    """The loop a state pass compiles: ``resolve_state_loop(loop, programs)``, except that the
+    token loop (its ``n_h`` sub-chunks unrolled in one step) falls back to the sub-chunk loop
+    above ``UNROLL_MAX`` sub-chunks or where the step's pipelined loads
+    (``token_step_bytes``) would not fit at least 2 stages (``num_stages`` if less) in shared
+    memory."""
+    loop = resolve_state_loop(loop, programs)
+    if loop == "token":
+        fits = pipeline_stages(num_stages, token_step_bytes) >= min(num_stages, 2)
+        if num_householder > UNROLL_MAX or not fits:
+            return "sub"
     return loop
 
 

@@ -22,8 +22,8 @@ sequence of its head, reading per chunk ``A [64, 64]`` fp32, ``K [64, Kp]``, ``V
 asynchronously like the tiles; and ``gam, fdec [64]``), and ``h0 [Kp, BV]`` once; it writes
 ``v_new [L, BV]`` and ``h [NT, Kp, BV]`` (input dtype) and the final state ``[Kp, BV]`` fp32. One
 loop step covers a token chunk (its ``n_h`` sub-chunks unrolled, ``loop="token"``; by default
-where the programs run as one wave, ``common.resolve_state_loop``) where that still pipelines in
-shared memory, else one interleaved chunk.
+where the programs run as one wave, ``n_h <= 2`` and the step still pipelines in shared memory,
+``common.state_loop_for``), else one interleaved chunk.
 
 Sequence split (``pieces = P > 1``; ``KernelConfig.state_split``): the grid's last axis runs over
 (batch row, piece) pairs and each program walks only its piece's token chunks. A first
@@ -52,7 +52,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
-    UNROLL_MAX,
     DotMode,
     chain_pieces,
     element_select,
@@ -60,8 +59,8 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     pipeline_stages,
-    resolve_state_loop,
     state_chunk_bytes,
+    state_loop_for,
     state_pass_pieces,
 )
 
@@ -206,11 +205,11 @@ def state_pass(
         (``common.split_pieces`` picks the largest count dividing ``T_pad / 64``); 1 = one
         sequential walk; ``AUTO_SPLIT`` (0, the default) = ``common.auto_split`` of the
         ``B * H * Vp / BV`` programs (a split only where they leave SMs idle).
-      loop: ``"token"``: for ``n_h <= common.UNROLL_MAX``, one loop step per token chunk, its
-        ``n_h`` sub-chunks unrolled, the stores of ``h`` and ``h_mid`` without branches, where the
-        unrolled step still pipelines in shared memory (at least 2 stages); otherwise, or with
-        ``"sub"``: one step per interleaved chunk, the stores behind ``pl.when``; ``"auto"`` (the
-        default): ``common.resolve_state_loop`` (the token loop up to one wave of programs).
+      loop: ``"token"``: one loop step per token chunk, its ``n_h`` sub-chunks unrolled, the
+        stores of ``h`` and ``h_mid`` without branches; ``"sub"``: one step per interleaved
+        chunk, the stores behind ``pl.when``; ``"auto"`` (the default): the token loop up to one
+        wave of programs (``common.state_loop_for``: also where the token loop falls back to
+        the sub-chunk loop, above ``n_h = 2`` or where it would not pipeline).
       num_stages: the pipeline depth, at most: lowered to what fits in shared memory
         (``common.pipeline_stages``).
       wu: the WY factors ``(W [B, H, L, Kp], U [B, H, L, Vp])`` in the input dtype
@@ -349,14 +348,8 @@ def _launch(
     per_chunk = state_chunk_bytes(
         Kp, bv, jnp.dtype(dtype).itemsize, stored_factor=stored_wu, decay=decay
     )
-    # the token loop unrolls the sub-chunks where they still pipeline (at least 2 stages of
-    # shared memory); else the sub-chunk loop
-    loop = resolve_state_loop(loop, (nv + (Kp // bv if transfer else 0)) * H * B * P)
-    if loop == "token" and n <= UNROLL_MAX:
-        fits = pipeline_stages(num_stages, n * per_chunk) >= min(num_stages, 2)
-        loop = "token" if fits else "sub"
-    else:
-        loop = "sub"
+    programs = (nv + (Kp // bv if transfer else 0)) * H * B * P
+    loop = state_loop_for(loop, programs, n, num_stages, n * per_chunk)
     chunks_per_step = n if loop == "token" else 1
     kernel = functools.partial(
         _kernel,

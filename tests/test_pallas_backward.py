@@ -331,8 +331,8 @@ def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, sp
     """On fp32 inputs the reverse state pass's options give the default's gradients, also under
     the sequence split: ``state_loop="sub"`` (one step per interleaved chunk, the read term
     behind ``lax.cond`` or, with ``state_read_masked``, formed every sub-chunk; the default
-    ``"auto"`` is the token loop at these few programs, which unrolls ``n_h = 1, 2`` and walks
-    ``n_h = 3, 4`` in an inner loop), ``"token"`` itself and
+    ``"auto"`` is the token loop at these few programs for ``n_h = 1, 2`` and the sub-chunk
+    loop above), ``"token"`` itself and
     ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
     B, T, H, K, V = 1, 200, 2, 16, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)

@@ -31,6 +31,7 @@ from pallas_kernels.common import (
     pipeline_stages,
     resolve_state_loop,
     split_pieces,
+    state_loop_for,
     state_pass_pieces,
 )
 from pallas_kernels.prepare import prepare
@@ -268,6 +269,14 @@ def test_auto_state_loop_is_the_token_loop_up_to_one_wave():
     assert resolve_state_loop("token", 256) == "token" and resolve_state_loop("sub", 8) == "sub"
     with pytest.raises(ValueError, match="state_loop must be one of"):
         resolve_state_loop("chunk", 8)
+    # what the passes compile: the token loop falls back to the sub-chunk loop above n_h = 2 and
+    # where its step would not pipeline (the reverse pass at K = 256, n_h = 2: 137,728 bytes)
+    assert state_loop_for("auto", 128, 2, 3, 94_720) == "token"
+    assert state_loop_for("auto", 256, 2, 3, 94_720) == "sub"
+    assert state_loop_for("token", 256, 2, 3, 94_720) == "token"
+    assert state_loop_for("token", 128, 3, 3, 50_000) == "sub"
+    assert state_loop_for("auto", 64, 2, 2, 137_728) == "sub"
+    assert state_loop_for("token", 64, 2, 1, 137_728) == "token"  # one stage asked, one fits
 
 
 def test_pipeline_stages_fit_shared_memory():
