@@ -42,6 +42,7 @@ or, with ``dots="input"``, all three with 16-bit operands; fp32 inputs: IEEE.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -348,8 +349,8 @@ def _launch(
     size = jnp.dtype(dtype).itemsize
     per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
     per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))  # Q, dO (and gam_tok)
-    programs = (nv + (Kp // bv if transfer else 0)) * H * B * P
-    loop = state_loop_for(loop, programs, n, num_stages, n * per_chunk + per_token)
+    grid = (nv + (Kp // bv if transfer else 0), H, B * P)
+    loop = state_loop_for(loop, math.prod(grid), n, num_stages, n * per_chunk + per_token)
     if loop == "token":
         per_step = n * per_chunk + per_token
     else:
@@ -374,7 +375,7 @@ def _launch(
         in_specs=in_specs,
         out_shapes=out_shapes,
         out_specs=out_specs,
-        grid=(nv + (Kp // bv if transfer else 0), H, B * P),
+        grid=grid,
         num_warps=num_warps,
         num_stages=pipeline_stages(num_stages, per_step),
         interpret=interpret,

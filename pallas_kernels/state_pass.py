@@ -43,6 +43,7 @@ fp32; keys are exact in 16 bits). fp32 inputs: IEEE fp32 throughout.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -348,8 +349,8 @@ def _launch(
     per_chunk = state_chunk_bytes(
         Kp, bv, jnp.dtype(dtype).itemsize, stored_factor=stored_wu, decay=decay
     )
-    programs = (nv + (Kp // bv if transfer else 0)) * H * B * P
-    loop = state_loop_for(loop, programs, n, num_stages, n * per_chunk)
+    grid = (nv + (Kp // bv if transfer else 0), H, B * P)
+    loop = state_loop_for(loop, math.prod(grid), n, num_stages, n * per_chunk)
     chunks_per_step = n if loop == "token" else 1
     kernel = functools.partial(
         _kernel,
@@ -374,7 +375,7 @@ def _launch(
         in_specs=in_specs,
         out_shapes=out_shapes,
         out_specs=out_specs,
-        grid=(nv + (Kp // bv if transfer else 0), H, B * P),
+        grid=grid,
         num_warps=num_warps,
         num_stages=pipeline_stages(num_stages, chunks_per_step * per_chunk),
         interpret=interpret,

@@ -135,21 +135,19 @@ for stage in $STAGES; do
         norm=${norm:-xla}
         preset=$p
         [[ $p == *-* ]] || preset=$p-392m
-        timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset "$preset" --batch_size 8 \
-          --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
-          --conv_forward "$conv_fwd" --gemm "$gemm" --norm_impl "$norm" --impl auto --top 30 \
-          --out "$OUT/lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm" 2>&1 | grep -v "^WARNING" \
-          | tail -66
+        name="lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm"
+        profile() {  # $1: output folder (absolute); run from the current directory's code
+          timeout "${LM_TIMEOUT:-170}" python3 experiments/profile_step.py --preset "$preset" \
+            --batch_size 8 --k 4095 --eval_length 0 --steps 5 --repeats 3 --remat "$remat" \
+            --conv_backward "$conv" --conv_forward "$conv_fwd" --gemm "$gemm" \
+            --norm_impl "$norm" --impl auto --top 30 --out "$1" 2>&1 | grep -v "^WARNING"
+        }
+        profile "$OUT/$name" | tail -66
         # the device tool returns at most 8 files: LM_HLO=0 keeps only profile_step.json
-        [ "${LM_HLO:-1}" = 0 ] && rm -f "$OUT/lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm/train_step.hlo.txt.gz"
+        [ "${LM_HLO:-1}" = 0 ] && rm -f "$OUT/$name/train_step.hlo.txt.gz"
         if [ "${BASE:-0}" = 1 ]; then  # the same run from the snapshot of scripts/snapshot_base.sh
-          base_out="$OUT/base_lm_${p}_${remat}_${conv}_${conv_fwd}_${gemm}_$norm"
-          (cd .base && PYTHONPATH=. timeout "${LM_TIMEOUT:-170}" python3 \
-            experiments/profile_step.py --preset "$preset" --batch_size 8 --k 4095 \
-            --eval_length 0 --steps 5 --repeats 3 --remat "$remat" --conv_backward "$conv" \
-            --conv_forward "$conv_fwd" --gemm "$gemm" --norm_impl "$norm" --impl auto --top 30 \
-            --out "$base_out" 2>&1 | grep -v "^WARNING" | grep -E "step|MFU|dp_" | head -20)
-          rm -rf "$base_out/trace" "$base_out/train_step.hlo.txt.gz"
+          (cd .base && PYTHONPATH=. profile "$OUT/base_$name" | grep -E "step|MFU|dp_" | head -20)
+          rm -rf "$OUT/base_$name/trace" "$OUT/base_$name/train_step.hlo.txt.gz"
         fi
       done ;;
     multi)
