@@ -435,7 +435,7 @@ BWD_TUNE_SPACE = {
     ]
     + [dict(state_split=p) for p in (2, 4, 8)]
     + [dict(state_loop=loop) for loop in ("token", "sub")]
-    + [dict(state_loop="sub", state_read_masked=True)]
+    + [dict(state_read_masked=flag) for flag in (True, False)]
     + [dict(state_dots="input"), dict(state_stored_w=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
@@ -555,7 +555,8 @@ TUNE_SPACE = {  # variants that compile without register spills for K = V = 128 
     ]
     + [dict(state_block_v=32, state_warps=4, state_stages=2, state_tf32=True, state_split=1)]
     + [dict(state_split=p) for p in (2, 4, 8)]
-    + [dict(state_stored_wu=True), dict(state_loop="token"), dict(state_loop="sub")],
+    + [dict(state_stored_wu=True), dict(state_loop="token"), dict(state_loop="sub")]
+    + [dict(state_loop="sub", state_stages=2)],
     "output": [
         dict(out_block_v=bv, out_warps=w) for bv, w in ((64, 4), (64, 8), (128, 8), (64, 2))
     ],

@@ -79,12 +79,13 @@ class BackwardConfig:
     state_warps: int = 4
     state_stages: int = 3
     state_split: int = AUTO_SPLIT  # sequence split of the reverse state pass (as the forward's)
-    # its loop: "token" (one step per token chunk, sub-chunks unrolled, no branch), "sub" (one
-    # step per interleaved chunk, the read term behind a branch or, with state_read_masked,
-    # formed every sub-chunk) or "auto" (token up to one wave of programs,
-    # common.resolve_state_loop)
+    # its loop: "sub" (one step per interleaved chunk), "token" (one step per token chunk,
+    # sub-chunks unrolled, no branch) or "auto" ("sub"); and its read term: formed on every
+    # sub-chunk and kept on the first (True), behind a branch (False) or None: masked up to one
+    # wave of programs (state_pass_backward's launch_plan, which also caps the branch's
+    # pipeline at 2 stages beyond one wave)
     state_loop: str = "auto"
-    state_read_masked: bool = False
+    state_read_masked: bool | None = None
     # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves) or
     # "input" (16-bit operands, one product each; not the default: on long ungated sequences the
     # rounding accumulates towards SPEC §9's bounds, docs/DESIGN_DECISIONS.md)

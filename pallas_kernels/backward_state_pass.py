@@ -16,10 +16,14 @@ with ``dE [Kp, BV]`` fp32 in registers. ``W_c`` is never formed (``W^T x = K^T d
 A^T x``) unless the forward's 16-bit ``W`` is given (``BackwardConfig.state_stored_w``:
 ``W^T dv_new``, two dependent products per step). Without decay every gate factor is 1.
 
-One loop step covers a token chunk (``loop="token"``; by default where the programs run as one
-wave and ``n_h <= 2``, ``common.state_loop_for``): its ``n_h`` sub-chunks unrolled, ``Q_J``,
-``dO_J`` loaded at its start and the read term added after sub-chunk 0, with no branch;
-``loop="sub"`` steps one interleaved chunk at a time with the read term behind ``lax.cond``.
+One loop step covers one interleaved chunk (``loop="sub"``, the default): the read term is
+formed on every sub-chunk and kept on the first (``read_masked``, the default up to one wave of
+programs: every load is then pipelined) or formed behind ``lax.cond`` (beyond one wave, where
+the pass also compiles with at most 2 pipeline stages so that two programs share an SM:
+``launch_plan``). ``loop="token"`` steps one token chunk at a time, its ``n_h`` sub-chunks
+unrolled, ``Q_J``, ``dO_J`` loaded at its start and the read term added after sub-chunk 0.
+``dv_out`` enters through a product with the identity (``common.through_product``) so that its
+load is pipelined too (read on its own it was a synchronous load on the chain).
 
 Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
 ``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]`` (fp32 rows of a ``[B, H, L]`` copy: a pipelined
@@ -52,6 +56,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
+    ONE_WAVE_PROGRAMS,
     DotMode,
     chain_pieces,
     element_select,
@@ -62,6 +67,7 @@ from pallas_kernels.common import (
     state_chunk_bytes,
     state_loop_for,
     state_pass_pieces,
+    through_product,
 )
 
 
@@ -115,7 +121,7 @@ def _kernel(
             k_ds = k_ds * fdec_ref[rows][:, None]
             coef = coef * gam
             d_state = d_state * element_select(gam, CHUNK - 1)
-        dv_out = dvout_ref[rows, :].astype(jnp.float32)
+        dv_out = through_product(dvout_ref[rows, :], mode["in"], **dots)  # a pipelined load
         dvnew = (dv_out * local if transfer else dv_out) + k_ds
         if dvnew_ref is not None:
             dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
@@ -182,7 +188,7 @@ def state_pass_backward(
     num_stages: int = 3,
     split: int = AUTO_SPLIT,
     loop: str = "auto",
-    read_masked: bool = False,
+    read_masked: bool | None = None,
     dots: str = "split",
     w: jax.Array | None = None,
     interpret: bool = False,
@@ -202,18 +208,19 @@ def state_pass_backward(
         piece runs again from its own; ``common.split_pieces`` picks the count; ``AUTO_SPLIT``,
         the default: ``common.auto_split`` of the ``B * H * Vp / BV`` programs).
       num_stages: the pipeline depth, at most: lowered to what fits in shared memory
-        (``common.pipeline_stages``).
-      loop: ``"token"``: one loop step per token chunk, its ``n_h`` sub-chunks unrolled and the
-        read term added after the first without a branch (its ``Q``, ``dO`` loads are issued
-        first); ``"sub"``: one step per interleaved chunk, the read term on the first sub-chunk
-        of each token chunk (branch or ``read_masked``); ``"auto"`` (the default): the token
-        loop up to one wave of programs (``common.state_loop_for``: also where the token loop
-        falls back to the sub-chunk loop, above ``n_h = 2`` or where it would not pipeline).
+        (``common.pipeline_stages``) and, for the read term behind its branch beyond one wave of
+        programs, to 2 (``launch_plan``).
+      loop: ``"sub"``: one loop step per interleaved chunk; ``"token"``: one per token chunk,
+        its ``n_h`` sub-chunks unrolled and the read term added after the first without a
+        branch (its ``Q``, ``dO`` loads issued first; falls back to ``"sub"`` above ``n_h = 2``
+        or where it would not pipeline, ``common.state_loop_for``); ``"auto"`` (the default):
+        ``"sub"``.
       read_masked: with ``loop="sub"`` and ``n_h > 1``, load ``Q``, ``dO`` and form the read
-        term on every sub-chunk and keep it on the first (no ``lax.cond``: the loads can be
-        pipelined), instead of a branch on the first sub-chunk of each token chunk (on an H100
-        2 % faster with 128 programs, B=4, H=8; slower with 256, in the 392M model's step, and
-        with the 8-piece split at B=1, T=32768).
+        term on every sub-chunk and keep it on the first (no ``lax.cond``: the loads are
+        pipelined) instead of a branch on the first sub-chunk of each token chunk; ``None``
+        (the default): masked up to one wave of programs (on an H100 at B=4, H=8, n_h=2:
+        0.309 against 0.384 ms), the branch beyond (B=8: 0.586 against 0.715 ms, both at 2
+        stages; docs/BENCHMARKS.md).
       dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
         with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
         16-bit product each, as FLA's backward).
@@ -262,6 +269,36 @@ def state_pass_backward(
     return dvnew, dh_il, dh0s.reshape(B, pieces, *dh0s.shape[1:])[:, 0]
 
 
+def launch_plan(
+    loop: str,
+    read_masked: bool | None,
+    num_stages: int,
+    programs: int,
+    num_householder: int,
+    chunk_bytes: int,
+    token_bytes: int,
+) -> tuple[str, bool, int, int]:
+    """``(loop, read_masked, num_stages, bytes_per_stage)`` of a reverse-pass launch of
+    ``programs`` programs (the arguments as ``state_pass_backward``'s; ``chunk_bytes`` and
+    ``token_bytes``: the pipelined loads of one interleaved chunk and of one token chunk's
+    ``Q``, ``dO``). Up to one wave (``ONE_WAVE_PROGRAMS``) the ``"auto"`` choices take every
+    load into the pipeline (the read term masked); beyond it they keep the shared memory small
+    enough for two programs per SM (the read term behind its branch, at most 2 stages; on an
+    H100 at 256 programs: 0.586 ms against 0.761 with 3 stages, and 0.612 masked with 3)."""
+    n = num_householder
+    one_wave = programs <= ONE_WAVE_PROGRAMS
+    if loop == "auto":
+        loop = "sub"
+    loop = state_loop_for(loop, programs, n, num_stages, n * chunk_bytes + token_bytes)
+    if read_masked is None:
+        read_masked = one_wave
+    if loop == "sub" and not read_masked and not one_wave:
+        num_stages = min(num_stages, 2)
+    if loop == "token":
+        return loop, read_masked, num_stages, n * chunk_bytes + token_bytes
+    return loop, read_masked, num_stages, chunk_bytes + (token_bytes if read_masked else 0)
+
+
 def _launch(
     a: jax.Array,
     k: jax.Array,
@@ -283,7 +320,7 @@ def _launch(
     poison: bool,
     pieces: int,
     loop: str = "auto",
-    read_masked: bool = False,
+    read_masked: bool | None = None,
     dots: str = "split",
     stored_w: bool = False,
     transfer: bool = False,
@@ -350,11 +387,9 @@ def _launch(
     per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
     per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))  # Q, dO (and gam_tok)
     grid = (nv + (Kp // bv if transfer else 0), H, B * P)
-    loop = state_loop_for(loop, math.prod(grid), n, num_stages, n * per_chunk + per_token)
-    if loop == "token":
-        per_step = n * per_chunk + per_token
-    else:
-        per_step = per_chunk + (per_token if read_masked else 0)
+    loop, read_masked, num_stages, per_step = launch_plan(
+        loop, read_masked, num_stages, math.prod(grid), n, per_chunk, per_token
+    )
     kernel = functools.partial(
         _kernel,
         n=n,

@@ -260,11 +260,12 @@ STATE_LOOPS = ("auto", "token", "sub")
 
 
 def resolve_state_loop(loop: str, programs: int) -> str:
-    """The loop of a state pass of ``programs`` programs: ``"token"`` (one step per token chunk,
-    more shared memory per program) or ``"sub"`` (one step per interleaved chunk); ``"auto"``
-    takes the token loop where the programs run as one wave (on an H200 2-3 % faster at 128
-    programs) and the sub-chunk loop beyond (the DP2-392M step's 256 programs, two per SM, ran
-    its state passes slower with the token loop's larger pipeline: docs/BENCHMARKS.md)."""
+    """The loop of a forward state pass of ``programs`` programs: ``"token"`` (one step per
+    token chunk, more shared memory per program) or ``"sub"`` (one step per interleaved chunk);
+    ``"auto"`` takes the token loop where the programs run as one wave (on an H200 2-3 % faster
+    at 128 programs) and the sub-chunk loop beyond (at 256 programs on an H100: 0.316 against
+    0.397 ms; docs/BENCHMARKS.md). The reverse pass resolves its own ``"auto"``
+    (``backward_state_pass.launch_plan``)."""
     if loop not in STATE_LOOPS:
         raise ValueError(f"state_loop must be one of {STATE_LOOPS}, got {loop!r}")
     if loop == "auto":
@@ -325,6 +326,16 @@ def identity_columns(rows: int, cols: int, first: jax.Array) -> jax.Array:
     r = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
     c = lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + first
     return jnp.where(r == c, 1.0, 0.0).astype(jnp.float32)
+
+
+def through_product(tile: jax.Array, mode: DotMode, **dots) -> jax.Array:
+    """``tile [R, C]`` as fp32, exactly, as the product ``I @ tile`` (``mode``: ``INPUT`` for a
+    16-bit tile, ``IEEE`` for fp32). Triton pipelines (copies ahead asynchronously) only loads
+    that feed a product; a tile loaded inside a loop for elementwise use alone is read
+    synchronously where it is used (seen in the reverse state pass on an H100 with ncu)."""
+    rows = tile.shape[0]
+    eye = identity_columns(rows, rows, 0).astype(tile.dtype)
+    return mm(eye, tile, mode, **dots)
 
 
 def chain_pieces(

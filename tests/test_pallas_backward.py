@@ -24,7 +24,8 @@ from dpjax.ops import pallas as dp_pallas
 from dpjax.ops.chunked_forward import CHUNK, group_by_token_chunk
 from pallas_kernels import backward as kernel_backward
 from pallas_kernels import forward as kernels
-from pallas_kernels.common import split_pieces
+from pallas_kernels.backward_state_pass import launch_plan
+from pallas_kernels.common import DotMode, split_pieces, through_product
 
 NAMES = ("dq", "dk", "dv", "dbeta", "dg", "dh0")
 FP32_TOL = 1e-4
@@ -314,26 +315,24 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
         kernel_backward.BackwardConfig(state_loop="chunk")
 
 
-SUB_LOOP = dict(state_loop="sub")
+BRANCH_SUB_LOOP = dict(state_loop="sub", state_read_masked=False)
 TOKEN_LOOP = dict(state_loop="token")
-MASKED_SUB_LOOP = dict(state_loop="sub", state_read_masked=True)
 STORED_W = dict(state_stored_w=True)
 
 
 @pytest.mark.parametrize(
     "variant,n,split,tol",
-    [(SUB_LOOP, 1, 1, 1e-6), (SUB_LOOP, 2, 1, 1e-6), (SUB_LOOP, 2, 3, 1e-6)]
-    + [(SUB_LOOP, 3, 2, 1e-6), (SUB_LOOP, 4, 1, 1e-6), (TOKEN_LOOP, 2, 2, 1e-6)]
-    + [(MASKED_SUB_LOOP, 2, 1, 1e-6), (MASKED_SUB_LOOP, 3, 2, 1e-6)]
+    [(BRANCH_SUB_LOOP, 1, 1, 1e-6), (BRANCH_SUB_LOOP, 2, 1, 1e-6), (BRANCH_SUB_LOOP, 2, 3, 1e-6)]
+    + [(BRANCH_SUB_LOOP, 3, 2, 1e-6), (BRANCH_SUB_LOOP, 4, 1, 1e-6)]
+    + [(TOKEN_LOOP, 1, 1, 1e-6), (TOKEN_LOOP, 2, 2, 1e-6), (TOKEN_LOOP, 2, 1, 1e-6)]
     + [(STORED_W, 1, 1, 1e-5), (STORED_W, 2, 2, 1e-5), (STORED_W, 3, 1, 1e-5)],
 )
 def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, split, tol):
     """On fp32 inputs the reverse state pass's options give the default's gradients, also under
-    the sequence split: ``state_loop="sub"`` (one step per interleaved chunk, the read term
-    behind ``lax.cond`` or, with ``state_read_masked``, formed every sub-chunk; the default
-    ``"auto"`` is the token loop at these few programs for ``n_h = 1, 2`` and the sub-chunk
-    loop above), ``"token"`` itself and
-    ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
+    the sequence split: the read term behind ``lax.cond`` (``state_read_masked=False``) or
+    formed on every sub-chunk (``True``; the default ``None`` masks it at these few programs),
+    ``state_loop="token"`` (one step per token chunk; the default ``"auto"`` is the sub-chunk
+    loop) and ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
     B, T, H, K, V = 1, 200, 2, 16, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     starts = jnp.asarray(random_resets(rng, B, T))
@@ -347,6 +346,31 @@ def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, sp
     for name in out[0]:
         assert np.isfinite(out[1][name]).all(), name
         assert rel_rmse(out[0][name], out[1][name]) < tol, name
+
+
+def test_reverse_pass_launch_plan():
+    """The reverse pass's automatic choices (``state_loop="auto"``, ``state_read_masked=None``):
+    the sub-chunk loop; up to one wave (132 programs) the read term masked with the deepest
+    pipeline asked for, beyond it the read term behind its branch and at most 2 stages (two
+    programs per SM; only the branch is capped); explicit choices are kept (the token loop
+    falls back as in the forward)."""
+    chunk, token = 37_120, 20_480  # K = 128, BV = 32, bf16
+    assert launch_plan("auto", None, 3, 128, 2, chunk, token) == ("sub", True, 3, chunk + token)
+    assert launch_plan("auto", None, 3, 256, 2, chunk, token) == ("sub", False, 2, chunk)
+    assert launch_plan("sub", True, 3, 256, 2, chunk, token) == ("sub", True, 3, chunk + token)
+    assert launch_plan("sub", False, 3, 128, 2, chunk, token) == ("sub", False, 3, chunk)
+    assert launch_plan("token", None, 3, 128, 2, chunk, token)[0::3] == ("token", 2 * chunk + token)
+    assert launch_plan("token", None, 3, 128, 3, chunk, token)[0] == "sub"
+
+
+def test_through_product_is_exact(rng):
+    """``common.through_product``: a tile as fp32 through a product with the identity, exactly
+    (16-bit tiles in 16-bit products, fp32 tiles in IEEE fp32)."""
+    for dtype, mode in ((jnp.bfloat16, DotMode.INPUT), (jnp.float32, DotMode.IEEE)):
+        tile = jnp.asarray(rng.normal(size=(64, 32)) * 1e3, dtype)
+        out = through_product(tile, mode, dtype=dtype, interpret=True)
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(tile.astype(jnp.float32)))
 
 
 def test_stored_w_without_the_forwards_w_is_an_error(rng):
@@ -543,12 +567,12 @@ GPU_CASES = [
 
 
 # BackwardConfig fields changed from the default: every shape with the defaults, the first three
-# also with fp32 intermediates, with the reverse pass's branch-free read term, with the WY
+# also with fp32 intermediates, with the reverse pass's read term behind its branch, with the WY
 # adjoint's products with an fp32 value in TF32 and with the reverse pass on a stored W
 BACKWARD_VARIANTS = {
     "default": {},
     "grad_dtype=float32": {"grad_dtype": "float32"},
-    "state_loop=sub": {"state_loop": "sub"},
+    "state_read_masked=False": {"state_read_masked": False},
     "wy_dots=tf32": {"wy_dots": "tf32"},
     "state_stored_w=True": {"state_stored_w": True},
 }

@@ -281,9 +281,7 @@ def test_sequence_split_backward_lowers(n):
     from pallas_kernels import backward as kernel_backward
 
     args = forward_args(n, 128, 64, gated=True, h0=True, resets=True)
-    config = kernel_backward.BackwardConfig(
-        state_split=4, state_loop="sub" if n > 1 else "token", state_read_masked=n > 1
-    )
+    config = kernel_backward.BackwardConfig(state_split=4, state_read_masked=n > 1)
     text = lower_forward_backward(n, args, config)
     assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS) + 1
     assert "dp_bwd_state_transfer" in text
@@ -314,8 +312,8 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(state_block_v=16, state_stages=2, adjoint_warps=4, dv_block_v=128),
         dict(grad_dtype="input"),
         dict(grad_dtype="input", wy_dots="split", wy_fused=True),
-        dict(state_loop="sub"),
-        dict(state_loop="sub", state_read_masked=True),
+        dict(state_loop="token"),
+        dict(state_read_masked=False),
         dict(state_dots="input"),
         dict(state_stored_w=True, state_split=2),
     ],
