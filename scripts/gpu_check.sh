@@ -34,6 +34,11 @@
 #   BASE=1 (with .base/ from `bash scripts/snapshot_base.sh REV`, carried): `bench` and `lm`
 #      also run from that earlier revision's code in the same call (base_* records), for
 #      before/after figures from one machine;
+#   6b. `ncu`: Nsight Compute over one forward + backward of the op at NCU_CASE (B,T,H,K,V,n_h;
+#      the n_h = 2 target by default; NCU_GATED=1 with a gate): every dp_ kernel's duration,
+#      DRAM throughput, occupancy, stall reasons and synchronous loads in loops
+#      (experiments/ncu_kernels.py: ncu_summary.md, plus ncu_details.txt and
+#      ncu_source.csv.gz for reading further);
 #   7. `multi`: DP2-392M training (language_model.py train, BPE-32k stdlib shards, 8 x 4096 tokens
 #      per GPU, --remat block) on all GPUs data-parallel, on all GPUs with FSDP, and on one GPU:
 #      tokens/s and MFU of each (needs .gpu_data/bpe32k.json: carry ".gpu_data" too).
@@ -51,6 +56,7 @@
 #   bash scripts/gpu_check.sh split           # at most 7 minutes
 #   bash scripts/gpu_check.sh lm              # at most 8.5 minutes
 #   bash scripts/gpu_check.sh lm_remat        # at most 6 minutes
+#   bash scripts/gpu_check.sh ncu             # about 1 minute (the n_h = 2 target)
 #   bash scripts/gpu_check.sh multi           # at most 9.5 minutes (nvidia-h200-x2)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -123,6 +129,21 @@ for stage in $STAGES; do
           --repeats 5 --out "$OUT/split_${case//,/_}" > "$OUT/split_${case//,/_}.stdout" 2>&1
         tail -12 "$OUT/split_${case//,/_}/bench_op.md"
       done ;;
+    ncu)
+      ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+        2>/dev/null | head -1)
+      if [ -z "$ncu_bin" ]; then echo "ncu: Nsight Compute not found on this machine"; continue; fi
+      timeout 300 "$ncu_bin" --clock-control none -k regex:dp_ --section SpeedOfLight \
+        --section WarpStateStats --section SourceCounters --section LaunchStats \
+        --section Occupancy --section MemoryWorkloadAnalysis -f -o /tmp/ncu_op \
+        python3 experiments/ncu_kernels.py run --case "${NCU_CASE:-4,4096,8,128,128,2}" \
+        ${NCU_GATED:+--gated} > "$OUT/ncu_run.txt" 2>&1
+      tail -4 "$OUT/ncu_run.txt"
+      "$ncu_bin" -i /tmp/ncu_op.ncu-rep --page details > "$OUT/ncu_details.txt" 2>&1
+      "$ncu_bin" -i /tmp/ncu_op.ncu-rep --page source --print-source sass --csv 2>&1 \
+        | gzip > "$OUT/ncu_source.csv.gz"
+      python3 experiments/ncu_kernels.py summarize "$OUT/ncu_details.txt" \
+        "$OUT/ncu_source.csv.gz" --out "$OUT" ;;
     lm|lm_remat)
       runs=("dn block" "dp2 block" "dp3 block")
       [ "$stage" = lm_remat ] && runs=("dp2 none" "dp2 block_save_dots")
