@@ -1,26 +1,15 @@
 """experiments/bench_op.py on the CPU (interpret mode): every timing path runs at a shape the
 kernels must pad (T not a multiple of 64, V not a power of two) and writes finite records."""
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
+from experiment_modules import load_experiment
 
 
 def _load():
-    if EXP not in sys.path:
-        sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location("bench_op", f"{EXP}/bench_op.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_op"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("bench_op")
 
 
 def _run(bench, tmp_path, flags: str) -> dict:

@@ -3,16 +3,14 @@ remat head, the op under shard_map, distributed settings, evaluation outputs, CL
 errors."""
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from experiment_modules import load_experiment
 from flax import nnx
 
 from dpjax.data.text import prepare_text_shards
@@ -22,9 +20,6 @@ from dpjax.nn.sequence import SequenceInfo
 from dpjax.ops import chunked, delta_product, sharded
 from dpjax.train import distributed, flops, lm_data, lm_step
 from dpjax.train import mesh as mesh_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
 
 
 def small_config(**kw):
@@ -42,14 +37,7 @@ def shards(tmp_path_factory):
 
 
 def _load_cli():
-    if EXP not in sys.path:
-        sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location(
-        "language_model", os.path.join(EXP, "language_model.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("language_model")
 
 
 # ---------------------------------------------------------------------------------------------

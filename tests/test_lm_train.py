@@ -2,15 +2,14 @@
 generation from the checkpoint directory alone, FSDP + gradient accumulation on 8 simulated
 devices matching 1 device."""
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from experiment_modules import load_experiment
 from flax import nnx
 
 from dpjax.data.text import prepare_text_shards
@@ -20,8 +19,6 @@ from dpjax.train import mesh as mesh_lib
 from dpjax.train.loop import TrainConfig, train
 from dpjax.train.optimizer import OptimizerConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
 # a model small enough to compile and train in seconds on a CPU
 SMALL = [
     "--preset",
@@ -41,17 +38,8 @@ SMALL = [
 ]
 
 
-def _load(name):
-    if EXP not in sys.path:
-        sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXP, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_cli():
-    return _load("language_model")
+    return load_experiment("language_model")
 
 
 def train_losses(run_dir):
@@ -232,7 +220,7 @@ def test_lm_study_time_limit_then_resume(tmp_path):
     for i, name in enumerate(("json/encoder.py", "textwrap.py", "shlex.py")):
         src = Path(os.__file__).parent / name
         (corpus / f"doc{i}.py").write_text(src.read_text(encoding="utf-8"))
-    study = _load("lm_study")
+    study = load_experiment("lm_study")
     argv = [
         "--scale", "smoke", "--models", "DeltaNet", "DeltaProduct_2", "--corpus", str(corpus),
         "--data", str(tmp_path / "data"), "--out_dir", str(tmp_path / "study"),
@@ -255,7 +243,7 @@ def test_lm_study_over_seeds(tmp_path):
     for i, name in enumerate(("textwrap.py", "shlex.py")):
         src = Path(os.__file__).parent / name
         (corpus / f"doc{i}.py").write_text(src.read_text(encoding="utf-8"))
-    study = _load("lm_study")
+    study = load_experiment("lm_study")
     out = tmp_path / "study"
     result = study.main([
         "--scale", "smoke", "--models", "DeltaNet", "DeltaProduct_2", "--corpus", str(corpus),

@@ -1,15 +1,13 @@
 """experiments/ncu_kernels.py: the summary of recorded Nsight Compute reports (an H100's, in
 docs/data/h100_2026-12-07d/) and the program ncu wraps, on the CPU."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
+from experiment_modules import load_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
 RECORDS = os.path.join(ROOT, "docs", "data", "h100_2026-12-07d")
 BEFORE = [
     f"{RECORDS}/ncu_state_passes_before.txt",
@@ -19,12 +17,7 @@ AFTER = [f"{RECORDS}/ncu_op_after.txt", f"{RECORDS}/ncu_op_after_source.csv.gz"]
 
 
 def _load():
-    if EXP not in sys.path:
-        sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location("ncu_kernels", f"{EXP}/ncu_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("ncu_kernels")
 
 
 def test_summary_finds_the_synchronous_dv_out_load(tmp_path):

@@ -2,27 +2,17 @@
 end-to-end profile of the state-tracking train step on the CPU."""
 
 import gzip
-import importlib.util
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
+from experiment_modules import load_experiment
 
 
 @pytest.fixture(scope="module")
 def prof():
-    if EXP not in sys.path:
-        sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location("profile_step", f"{EXP}/profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("profile_step")
 
 
 def test_device_op_times_sums_gpu_tracks_only(prof, tmp_path):

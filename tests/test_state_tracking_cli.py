@@ -1,13 +1,13 @@
 """experiments/state_tracking.py and the sweep: --help lists every flag, boolean parsing, and a
 two-step end-to-end run of the real model (train, outputs, resume, --eval_only, sweep summary)."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from experiment_modules import load_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "experiments")
@@ -53,18 +53,9 @@ def _write_json(path, obj):
         json.dump(obj, f)
 
 
-def _load(name):
-    if EXP not in sys.path:
-        sys.path.insert(0, EXP)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXP, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def st():
-    return _load("state_tracking")
+    return load_experiment("state_tracking")
 
 
 def test_help_lists_and_explains_every_flag(st):
@@ -183,7 +174,7 @@ def test_end_to_end_tiny_run_resume_and_eval_only(st, tiny_run, capsys):
 
 
 def test_sweep_help_and_summary(tiny_run):
-    sweep = _load("state_tracking_sweep")
+    sweep = load_experiment("state_tracking_sweep")
     text = sweep.build_parser().format_help()
     for flag in ("--groups", "--num_householder", "--eig_ranges", "--seeds", "--out_dir"):
         assert flag in text
@@ -223,7 +214,7 @@ def test_sweep_help_and_summary(tiny_run):
 
 
 def test_sweep_time_limit_stops_then_resumes(nn_available, tmp_path):
-    sweep = _load("state_tracking_sweep")
+    sweep = load_experiment("state_tracking_sweep")
     grid = ["--groups", "S3", "--num_householder", "1", "2", "--seeds", "0"]
     run = [*TINY, "--epochs", "2", "--max_steps", "4", "--log_every", "1"]
     first = sweep.main([*grid, "--out_dir", str(tmp_path), "--time_limit", "1e-9", "--", *run])
