@@ -319,10 +319,15 @@ def stage_fn(
     kern: dict[str, Callable], stage: str, cfg: kernel_backward.BackwardConfig
 ) -> Callable:
     """The jitted backward kernel of ``stage`` taking its arguments positionally (the reverse
-    state pass: the forward's ``W`` last, read only with ``cfg.state_stored_w``)."""
+    state pass: then the forward's ``W``, read only with ``cfg.state_stored_w``, and the token
+    log-gate, read only where ``dv_out`` is None: ``cfg.state_fused_dv_out``)."""
     if stage == "bwd_state_pass":
         stored = cfg.state_stored_w
-        return jax.jit(lambda *a, f=kern["state_pass"]: f(*a[:-1], w=a[-1] if stored else None))
+        return jax.jit(
+            lambda *a, f=kern["state_pass"]: f(
+                *a[:-2], w=a[-2] if stored else None, gate_tokens=a[-1]
+            )
+        )
     return jax.jit(kern[STAGE_KERNEL[stage]])
 
 
@@ -369,14 +374,14 @@ def backward_stage_fns(
             jit("recompute"),
             (res.a, k, v, beta, res.h, q, do, gam, fdec, res.gate_tokens),
         )
-    elif not cfg.output_dv:
+    elif not (cfg.output_dv or cfg.state_fused_dv_out):
         out["bwd_dv_out"] = (jit("dv_out"), (k, q, do, res.gate_tokens))
     output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
     with_dv_out = res.v_new is not None and cfg.output_dv
     out["bwd_output"] = (jit("output", with_dv_out=with_dv_out, dk_dtype=grad_dtype), output_args)
     out["bwd_state_pass"] = (
         stage_fn(kern, "bwd_state_pass", cfg),
-        (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w),
+        (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w, res.gate_tokens),
     )
     if cfg.wy_fused:
         h_il = kernel_backward.interleaved_states(res.h, st["h_mid"], n)

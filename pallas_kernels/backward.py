@@ -6,7 +6,8 @@ Mirror of ``dpjax.ops.chunked_backward.backward`` (same stage split; this module
 chunk-start states ``h_mid``) and the padded inputs::
 
     0. backward_recompute      without saved states: v_new, h_mid, dv_out; else dv_out alone
-                               (or, with ``output_dv``, the output adjoint computes dv_out)
+                               (or, with ``output_dv``, the output adjoint computes dv_out;
+                               with ``state_fused_dv_out``, the reverse state pass does)
     1. backward_output         dq (complete), the output's dk, token gate terms dG_tok
     2. backward_state_pass     reverse scan: complete dv_new, chunk-end state gradients dh_il, dh0
     3. backward_state_adjoint  dW, dk so far (output + state update), its gate terms
@@ -94,6 +95,10 @@ class BackwardConfig:
     # (two dependent products per step instead of three; state_pass_backward): the forward's
     # prepare kernel forms W and keeps it in the residuals (forward(save_w=True), Residuals.w)
     state_stored_w: bool = False
+    # the reverse state pass forms dv_out itself from the Q, dO it reads for the read term (no
+    # stage-1 dv_out kernel, no [L, Vp] round trip; state_pass_backward with dv_out=None); only
+    # where the forward kept its states (else the recompute stage forms dv_out)
+    state_fused_dv_out: bool = False
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -348,6 +353,9 @@ def stages(
             res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
         )
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
+    elif config.state_fused_dv_out:  # the reverse pass forms dv_out
+        vnew, h_mid, dv_out = res.v_new, res.h_mid, None
+        dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     elif config.output_dv and Kp <= config.output_block_k:
         vnew, h_mid = res.v_new, res.h_mid
         dq, dk_out, dG_tok, dv_out = output(qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True)
@@ -362,7 +370,7 @@ def stages(
         )
     w = res.w if config.state_stored_w else None
     dvnew, dh_il, dh0 = kern["state_pass"](
-        res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=w
+        res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=w, gate_tokens=gate_tok
     )
     if config.wy_fused:
         h_il = interleaved_states(res.h, h_mid, n)

@@ -23,7 +23,11 @@ the pass also compiles with at most 2 pipeline stages so that two programs share
 ``launch_plan``). ``loop="token"`` steps one token chunk at a time, its ``n_h`` sub-chunks
 unrolled, ``Q_J``, ``dO_J`` loaded at its start and the read term added after sub-chunk 0.
 ``dv_out`` enters through a product with the identity (``common.through_product``) so that its
-load is pipelined too (read on its own it was a synchronous load on the chain).
+load is pipelined too (read on its own it was a synchronous load on the chain). With
+``dv_out=None`` (``BackwardConfig.state_fused_dv_out``) the pass forms each chunk's ``dv_out``
+itself from the token chunk's ``Q``, ``dO`` it reads for the read term and the chunk's keys
+(as stage 1's ``dv_out`` kernel: ``scale ((Q_J K_c^T) * Gam[s, token(r)])^T dO_J``, kept in
+fp32), off the dependent chain.
 
 Grid ``(Vp / BV, H, B)`` (as the forward state pass). Reads the whole sequence of one head:
 ``A [L, 64]`` fp32, ``K [L, Kp]``, ``beta [L]`` (fp32 rows of a ``[B, H, L]`` copy: a pipelined
@@ -64,6 +68,7 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     pipeline_stages,
+    segment_cumsum,
     state_chunk_bytes,
     state_loop_for,
     state_pass_pieces,
@@ -82,13 +87,17 @@ def _kernel(
     read_masked: bool,
     loop: str,
     stored_w: bool,
+    fused_dv_out: bool,
     mode: dict,
     dots: dict,
 ):
-    a_ref, k_ref, beta_ref, dvout_ref, q_ref, do_ref, dht_ref = refs[:7]
+    rest = list(refs)
+    a_ref, k_ref, beta_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+    dvout_ref = None if fused_dv_out else rest.pop(0)
+    q_ref, do_ref, dht_ref = rest.pop(0), rest.pop(0), rest.pop(0)
     w_ref = a_ref if stored_w else None
-    rest = list(refs[7:])
     gam_ref, fdec_ref, gtok_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if decay else (None,) * 3
+    glog_ref = rest.pop(0) if decay and fused_dv_out else None
     transfer = transfer_tiles is not None
     if transfer:
         (dh0_ref,) = rest
@@ -109,7 +118,27 @@ def _kernel(
     if pieces > 1:
         last_token = last_token + lax.rem(pl.program_id(2), pieces) * tokens_per_piece
 
-    def sub_chunk(c, d_state):  # interleaved chunk c: dE at its end -> dE at its start
+    def output_dv(c, k, reads):  # dv_out of chunk c from its token chunk's Q, dO (stage 1's)
+        q, do = reads
+        s_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # token s of the token chunk
+        r_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)  # row r of chunk c
+        t_row = lax.div(lax.rem(c, n) * CHUNK + r_idx, n)  # the token of row r
+        visible = s_idx >= t_row
+        if decay:  # Gam[s, t_row] of the token chunk's log-gate (resets: segments)
+            tok = pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)
+            g_cum, seg, _, _ = segment_cumsum(glog_ref[tok])
+            at_row = s_idx == t_row  # one-hot: column r picks token t_row
+            g_row = jnp.sum(jnp.where(at_row, g_cum[:, None], 0.0), axis=0)
+            seg_row = jnp.sum(jnp.where(at_row, seg[:, None], 0.0), axis=0)
+            visible = visible & (seg[:, None] == seg_row[None, :])
+            diff = jnp.where(visible, g_cum[:, None] - g_row[None, :], 0.0)
+            weight = jnp.where(visible, jnp.exp(diff), 0.0)
+        else:
+            weight = jnp.where(visible, 1.0, 0.0)
+        scores = mm(q, k, mode["in"], trans_b=True, **dots) * (weight * scale)  # [s, r]
+        return mm(scores, do, mode["split_a"], trans_a=True, **dots)
+
+    def sub_chunk(c, d_state, reads=None):  # interleaved chunk c: dE at its end -> at its start
         if dhil_ref is not None:
             dhil_ref[c] = d_state.astype(dhil_ref.dtype)
         rows = pl.ds(pl.multiple_of(c * CHUNK, CHUNK), CHUNK)
@@ -121,7 +150,10 @@ def _kernel(
             k_ds = k_ds * fdec_ref[rows][:, None]
             coef = coef * gam
             d_state = d_state * element_select(gam, CHUNK - 1)
-        dv_out = through_product(dvout_ref[rows, :], mode["in"], **dots)  # a pipelined load
+        if fused_dv_out:
+            dv_out = output_dv(c, k, reads)
+        else:
+            dv_out = through_product(dvout_ref[rows, :], mode["in"], **dots)  # a pipelined load
         dvnew = (dv_out * local if transfer else dv_out) + k_ds
         if dvnew_ref is not None:
             dvnew_ref[rows, :] = dvnew.astype(dvnew_ref.dtype)
@@ -130,25 +162,25 @@ def _kernel(
         y = mm(a_ref[rows, :], dvnew, mode["ax"], trans_a=True, **dots)
         return d_state - mm(k, coef[:, None] * y, mode["kv"], trans_a=True, **dots)
 
-    def read_operands(token_chunk):  # the output reads h[J]: (diag(gam_tok) Q_J, dO_J)
+    def token_reads(token_chunk):  # (Q_J, dO_J) as stored
         tok = pl.ds(pl.multiple_of(token_chunk * CHUNK, CHUNK), CHUNK)
-        q = q_ref[tok, :]
-        if decay:
-            q = q.astype(jnp.float32) * gtok_ref[tok][:, None]
-        return q, do_ref[tok, :]
+        return q_ref[tok, :], do_ref[tok, :]
 
-    def read_term(operands):  # scale (diag(gam_tok) Q_J)^T dO_J
-        q, do = operands
+    def read_term(token_chunk, reads):  # the output reads h[J]: scale (diag(gam_tok) Q_J)^T dO_J
+        q, do = reads
+        if decay:
+            tok = pl.ds(pl.multiple_of(token_chunk * CHUNK, CHUNK), CHUNK)
+            q = q.astype(jnp.float32) * gtok_ref[tok][:, None]
         return (scale * local) * mm(q, do, mode["in"], trans_a=True, **dots)
 
     if loop == "token":  # one step per token chunk, the read term added without a branch
 
         def token_step(step, d_state):
             j = last_token - step
-            read = read_operands(j)  # loaded first, used last
+            reads = token_reads(j)  # loaded first, used last
             for i in reversed(range(n)):
-                d_state = sub_chunk(j * n + i, d_state)
-            return d_state + read_term(read)
+                d_state = sub_chunk(j * n + i, d_state, reads)
+            return d_state + read_term(j, reads)
 
         dh0_ref[...] = lax.fori_loop(0, tokens_per_piece, token_step, d_start)
         return
@@ -157,8 +189,10 @@ def _kernel(
 
     def sub_step(step, d_state):  # one step per interleaved chunk; the read term on i == 0
         c = last - step
-        d_state = sub_chunk(c, d_state)
-        with_read = lambda x: x + read_term(read_operands(lax.div(c, n)))
+        j = lax.div(c, n)
+        reads = token_reads(j) if fused_dv_out else None  # else loaded for the read term only
+        d_state = sub_chunk(c, d_state, reads)
+        with_read = lambda x: x + read_term(j, reads if reads is not None else token_reads(j))
         if n == 1:
             return with_read(d_state)
         first = lax.rem(c, n) == 0
@@ -173,7 +207,7 @@ def state_pass_backward(
     a: jax.Array,
     k: jax.Array,
     beta: jax.Array,
-    dv_out: jax.Array,
+    dv_out: jax.Array | None,
     q: jax.Array,
     do: jax.Array,
     dht: jax.Array,
@@ -191,6 +225,7 @@ def state_pass_backward(
     read_masked: bool | None = None,
     dots: str = "split",
     w: jax.Array | None = None,
+    gate_tokens: jax.Array | None = None,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -198,7 +233,11 @@ def state_pass_backward(
 
     Args:
       a: ``[B, H, L, 64]`` fp32; k: ``[B, L, H, Kp]``; beta: ``[B, L, H]``;
-        dv_out: ``[B, H, L, Vp]`` (stage 1); q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``;
+        dv_out: ``[B, H, L, Vp]`` (stage 1), or None: the pass forms each chunk's ``dv_out``
+        itself from its token chunk's ``Q``, ``dO`` (which it reads for the read term) and the
+        chunk's keys, ``scale ((Q_J K_c^T) * Gam)^T dO_J`` in fp32, so that stage 1's kernel and
+        its ``[L, Vp]`` round trip through memory are not needed (with decay it then needs
+        ``gate_tokens``); q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``;
         dht: ``[B, H, Kp, Vp]`` fp32 final-state cotangent; gam, fdec: ``[B, H, L]`` fp32 or
         None; gam_tok: ``[B, H, T]`` fp32 decay of the token-chunk start state to each token
         (0 after a reset) or None.
@@ -224,6 +263,8 @@ def state_pass_backward(
       dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
         with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
         16-bit product each, as FLA's backward).
+      gate_tokens: ``[B, H, T]`` fp32 token log-gate (``-inf`` at resets), for ``dv_out=None``
+        with decay (``Gam``).
       w: the WY key factor ``W = A diag(beta gam) K`` ``[B, H, L, Kp]`` in the input dtype (the
         forward's ``Residuals.w``, as FLA's backward keeps it): when given, the chain subtracts
         ``W^T dv_new`` (two dependent products per step instead of three; ``a`` is not read).
@@ -233,8 +274,13 @@ def state_pass_backward(
       w.r.t. the state at the *end* of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
     """
     B, L, H, Kp = k.shape
+    if dv_out is None and gam is not None and gate_tokens is None:
+        raise ValueError(
+            "state_pass_backward: dv_out=None with decay (gam given) needs gate_tokens, the "
+            "[B, H, T] token log-gate"
+        )
     chunks = L // (CHUNK * num_householder)
-    pieces = state_pass_pieces(split, chunks, B * H, dv_out.shape[-1], block_v)
+    pieces = state_pass_pieces(split, chunks, B * H, do.shape[-1], block_v)
     stored_w = w is not None
     if stored_w:
         a = w
@@ -249,6 +295,7 @@ def state_pass_backward(
         gam,
         fdec,
         gam_tok,
+        gate_tokens,
         num_householder=num_householder,
         scale=scale,
         block_v=block_v,
@@ -277,14 +324,18 @@ def launch_plan(
     num_householder: int,
     chunk_bytes: int,
     token_bytes: int,
+    *,
+    reads_every_chunk: bool = False,
 ) -> tuple[str, bool, int, int]:
     """``(loop, read_masked, num_stages, bytes_per_stage)`` of a reverse-pass launch of
     ``programs`` programs (the arguments as ``state_pass_backward``'s; ``chunk_bytes`` and
     ``token_bytes``: the pipelined loads of one interleaved chunk and of one token chunk's
-    ``Q``, ``dO``). Up to one wave (``ONE_WAVE_PROGRAMS``) the ``"auto"`` choices take every
-    load into the pipeline (the read term masked); beyond it they keep the shared memory small
-    enough for two programs per SM (the read term behind its branch, at most 2 stages; on an
-    H100 at 256 programs: 0.586 ms against 0.761 with 3 stages, and 0.612 masked with 3)."""
+    ``Q``, ``dO``; ``reads_every_chunk``: the sub-chunk loop loads those on every sub-chunk
+    whatever ``read_masked``, as with ``dv_out`` formed in the pass). Up to one wave
+    (``ONE_WAVE_PROGRAMS``) the ``"auto"`` choices take every load into the pipeline (the read
+    term masked); beyond it they keep the shared memory small enough for two programs per SM
+    (the read term behind its branch, at most 2 stages; on an H100 at 256 programs: 0.586 ms
+    against 0.761 with 3 stages, and 0.612 masked with 3)."""
     n = num_householder
     one_wave = programs <= ONE_WAVE_PROGRAMS
     if loop == "auto":
@@ -296,7 +347,8 @@ def launch_plan(
         num_stages = min(num_stages, 2)
     if loop == "token":
         return loop, read_masked, num_stages, n * chunk_bytes + token_bytes
-    return loop, read_masked, num_stages, chunk_bytes + (token_bytes if read_masked else 0)
+    reads = read_masked or reads_every_chunk
+    return loop, read_masked, num_stages, chunk_bytes + (token_bytes if reads else 0)
 
 
 def _launch(
@@ -309,6 +361,7 @@ def _launch(
     gam: jax.Array | None,
     fdec: jax.Array | None,
     gam_tok: jax.Array | None,
+    gate_tokens: jax.Array | None,
     dht: jax.Array,
     *,
     num_householder: int,
@@ -329,8 +382,9 @@ def _launch(
     forward's ``state_pass._launch`` (``dht`` per piece ``[B * P, H, Kp, Vp]`` when
     ``pieces > 1`` and not ``transfer``; the transfer launch ignores it)."""
     B, L, H, Kp = k.shape
-    Vp = dv_out.shape[-1]
+    Vp = do.shape[-1]
     n = num_householder
+    fused_dv_out = dv_out is None
     T = L // n
     NT = T // CHUNK
     bv = min(block_v, Vp, Kp) if transfer else min(block_v, Vp)
@@ -343,12 +397,17 @@ def _launch(
 
     head_vec = lambda size: pl.BlockSpec((None, None, size), lambda i, h, b: (row(b), h, 0))
     piece_state = pl.BlockSpec((None, None, Kp, bv), lambda i, h, b: (b, h, 0, i))
-    inputs = [a, k, beta, dv_out, q, do]
+    inputs = [a, k, beta]
     in_specs = [
         pl.BlockSpec((None, None, L, Kp if stored_w else CHUNK), lambda i, h, b: (row(b), h, 0, 0)),
         pl.BlockSpec((None, L, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
         head_vec(L),
-        pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, vtile(i))),
+    ]
+    if not fused_dv_out:
+        inputs.append(dv_out)
+        in_specs.append(pl.BlockSpec((None, None, L, bv), lambda i, h, b: (row(b), h, 0, vtile(i))))
+    inputs += [q, do]
+    in_specs += [
         pl.BlockSpec((None, T, None, Kp), lambda i, h, b: (row(b), 0, h, 0)),
         pl.BlockSpec((None, T, None, bv), lambda i, h, b: (row(b), 0, h, vtile(i))),
     ]
@@ -363,6 +422,9 @@ def _launch(
     if decay:
         inputs += [gam, fdec, gam_tok]
         in_specs += [head_vec(L), head_vec(L), head_vec(T)]
+        if fused_dv_out:
+            inputs.append(gate_tokens)
+            in_specs.append(head_vec(T))
     if transfer:
         out_shapes = [jax.ShapeDtypeStruct((B * P, H, Kp, Vp + Kp), jnp.float32)]
         out_specs = [piece_state]
@@ -378,17 +440,29 @@ def _launch(
             piece_state,
         ]
     if dtype == jnp.float32:
-        modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.IEEE)
+        modes = dict.fromkeys(("ks", "ax", "kv", "in", "split_a"), DotMode.IEEE)
     else:
-        modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.INPUT)
+        modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.INPUT) | {
+            "split_a": DotMode.SPLIT_A
+        }
         if dots == "split":
             modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
     size = jnp.dtype(dtype).itemsize
     per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
+    if fused_dv_out:
+        per_chunk -= CHUNK * bv * size  # no dv_out tile
     per_token = CHUNK * (Kp * size + bv * size + (4 if decay else 0))  # Q, dO (and gam_tok)
+    per_token += CHUNK * 4 if decay and fused_dv_out else 0  # the token log-gate
     grid = (nv + (Kp // bv if transfer else 0), H, B * P)
     loop, read_masked, num_stages, per_step = launch_plan(
-        loop, read_masked, num_stages, math.prod(grid), n, per_chunk, per_token
+        loop,
+        read_masked,
+        num_stages,
+        math.prod(grid),
+        n,
+        per_chunk,
+        per_token,
+        reads_every_chunk=fused_dv_out,
     )
     kernel = functools.partial(
         _kernel,
@@ -401,6 +475,7 @@ def _launch(
         loop=loop,
         read_masked=read_masked,
         stored_w=stored_w,
+        fused_dv_out=fused_dv_out,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
     )

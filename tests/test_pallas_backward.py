@@ -254,7 +254,11 @@ SIXTEEN_BIT_CHOICES = {
 }
 # ... and those that reorder the arithmetic too (fp32 inputs: equal to rounding, not bitwise):
 # W = A diag(beta gam) K formed first and rounded to 16 bits for the reverse state pass
-ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {"state_stored_w": (False, True)}
+# ... and dv_out formed in the reverse pass (fp32 there, the input dtype between kernels)
+ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
+    "state_stored_w": (False, True),
+    "state_fused_dv_out": (False, True),
+}
 
 
 @pytest.mark.parametrize(
@@ -265,7 +269,8 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {"state_stored_w": (False, True)}
     + [("state_dots", 1, False, 64, 64), ("state_dots", 2, True, 32, 32)]
     + [("state_dots", 3, False, 64, 64)]
     + [("state_stored_w", 1, False, 64, 64), ("state_stored_w", 2, True, 32, 32)]
-    + [("state_stored_w", 3, False, 64, 64), ("state_stored_w", 4, True, 32, 32)],
+    + [("state_stored_w", 3, False, 64, 64), ("state_stored_w", 4, True, 32, 32)]
+    + [("state_fused_dv_out", 1, True, 32, 32), ("state_fused_dv_out", 3, False, 64, 64)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
     """Each choice of ``ACCURACY_CHOICES`` stays within SPEC §9 of the fp32 chunked path, and at
@@ -318,6 +323,7 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
 BRANCH_SUB_LOOP = dict(state_loop="sub", state_read_masked=False)
 TOKEN_LOOP = dict(state_loop="token")
 STORED_W = dict(state_stored_w=True)
+FUSED_DV_OUT = dict(state_fused_dv_out=True)
 
 
 @pytest.mark.parametrize(
@@ -325,14 +331,21 @@ STORED_W = dict(state_stored_w=True)
     [(BRANCH_SUB_LOOP, 1, 1, 1e-6), (BRANCH_SUB_LOOP, 2, 1, 1e-6), (BRANCH_SUB_LOOP, 2, 3, 1e-6)]
     + [(BRANCH_SUB_LOOP, 3, 2, 1e-6), (BRANCH_SUB_LOOP, 4, 1, 1e-6)]
     + [(TOKEN_LOOP, 1, 1, 1e-6), (TOKEN_LOOP, 2, 2, 1e-6), (TOKEN_LOOP, 2, 1, 1e-6)]
-    + [(STORED_W, 1, 1, 1e-5), (STORED_W, 2, 2, 1e-5), (STORED_W, 3, 1, 1e-5)],
+    + [(STORED_W, 1, 1, 1e-5), (STORED_W, 2, 2, 1e-5), (STORED_W, 3, 1, 1e-5)]
+    + [(FUSED_DV_OUT, 1, 1, 1e-5), (FUSED_DV_OUT, 2, 3, 1e-5), (FUSED_DV_OUT, 3, 1, 1e-5)]
+    + [
+        (dict(FUSED_DV_OUT, **BRANCH_SUB_LOOP), 2, 1, 1e-5),
+        (dict(FUSED_DV_OUT, **TOKEN_LOOP), 2, 2, 1e-5),
+    ]
+    + [(dict(FUSED_DV_OUT, **STORED_W), 4, 1, 1e-5)],
 )
 def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, split, tol):
     """On fp32 inputs the reverse state pass's options give the default's gradients, also under
     the sequence split: the read term behind ``lax.cond`` (``state_read_masked=False``) or
     formed on every sub-chunk (``True``; the default ``None`` masks it at these few programs),
     ``state_loop="token"`` (one step per token chunk; the default ``"auto"`` is the sub-chunk
-    loop) and ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``)."""
+    loop), ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``) and
+    ``state_fused_dv_out`` (``dv_out`` formed in the pass, no stage-1 kernel)."""
     B, T, H, K, V = 1, 200, 2, 16, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     starts = jnp.asarray(random_resets(rng, B, T))
@@ -361,6 +374,8 @@ def test_reverse_pass_launch_plan():
     assert launch_plan("sub", False, 3, 128, 2, chunk, token) == ("sub", False, 3, chunk)
     assert launch_plan("token", None, 3, 128, 2, chunk, token)[0::3] == ("token", 2 * chunk + token)
     assert launch_plan("token", None, 3, 128, 3, chunk, token)[0] == "sub"
+    fused = launch_plan("auto", None, 3, 256, 2, chunk, token, reads_every_chunk=True)
+    assert fused == ("sub", False, 2, chunk + token)  # Q, dO loaded on every sub-chunk
 
 
 def test_through_product_is_exact(rng):
@@ -568,13 +583,15 @@ GPU_CASES = [
 
 # BackwardConfig fields changed from the default: every shape with the defaults, the first three
 # also with fp32 intermediates, with the reverse pass's read term behind its branch, with the WY
-# adjoint's products with an fp32 value in TF32 and with the reverse pass on a stored W
+# adjoint's products with an fp32 value in TF32, with the reverse pass on a stored W and with
+# dv_out formed in the reverse pass
 BACKWARD_VARIANTS = {
     "default": {},
     "grad_dtype=float32": {"grad_dtype": "float32"},
     "state_read_masked=False": {"state_read_masked": False},
     "wy_dots=tf32": {"wy_dots": "tf32"},
     "state_stored_w=True": {"state_stored_w": True},
+    "state_fused_dv_out=True": {"state_fused_dv_out": True},
 }
 GPU_VARIANTS = [
     (*case, variant)

@@ -316,6 +316,9 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(state_read_masked=False),
         dict(state_dots="input"),
         dict(state_stored_w=True, state_split=2),
+        dict(state_fused_dv_out=True),
+        dict(state_fused_dv_out=True, state_split=2, state_read_masked=False),
+        dict(state_fused_dv_out=True, state_loop="token"),
     ],
 )
 def test_backward_lowers_other_configs(fields):
@@ -324,6 +327,7 @@ def test_backward_lowers_other_configs(fields):
     args = forward_args(2, 128, 128, gated=True, h0=True, resets=True)
     text = lower_forward_backward(2, args, kernel_backward.BackwardConfig(**fields))
     expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
+    expected -= bool(fields.get("state_fused_dv_out"))  # the reverse pass forms dv_out
     expected -= bool(fields.get("wy_fused"))  # one kernel for the state and WY adjoints
     expected += fields.get("state_split", 1) > 1  # the reverse pass's transfer launch
     assert text.count(TRITON_CALL) == expected
