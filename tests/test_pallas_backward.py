@@ -388,6 +388,31 @@ def test_through_product_is_exact(rng):
         np.testing.assert_array_equal(np.asarray(out), np.asarray(tile.astype(jnp.float32)))
 
 
+def test_fused_dv_out_with_decay_needs_the_token_gate():
+    """``state_pass_backward(dv_out=None)`` forms ``dv_out`` itself; with decay it needs the
+    token log-gate and says so."""
+    from pallas_kernels.backward_state_pass import state_pass_backward
+
+    B, T, H, K, n = 1, 64, 1, 16, 1
+    z = lambda *shape: jnp.zeros(shape, jnp.float32)
+    with pytest.raises(ValueError, match="dv_out=None with decay .* needs gate_tokens"):
+        state_pass_backward(
+            z(B, H, T * n, 64),
+            z(B, T * n, H, K),
+            z(B, T * n, H),
+            None,
+            z(B, T, H, K),
+            z(B, T, H, K),
+            z(B, H, K, K),
+            z(B, H, T * n),
+            z(B, H, T * n),
+            z(B, H, T),
+            num_householder=n,
+            scale=0.25,
+            interpret=True,
+        )
+
+
 def test_stored_w_without_the_forwards_w_is_an_error(rng):
     """``state_stored_w`` reads the forward's ``W``: residuals without it raise a clear error."""
     B, T, H, K, V, n = 1, 64, 2, 16, 16, 2
