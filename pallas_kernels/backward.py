@@ -353,15 +353,12 @@ def stages(
             res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
         )
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
-    elif config.state_fused_dv_out:  # the reverse pass forms dv_out
-        vnew, h_mid, dv_out = res.v_new, res.h_mid, None
-        dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
-    elif config.output_dv and Kp <= config.output_block_k:
+    elif config.output_dv and not config.state_fused_dv_out and Kp <= config.output_block_k:
         vnew, h_mid = res.v_new, res.h_mid
         dq, dk_out, dG_tok, dv_out = output(qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True)
-    else:
+    else:  # dv_out by its own kernel, or (None) formed in the reverse pass
         vnew, h_mid = res.v_new, res.h_mid
-        dv_out = kern["dv_out"](kp, qp, dop, gate_tok)
+        dv_out = None if config.state_fused_dv_out else kern["dv_out"](kp, qp, dop, gate_tok)
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     if config.state_stored_w and res.w is None:
         raise ValueError(

@@ -40,18 +40,29 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
 
 
-def token_decay(gate: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+def token_decay(
+    gate: jax.Array | None, col_token: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
     """``(Gam [64, 64], gam [64])`` of a token chunk from its log-gate (``None``: no decay, then
-    ``Gam`` is the causal mask as fp32 and ``gam`` is None)."""
+    ``Gam`` is the causal mask as fp32 and ``gam`` is None). ``Gam[s, t]`` is the decay from
+    token ``t`` to token ``s`` (0 for ``t > s`` or across a reset); with ``col_token`` (``[64,
+    64]`` int32, the token each column stands for, e.g. the rows of an interleaved chunk)
+    column ``r`` is that of token ``col_token[:, r]`` instead of token ``r``."""
     c = CHUNK
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1) if col_token is None else col_token
     causal = rows >= cols
     if gate is None:
         return jnp.where(causal, 1.0, 0.0), None
     g_cum, seg, _, _ = segment_cumsum(gate)
-    visible = causal & (seg[:, None] == seg[None, :])
-    diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
+    if col_token is None:
+        g_col, seg_col = g_cum, seg
+    else:  # one-hot column sums pick each column's token
+        at_col = rows == col_token
+        g_col = jnp.sum(jnp.where(at_col, g_cum[:, None], 0.0), axis=0)
+        seg_col = jnp.sum(jnp.where(at_col, seg[:, None], 0.0), axis=0)
+    visible = causal & (seg[:, None] == seg_col[None, :])
+    diff = jnp.where(visible, g_cum[:, None] - g_col[None, :], 0.0)
     return jnp.where(visible, jnp.exp(diff), 0.0), jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
 
 

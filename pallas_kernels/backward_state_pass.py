@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.backward_recompute import token_decay
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
@@ -68,7 +69,6 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     pipeline_stages,
-    segment_cumsum,
     state_chunk_bytes,
     state_loop_for,
     state_pass_pieces,
@@ -120,21 +120,12 @@ def _kernel(
 
     def output_dv(c, k, reads):  # dv_out of chunk c from its token chunk's Q, dO (stage 1's)
         q, do = reads
-        s_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # token s of the token chunk
         r_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)  # row r of chunk c
         t_row = lax.div(lax.rem(c, n) * CHUNK + r_idx, n)  # the token of row r
-        visible = s_idx >= t_row
-        if decay:  # Gam[s, t_row] of the token chunk's log-gate (resets: segments)
-            tok = pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)
-            g_cum, seg, _, _ = segment_cumsum(glog_ref[tok])
-            at_row = s_idx == t_row  # one-hot: column r picks token t_row
-            g_row = jnp.sum(jnp.where(at_row, g_cum[:, None], 0.0), axis=0)
-            seg_row = jnp.sum(jnp.where(at_row, seg[:, None], 0.0), axis=0)
-            visible = visible & (seg[:, None] == seg_row[None, :])
-            diff = jnp.where(visible, g_cum[:, None] - g_row[None, :], 0.0)
-            weight = jnp.where(visible, jnp.exp(diff), 0.0)
-        else:
-            weight = jnp.where(visible, 1.0, 0.0)
+        gate = None
+        if decay:
+            gate = glog_ref[pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)]
+        weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, token of row r]
         scores = mm(q, k, mode["in"], trans_b=True, **dots) * (weight * scale)  # [s, r]
         return mm(scores, do, mode["split_a"], trans_a=True, **dots)
 
