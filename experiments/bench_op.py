@@ -376,9 +376,14 @@ def backward_stage_fns(
         )
     elif not (cfg.output_dv or cfg.state_fused_dv_out):
         out["bwd_dv_out"] = (jit("dv_out"), (k, q, do, res.gate_tokens))
-    output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
-    with_dv_out = res.v_new is not None and cfg.output_dv
-    out["bwd_output"] = (jit("output", with_dv_out=with_dv_out, dk_dtype=grad_dtype), output_args)
+    merged = cfg.merges_adjoints(c.K, c.V)
+    if not merged:
+        output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
+        with_dv_out = res.v_new is not None and cfg.output_dv
+        out["bwd_output"] = (
+            jit("output", with_dv_out=with_dv_out, dk_dtype=grad_dtype),
+            output_args,
+        )
     out["bwd_state_pass"] = (
         stage_fn(kern, "bwd_state_pass", cfg),
         (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w, res.gate_tokens),
@@ -400,11 +405,29 @@ def backward_stage_fns(
                 res.gate_substeps,
             ),
         )
-    else:
+    elif merged:
+        out["bwd_merged"] = (
+            jit("merged", out_dtype=grad_dtype),
+            (
+                q,
+                do,
+                res.h,
+                st["h_mid"],
+                st["dh_il"],
+                k,
+                st["vnew"],
+                st["dvnew"],
+                res.gate_tokens,
+                gam,
+                fdec,
+            ),
+        )
+    if not (cfg.wy_fused or merged):
         out["bwd_state_adjoint"] = (
             jit("state_adjoint", out_dtype=grad_dtype),
             (res.h, st["h_mid"], st["dh_il"], st["vnew"], st["dvnew"], st["dk_out"], k, gam, fdec),
         )
+    if not cfg.wy_fused:
         out["bwd_wy"] = (
             jit("wy"),
             (res.a, k, v, beta, st["dw"], st["dvnew"], st["dkp"], res.gate_substeps, st["dG_st"]),
@@ -471,9 +494,9 @@ def bwd_tune(
     cases: list[Case], repeats: int, log: Callable, only: list[str] | None = None
 ) -> tuple[dict, list[dict]]:
     """Time every backward stage variant alone, side by side, on the same stage inputs (plus the
-    previous fused stage 3 + 4 kernel, the output adjoint computing ``dv_out`` and the recompute
-    stage); return the fastest fields and all records. Variants that fail to compile are
-    reported and skipped."""
+    previous fused stage 3 + 4 kernel, the output adjoint computing ``dv_out``, the recompute
+    stage and the merged output + state adjoint at several launch parameters); return the
+    fastest fields and all records. Variants that fail to compile are reported and skipped."""
     records = []
     totals: dict[str, dict[int, float]] = {s: {} for s in BWD_TUNE_SPACE}
     base = kernel_backward.BackwardConfig()
@@ -502,6 +525,9 @@ def bwd_tune(
             ("bwd_output_dv", 0): (dict(output_dv=True), "bwd_output"),
             ("bwd_recompute", 0): (dict(save_states=False), "bwd_recompute"),
         }
+        for i, (warps, stages) in enumerate(((4, 1), (8, 1), (4, 2), (2, 1))):
+            merged = dict(merged_adjoint=True, merged_warps=warps, merged_stages=stages)
+            extra[("bwd_merged", i)] = (merged, "bwd_merged")
         for key, (fields, stage) in extra.items():
             if only and key[0] not in only:
                 continue

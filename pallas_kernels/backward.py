@@ -14,7 +14,10 @@ chunk-start states ``h_mid``) and the padded inputs::
     4. backward_wy             dk, dv (complete), dbeta, interleaved gate terms dG_il
     5. (JAX) dg = reverse local cumsum of dG_tok + that of dG_il at sub-step 0 of each token
 
-(``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous single kernel instead.)
+(``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous single kernel instead;
+``merged_adjoint`` runs 1 and 3 as one kernel per token chunk after the reverse pass,
+``backward_chunk_adjoint``, for padded head dims up to 128: the token chunk's ``h``, ``K``,
+``v_new`` read once, no ``dk_out`` round trip.)
 
 Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
 fused kernel above 128). Up to 128 every stage holds its ``[Kp, Vp]`` / ``[64, Kp]`` values
@@ -44,6 +47,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backward_chunk_adjoint import MAX_DIM as MAX_MERGED_DIM
+from pallas_kernels.backward_chunk_adjoint import chunk_adjoint
 from pallas_kernels.backward_output import output_backward
 from pallas_kernels.backward_recompute import dv_out as dv_out_only
 from pallas_kernels.backward_recompute import recompute
@@ -105,6 +110,12 @@ class BackwardConfig:
     output_block_v: int = 128  # value tile of its in-kernel sums over V
     output_dv: bool = False  # the output adjoint computes dv_out (else its own small kernel;
     # only where the key dim fits one program, Kp <= output_block_k)
+    # stages 1 and 3 as one kernel per token chunk (backward_chunk_adjoint: h, K, V_new read once,
+    # the output's dk kept in registers): True, False (the two kernels) or None: merged where
+    # the padded head dims fit it (K, V <= 128)
+    merged_adjoint: bool | None = False
+    merged_warps: int = 4
+    merged_stages: int = 1
     dv_block_v: int = 128
     dv_warps: int = 4
     dv_stages: int = 2
@@ -137,10 +148,22 @@ class BackwardConfig:
             raise ValueError(
                 f"BackwardConfig.state_dots must be 'split' or 'input', got {self.state_dots!r}"
             )
+        if self.merged_adjoint is not False and (self.output_dv or self.wy_fused):
+            raise ValueError(
+                "BackwardConfig.merged_adjoint runs the output adjoint after the reverse pass: "
+                "it cannot also form dv_out (output_dv) or feed the fused stage 3 + 4 kernel "
+                "(wy_fused); set merged_adjoint=False for those"
+            )
         if self.wy_dots not in ("tf32", "split", "input"):
             raise ValueError(
                 f"BackwardConfig.wy_dots must be 'tf32', 'split' or 'input', got {self.wy_dots!r}"
             )
+
+    def merges_adjoints(self, key_dim: int, value_dim: int) -> bool:
+        """Whether stages 1 and 3 run as one kernel for these (unpadded) head dims."""
+        if self.merged_adjoint is None:
+            return max(padded_dims(key_dim, value_dim)) <= MAX_MERGED_DIM
+        return self.merged_adjoint
 
     def intermediate_dtype(self, input_dtype) -> jnp.dtype:
         """The dtype of ``dk_out``, ``dW`` and ``dkp`` for inputs of ``input_dtype``."""
@@ -188,6 +211,11 @@ def unsupported(key_dim: int, value_dim: int, config: BackwardConfig) -> str | N
     Kp, Vp = padded_dims(key_dim, value_dim)
     if max(Kp, Vp) > MAX_DIM:
         return f"backward kernels need padded K, V <= {MAX_DIM}, got Kp={Kp}, Vp={Vp}"
+    if config.merged_adjoint and max(Kp, Vp) > MAX_MERGED_DIM:
+        return (
+            f"the merged output + state adjoint (merged_adjoint=True) holds whole heads: padded "
+            f"K, V <= {MAX_MERGED_DIM}, got Kp={Kp}, Vp={Vp}"
+        )
     if config.wy_fused and max(Kp, Vp) > MAX_FUSED_DIM:
         return (
             f"the fused stage 3 + 4 kernel (wy_fused) holds whole [Kp, Vp] state tiles: padded "
@@ -285,6 +313,13 @@ def stage_kernels(
             num_stages=config.wy_stages,
             **common,
         ),
+        "merged": partial(
+            chunk_adjoint,
+            **op,
+            num_warps=config.merged_warps,
+            num_stages=config.merged_stages,
+            **common,
+        ),
         "wy_fused": partial(
             wy_backward_fused, num_warps=config.fused_warps, num_stages=1, **common
         ),
@@ -348,17 +383,19 @@ def stages(
     kern = stage_kernels(config, num_householder=n, scale=scale, interpret=interpret, poison=poison)
     grad_dtype = config.intermediate_dtype(q.dtype)
     output = partial(kern["output"], dk_dtype=grad_dtype)
+    merged = config.merges_adjoints(K, V)
+    dq = dk_out = dG_tok = None
     if res.v_new is None:  # the forward kept no states: recompute them
         vnew, h_mid, dv_out = kern["recompute"](
             res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
         )
-        dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     elif config.output_dv and not config.state_fused_dv_out and Kp <= config.output_block_k:
         vnew, h_mid = res.v_new, res.h_mid
         dq, dk_out, dG_tok, dv_out = output(qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True)
     else:  # dv_out by its own kernel, or (None) formed in the reverse pass
         vnew, h_mid = res.v_new, res.h_mid
         dv_out = None if config.state_fused_dv_out else kern["dv_out"](kp, qp, dop, gate_tok)
+    if dq is None and not merged:
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     if config.state_stored_w and res.w is None:
         raise ValueError(
@@ -376,9 +413,25 @@ def stages(
         )
         dw = dkp = dG_st = None
     else:
-        dw, dkp, dG_st = kern["state_adjoint"](
-            res.h, h_mid, dh_il, vnew, dvnew, dk_out, kp, gam, fdec, out_dtype=grad_dtype
-        )
+        if merged:  # stages 1 + 3 in one kernel (dk_out stays inside it)
+            dq, dkp, dw, dG_tok, dG_st = kern["merged"](
+                qp,
+                dop,
+                res.h,
+                h_mid,
+                dh_il,
+                kp,
+                vnew,
+                dvnew,
+                gate_tok,
+                gam,
+                fdec,
+                out_dtype=grad_dtype,
+            )
+        else:
+            dw, dkp, dG_st = kern["state_adjoint"](
+                res.h, h_mid, dh_il, vnew, dvnew, dk_out, kp, gam, fdec, out_dtype=grad_dtype
+            )
         dk, dv, dbeta, dG_il = kern["wy"](res.a, kp, vp, bp, dw, dvnew, dkp, gate_sub, dG_st)
     return dict(
         vnew=vnew,

@@ -473,13 +473,22 @@ def _rows_chunks(x, n_chunks, D):
 
 
 @pytest.mark.parametrize(
-    "save_states,fused",
-    [(True, False), (False, False), (True, True)],
-    ids=["saved", "recompute", "fused"],
+    "save_states,fields",
+    [
+        (True, {}),
+        (False, {}),
+        (True, dict(wy_fused=True)),
+        (True, dict(merged_adjoint=True)),
+        (False, dict(merged_adjoint=True)),
+    ],
+    ids=["saved", "recompute", "fused", "merged", "merged-recompute"],
 )
-def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fused):
+def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     """Every kernel stage's outputs against ``chunked_backward``'s stage functions (fp32), with
-    the forward's saved states or recomputed ones, and with stages 3 + 4 split or fused."""
+    the forward's saved states or recomputed ones, with stages 3 + 4 split or fused and with
+    stages 1 + 3 as two kernels or merged into one (which forms no ``dk_out`` of its own)."""
+    fused = fields.get("wy_fused", False)
+    merged = fields.get("merged_adjoint", False)
     B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
     scale = 0.4
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
@@ -503,7 +512,7 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fused):
         num_householder=n,
         scale=scale,
         interpret=True,
-        config=kernel_backward.BackwardConfig(wy_fused=fused),
+        config=kernel_backward.BackwardConfig(**fields),
     )
 
     # the plain-JAX twin on chunk-layout inputs
@@ -556,7 +565,10 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fused):
     # stage 1: output adjoint, including the output's dv_new part
     check(dvn_out, _il_chunks(out["dv_out"], NI, V), "dv_out")
     check(dq, _rows_chunks(out["dq"], NT, K), "dq")
-    check(dk_out, _rows_chunks(out["dk_out"], NI, K), "dk_out")
+    if merged:
+        assert out["dk_out"] is None
+    else:
+        check(dk_out, _rows_chunks(out["dk_out"], NI, K), "dk_out")
     # stage 2: reverse state pass
     check(st.dv_new, _il_chunks(out["dvnew"], NI, V), "dv_new")
     check(st.dh0, out["dh0"][:, :, :K, :V], "dh0")
@@ -617,6 +629,11 @@ BACKWARD_VARIANTS = {
     "wy_dots=tf32": {"wy_dots": "tf32"},
     "state_stored_w=True": {"state_stored_w": True},
     "state_fused_dv_out=True": {"state_fused_dv_out": True},
+    "merged_adjoint=True": {"merged_adjoint": True},
+    "merged_adjoint=True,state_fused_dv_out=True": {
+        "merged_adjoint": True,
+        "state_fused_dv_out": True,
+    },
 }
 GPU_VARIANTS = [
     (*case, variant)

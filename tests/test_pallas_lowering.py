@@ -319,6 +319,9 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(state_fused_dv_out=True),
         dict(state_fused_dv_out=True, state_split=2, state_read_masked=False),
         dict(state_fused_dv_out=True, state_loop="token"),
+        dict(merged_adjoint=True),
+        dict(merged_adjoint=True, state_fused_dv_out=True, grad_dtype="float32"),
+        dict(merged_adjoint=True, merged_warps=8, merged_stages=2),
     ],
 )
 def test_backward_lowers_other_configs(fields):
@@ -329,8 +332,32 @@ def test_backward_lowers_other_configs(fields):
     expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
     expected -= bool(fields.get("state_fused_dv_out"))  # the reverse pass forms dv_out
     expected -= bool(fields.get("wy_fused"))  # one kernel for the state and WY adjoints
+    expected -= bool(fields.get("merged_adjoint"))  # one kernel for the output and state adjoints
     expected += fields.get("state_split", 1) > 1  # the reverse pass's transfer launch
     assert text.count(TRITON_CALL) == expected
+
+
+@pytest.mark.parametrize(
+    "n,K,V,dtype,save_states",
+    [
+        (1, 128, 128, jnp.bfloat16, True),
+        (3, 128, 128, jnp.bfloat16, True),
+        (4, 64, 64, jnp.bfloat16, False),
+        (2, 100, 60, jnp.float32, True),
+        (3, 20, 36, jnp.float16, True),
+    ],
+)
+def test_merged_adjoint_lowers(n, K, V, dtype, save_states):
+    """The output and state adjoints as one kernel (``merged_adjoint``) for every n_h, head dims
+    up to 128, 16- and 32-bit inputs, gated, and with the states recomputed."""
+    from pallas_kernels import backward as kernel_backward
+
+    config = kernel_backward.BackwardConfig(merged_adjoint=True, save_states=save_states)
+    args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
+    text = lower_forward_backward(n, args, config, save_states=save_states)
+    assert "dp_bwd_chunk_adjoint" in text
+    assert "dp_bwd_output" not in text and "dp_bwd_state_adjoint" not in text
+    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS) - 1
 
 
 @pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (100, 60)])

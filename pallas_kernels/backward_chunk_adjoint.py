@@ -1,0 +1,217 @@
+"""Backward stages 1 + 3 merged: the output's and the state update's adjoints per token chunk.
+
+``backward_output`` and ``backward_state_adjoint`` side by side read the same token chunk twice
+(its start state ``h[J]``, ``K``, ``V_new``) and pass the output's ``dk`` between them through
+HBM (``[L, Kp]`` written and read back). One program per token chunk ``J`` (64 tokens ``s``, its
+``n`` interleaved chunks ``c = J*n + i`` of 64 rows ``r`` each) does both, so each is read once
+and ``dk`` stays in registers::
+
+    dq     = gam * (dO h[J]^T)                                   [64, Kp] fp32
+    p_tok  = gam * rowsum((dO h[J]^T) * Q)                       (the token gate terms)
+    for i in 0..n-1 (contiguous interleaved chunk c; row r is token t(r) = (64 i + r) / n):
+        Ds     = (dO V_new_c^T) * Gam[s, t(r)]                   [64 s, 64 r]
+        dq    += Ds K_c
+        dk_c   = scale Ds^T Q + fdec * (V_new_c dE_c^T)          output + state update (dkp)
+        dW_c   = -dV_new_c S_c^T                                 (S_c = h[J] or h_mid)
+        P      = (Q K_c^T) * Ds   -> p_tok += rowsum(P); colsum(P) summed onto tokens t(r)
+        dG_st_c = -p_end ; dG_st_c[63] += sum(p_end) + gam_end <S_c, dE_c>
+    dq *= scale ;  dG_tok = scale (p_tok - colsum_tok)
+
+with ``p_end = rowsum(fdec (V_new_c dE_c^T) * K_c)``. The outputs are those of the two kernels
+(``dq``; ``dkp``, ``dW``, ``dG_st`` as ``state_adjoint``; ``dG_tok`` as ``output_backward``);
+``dk_out`` is never formed on its own. The rows of chunk ``c`` are taken in the contiguous
+order of the interleaved sequence (not the output adjoint's strided sub-step slices), with each
+column's token decay picked by ``token_decay(col_token=...)``, as the reverse pass's fused
+``dv_out`` does.
+
+Grid ``(NT, H, B)``; whole head dims per program: padded ``K, V <= 128`` only (``MAX_DIM``;
+wider heads run the two kernels, ``BackwardConfig.adjoint_merged``). Reads ``q [B, T, H, Kp]``,
+``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``h_mid [B, H, NT*(n-1), Kp, Vp]`` (n > 1),
+``dh_il [B, H, NI, Kp, Vp]``, ``k [B, L, H, Kp]``, ``v_new, dv_new [B, H, L, Vp]`` and, with
+decay, the token log-gate ``[B, H, T]`` and ``gam, fdec [B, H, L]`` fp32. Products as in the two
+kernels: 16-bit operands where both are stored 16-bit, the fp32 ``Ds`` split into two 16-bit
+halves; IEEE fp32 for fp32 inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backward_recompute import token_decay
+from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+
+MAX_DIM = 128  # padded K and V one program holds whole
+
+
+def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
+    rest = list(refs)
+    q_ref, do_ref, h_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+    hmid_ref = rest.pop(0) if n > 1 else None
+    dh_ref, k_ref, vnew_ref, dvnew_ref = (rest.pop(0) for _ in range(4))
+    gate_ref, gam_ref, fdec_ref = (rest.pop(0) for _ in range(3)) if decay else (None,) * 3
+    dq_ref, dkp_ref, dw_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+    dgtok_ref, dgst_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
+
+    gate = gate_ref[...] if decay else None
+    _, gam_tok = token_decay(gate)
+    q, do = q_ref[...], do_ref[...]
+    h = h_ref[...]
+    dq = mm(do, h, mode["in"], trans_b=True, **dots)  # [64, Kp]
+    if decay:
+        dq = dq * gam_tok[:, None]
+        p_tok = jnp.sum(dq * q.astype(jnp.float32), axis=1)
+        col_tok = jnp.zeros((CHUNK,), jnp.float32)
+    token_of = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # [t, r]: token t
+    for i in range(n):
+        r_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)
+        t_row = lax.div(i * CHUNK + r_idx, n)  # [., r]: the token of row r
+        weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, t(r)]
+        k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
+        d_scores = mm(do, vnew, mode["in"], trans_b=True, **dots) * weight  # [s, r]
+        dq = dq + mm(d_scores, k, mode["split_a"], **dots)
+        dk = scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)  # [r, Kp]
+        state = h if i == 0 else hmid_ref[i - 1]
+        d_state = dh_ref[i]
+        dw_ref[i] = (-mm(dvnew, state, mode["in"], trans_b=True, **dots)).astype(dw_ref.dtype)
+        dk_state = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # [r, Kp]
+        if decay:
+            dk_state = dk_state * fdec_ref[i][:, None]
+            pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
+            p_tok = p_tok + jnp.sum(pair, axis=1)
+            col = jnp.sum(pair, axis=0)  # [r] onto the tokens t(r)
+            col_tok = col_tok + jnp.sum(jnp.where(token_of == t_row, col[None, :], 0.0), axis=1)
+            p_end = jnp.sum(dk_state * k.astype(jnp.float32), axis=1)
+            s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
+            p_carry = s_ds * element_select(gam_ref[i], CHUNK - 1)
+            last = lax.broadcasted_iota(jnp.int32, (CHUNK,), 0) == CHUNK - 1
+            dgst_ref[i] = jnp.where(last, jnp.sum(p_end) + p_carry, 0.0) - p_end
+        dkp_ref[i] = (dk + dk_state).astype(dkp_ref.dtype)
+    dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
+    if decay:
+        dgtok_ref[...] = scale * (p_tok - col_tok)
+
+
+def chunk_adjoint(
+    q: jax.Array,
+    do: jax.Array,
+    h: jax.Array,
+    h_mid: jax.Array | None,
+    dh_il: jax.Array,
+    k: jax.Array,
+    vnew: jax.Array,
+    dvnew: jax.Array,
+    gate_tok: jax.Array | None,
+    gam: jax.Array | None,
+    fdec: jax.Array | None,
+    *,
+    num_householder: int,
+    scale: float,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    out_dtype=jnp.float32,
+    interpret: bool = False,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """Run backward stages 1 + 3 (without ``dv_out``) in one kernel.
+
+    Args:
+      q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``; h: ``[B, H, NT, Kp, Vp]`` token-chunk start
+        states; h_mid: ``[B, H, NT*(n-1), Kp, Vp]`` the other interleaved chunk-start states
+        (None when n == 1); dh_il: ``[B, H, NI, Kp, Vp]`` chunk-end state gradients;
+        k: ``[B, L, H, Kp]``; vnew, dvnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 token
+        log-gate, gam, fdec: ``[B, H, L]`` fp32 interleaved decay vectors (all three None: no
+        decay). Padded ``Kp, Vp <= 128``.
+      out_dtype: dtype of ``dkp`` and ``dW`` (``BackwardConfig.grad_dtype``).
+
+    Returns:
+      ``dq [B, T, H, Kp]`` (q.dtype), ``dkp [B, L, H, Kp]`` and ``dW [B, H, L, Kp]``
+      (``out_dtype``), ``dG_tok [B, H, T]`` and ``dG_st [B, H, L]`` fp32 (None without decay).
+    """
+    B, T, H, Kp = q.shape
+    Vp = do.shape[-1]
+    n = num_householder
+    L = T * n
+    NT, NI = T // CHUNK, L // CHUNK
+    if max(Kp, Vp) > MAX_DIM:
+        raise ValueError(
+            f"chunk_adjoint holds whole heads: padded K, V <= {MAX_DIM}, got Kp={Kp}, Vp={Vp}"
+        )
+    decay = gate_tok is not None
+    dtype = q.dtype
+    token_rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda t, hh, b: (b, t, hh, 0))
+    state = lambda count, index: pl.BlockSpec((None, None, count, Kp, Vp), index)
+    head_chunks = lambda d: pl.BlockSpec(
+        (None, None, n, CHUNK, d), lambda t, hh, b: (b, hh, t, 0, 0)
+    )
+    seq_chunks = pl.BlockSpec((None, n, CHUNK, None, Kp), lambda t, hh, b: (b, t, 0, hh, 0))
+    chunk_vec = pl.BlockSpec((None, None, n, CHUNK), lambda t, hh, b: (b, hh, t, 0))
+    inputs = [q, do, h]
+    in_specs = [
+        token_rows(Kp),
+        token_rows(Vp),
+        pl.BlockSpec((None, None, None, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
+    ]
+    if n > 1:
+        inputs.append(h_mid)
+        in_specs.append(state(n - 1, lambda t, hh, b: (b, hh, t, 0, 0)))
+    inputs += [
+        dh_il,
+        k.reshape(B, NI, CHUNK, H, Kp),
+        vnew.reshape(B, H, NI, CHUNK, Vp),
+        dvnew.reshape(B, H, NI, CHUNK, Vp),
+    ]
+    in_specs += [state(n, lambda t, hh, b: (b, hh, t, 0, 0)), seq_chunks]
+    in_specs += [head_chunks(Vp), head_chunks(Vp)]
+    if decay:
+        inputs += [gate_tok, gam.reshape(B, H, NI, CHUNK), fdec.reshape(B, H, NI, CHUNK)]
+        in_specs += [
+            pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t)),
+            chunk_vec,
+            chunk_vec,
+        ]
+    out_shapes = [
+        jax.ShapeDtypeStruct((B, T, H, Kp), dtype),
+        jax.ShapeDtypeStruct((B, NI, CHUNK, H, Kp), out_dtype),
+        jax.ShapeDtypeStruct((B, H, NI, CHUNK, Kp), out_dtype),
+    ]
+    out_specs = [token_rows(Kp), seq_chunks, head_chunks(Kp)]
+    if decay:
+        out_shapes += [
+            jax.ShapeDtypeStruct((B, H, T), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, NI, CHUNK), jnp.float32),
+        ]
+        out_specs += [pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t)), chunk_vec]
+    if dtype == jnp.float32:
+        modes = {"in": DotMode.IEEE, "split_a": DotMode.IEEE}
+    else:
+        modes = {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        scale=float(scale),
+        decay=decay,
+        mode=modes,
+        dots=dict(dtype=dtype, interpret=interpret),
+    )
+    outs = pallas_call(
+        kernel,
+        inputs=inputs,
+        in_specs=in_specs,
+        out_shapes=out_shapes,
+        out_specs=out_specs,
+        grid=(NT, H, B),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="dp_bwd_chunk_adjoint",
+        poison=poison,
+    )
+    dq, dkp, dw = outs[0], outs[1].reshape(B, L, H, Kp), outs[2].reshape(B, H, L, Kp)
+    if not decay:
+        return dq, dkp, dw, None, None
+    return dq, dkp, dw, outs[3], outs[4].reshape(B, H, L)
