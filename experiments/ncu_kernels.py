@@ -191,13 +191,22 @@ def markdown(launches: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(case: str, gated: bool) -> None:
-    """One forward + backward of the op at ``case`` (``B,T,H,K,V,N_H``), bf16."""
+def run(case: str, gated: bool, bwd_variant: str | None = None) -> None:
+    """One forward + backward of the op at ``case`` (``B,T,H,K,V,N_H``), bf16; ``bwd_variant``:
+    ``BackwardConfig`` fields changed from the default (``"FIELD=VALUE[,FIELD=VALUE]"``)."""
     # imported here: ``summarize`` needs neither JAX nor the package
+    import dataclasses
+
     import jax
-    from bench_op import make_inputs, op_fns, parse_case
+    from bench_op import config_fields, make_inputs, op_fns, parse_case
 
     from dpjax.ops import pallas as dp_pallas
+
+    if bwd_variant:
+        fields, default_for = config_fields(bwd_variant), dp_pallas.backward_config_for
+        dp_pallas.backward_config_for = lambda key_dim, value_dim: dataclasses.replace(
+            default_for(key_dim, value_dim), **fields
+        )
 
     c = parse_case(case + (",gated" if gated else ""))
     x = make_inputs(c, seed=0)
@@ -222,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
         help="B,T,H,K,V,N_H of the op (default: the issues' target at n_h = 2)",
     )
     p_run.add_argument("--gated", action="store_true", help="with a log-space forget gate")
+    p_run.add_argument(
+        "--bwd-variant",
+        metavar="FIELD=VALUE[,FIELD=VALUE]",
+        help="BackwardConfig fields changed from the default (e.g. merged_adjoint=True)",
+    )
     p_sum = sub.add_parser("summarize", help="tables of an ncu report's details and source pages")
     p_sum.add_argument("details", help="text of `ncu -i REPORT --page details`")
     p_sum.add_argument(
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p_sum.add_argument("--out", default=".", help="folder for ncu_summary.md and .json")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.case, args.gated)
+        run(args.case, args.gated, args.bwd_variant)
         return
     launches = summarize(args.details, args.source)
     if not launches:

@@ -35,7 +35,8 @@
 #      also run from that earlier revision's code in the same call (base_* records), for
 #      before/after figures from one machine;
 #   6b. `ncu`: Nsight Compute over one forward + backward of the op at NCU_CASE (B,T,H,K,V,n_h;
-#      the n_h = 2 target by default; NCU_GATED=1 with a gate): every dp_ kernel's duration,
+#      the n_h = 2 target by default; NCU_GATED=1 with a gate; NCU_BWD="FIELD=VALUE,..." with
+#      BackwardConfig fields changed): every dp_ kernel's duration,
 #      DRAM throughput, occupancy, stall reasons and synchronous loads in loops
 #      (experiments/ncu_kernels.py: ncu_summary.md, plus ncu_details.txt and
 #      ncu_source.csv.gz for reading further);
@@ -137,7 +138,7 @@ for stage in $STAGES; do
         --section WarpStateStats --section SourceCounters --section LaunchStats \
         --section Occupancy --section MemoryWorkloadAnalysis -f -o /tmp/ncu_op \
         python3 experiments/ncu_kernels.py run --case "${NCU_CASE:-4,4096,8,128,128,2}" \
-        ${NCU_GATED:+--gated} > "$OUT/ncu_run.txt" 2>&1
+        ${NCU_GATED:+--gated} ${NCU_BWD:+--bwd-variant "$NCU_BWD"} > "$OUT/ncu_run.txt" 2>&1
       tail -4 "$OUT/ncu_run.txt"
       "$ncu_bin" -i /tmp/ncu_op.ncu-rep --page details > "$OUT/ncu_details.txt" 2>&1
       "$ncu_bin" -i /tmp/ncu_op.ncu-rep --page source --print-source sass --csv 2>&1 \

@@ -69,3 +69,22 @@ def test_run_does_one_forward_and_backward(capsys):
         "ran one forward + backward at B=1 T=64 H=2 K=16 V=16 n_h=2 gated"
         in capsys.readouterr().out
     )
+
+
+def test_run_takes_a_backward_variant(capsys, monkeypatch):
+    """``--bwd-variant`` sets BackwardConfig fields for the run (here the merged adjoint kernel,
+    seen through a spy on it); an unknown field is an error naming it."""
+    from dpjax.ops import pallas as dp_pallas
+    from pallas_kernels import backward as kernel_backward
+
+    monkeypatch.setattr(dp_pallas, "backward_config_for", dp_pallas.backward_config_for)
+    calls = []
+    merged = kernel_backward.chunk_adjoint
+    monkeypatch.setattr(
+        kernel_backward, "chunk_adjoint", lambda *a, **kw: calls.append(1) or merged(*a, **kw)
+    )
+    ncu = _load()
+    ncu.main(["run", "--case", "1,64,2,16,16,2", "--bwd-variant", "merged_adjoint=True"])
+    assert calls and "ran one forward + backward" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no_such_field"):
+        ncu.main(["run", "--case", "1,64,2,16,16,1", "--bwd-variant", "no_such_field=1"])
