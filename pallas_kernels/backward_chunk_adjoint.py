@@ -67,30 +67,31 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
         p_tok = jnp.sum(dq * q.astype(jnp.float32), axis=1)
         col_tok = jnp.zeros((CHUNK,), jnp.float32)
     token_of = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # [t, r]: token t
-    for i in range(n):
+    for i in range(n):  # ordered so that at most two [64, Kp] fp32 values live at once
         r_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)
         t_row = lax.div(i * CHUNK + r_idx, n)  # [., r]: the token of row r
-        weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, t(r)]
         k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
-        d_scores = mm(do, vnew, mode["in"], trans_b=True, **dots) * weight  # [s, r]
-        dq = dq + mm(d_scores, k, mode["split_a"], **dots)
-        dk = scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)  # [r, Kp]
         state = h if i == 0 else hmid_ref[i - 1]
         d_state = dh_ref[i]
         dw_ref[i] = (-mm(dvnew, state, mode["in"], trans_b=True, **dots)).astype(dw_ref.dtype)
-        dk_state = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # [r, Kp]
+        dk = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # the state update's dk
         if decay:
-            dk_state = dk_state * fdec_ref[i][:, None]
-            pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
-            p_tok = p_tok + jnp.sum(pair, axis=1)
-            col = jnp.sum(pair, axis=0)  # [r] onto the tokens t(r)
-            col_tok = col_tok + jnp.sum(jnp.where(token_of == t_row, col[None, :], 0.0), axis=1)
-            p_end = jnp.sum(dk_state * k.astype(jnp.float32), axis=1)
+            dk = dk * fdec_ref[i][:, None]
+            p_end = jnp.sum(dk * k.astype(jnp.float32), axis=1)
             s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
             p_carry = s_ds * element_select(gam_ref[i], CHUNK - 1)
             last = lax.broadcasted_iota(jnp.int32, (CHUNK,), 0) == CHUNK - 1
             dgst_ref[i] = jnp.where(last, jnp.sum(p_end) + p_carry, 0.0) - p_end
-        dkp_ref[i] = (dk + dk_state).astype(dkp_ref.dtype)
+        weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, t(r)]
+        d_scores = mm(do, vnew, mode["in"], trans_b=True, **dots) * weight  # [s, r]
+        dk = dk + scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)  # [r, Kp]
+        dkp_ref[i] = dk.astype(dkp_ref.dtype)
+        dq = dq + mm(d_scores, k, mode["split_a"], **dots)
+        if decay:
+            pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
+            p_tok = p_tok + jnp.sum(pair, axis=1)
+            col = jnp.sum(pair, axis=0)  # [r] onto the tokens t(r)
+            col_tok = col_tok + jnp.sum(jnp.where(token_of == t_row, col[None, :], 0.0), axis=1)
     dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
     if decay:
         dgtok_ref[...] = scale * (p_tok - col_tok)
