@@ -254,10 +254,12 @@ SIXTEEN_BIT_CHOICES = {
 }
 # ... and those that reorder the arithmetic too (fp32 inputs: equal to rounding, not bitwise):
 # W = A diag(beta gam) K formed first and rounded to 16 bits for the reverse state pass
-# ... and dv_out formed in the reverse pass (fp32 there, the input dtype between kernels)
+# ... and dv_out formed in the reverse pass (fp32 there, the input dtype between kernels), and
+# the output and state adjoints merged (the output's dk kept in fp32 instead of rounded)
 ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     "state_stored_w": (False, True),
     "state_fused_dv_out": (False, True),
+    "merged_adjoint": (False, True),
 }
 
 
@@ -270,7 +272,8 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     + [("state_dots", 3, False, 64, 64)]
     + [("state_stored_w", 1, False, 64, 64), ("state_stored_w", 2, True, 32, 32)]
     + [("state_stored_w", 3, False, 64, 64), ("state_stored_w", 4, True, 32, 32)]
-    + [("state_fused_dv_out", 1, True, 32, 32), ("state_fused_dv_out", 3, False, 64, 64)],
+    + [("state_fused_dv_out", 1, True, 32, 32), ("state_fused_dv_out", 3, False, 64, 64)]
+    + [("merged_adjoint", 2, True, 32, 32), ("merged_adjoint", 4, False, 64, 64)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
     """Each choice of ``ACCURACY_CHOICES`` stays within SPEC §9 of the fp32 chunked path, and at
