@@ -525,7 +525,7 @@ def bwd_tune(
             ("bwd_output_dv", 0): (dict(output_dv=True), "bwd_output"),
             ("bwd_recompute", 0): (dict(save_states=False), "bwd_recompute"),
         }
-        for i, (warps, stages) in enumerate(((4, 1), (8, 1), (4, 2), (2, 1))):
+        for i, (warps, stages) in enumerate(((8, 1), (4, 1), (8, 2), (4, 2))):
             merged = dict(merged_adjoint=True, merged_warps=warps, merged_stages=stages)
             extra[("bwd_merged", i)] = (merged, "bwd_merged")
         for key, (fields, stage) in extra.items():
