@@ -503,6 +503,9 @@ def bwd_tune(
     for c in cases:
         inputs = make_inputs(c, seed=1)
         base_fns = backward_stage_fns(c, inputs, base)
+        # the stages the default merges or leaves out (dv_out, the output and state adjoints)
+        separate = dataclasses.replace(base, merged_adjoint=False, state_fused_dv_out=False)
+        base_fns = backward_stage_fns(c, inputs, separate) | base_fns
         fns, labels = {}, {}
         for stage, variants in BWD_TUNE_SPACE.items():
             if only and stage not in only:
@@ -522,7 +525,7 @@ def bwd_tune(
                     log(f"bwd tune {stage} {fields} failed: {err!r:.300}")
         extra = {
             ("bwd_wy_fused", 0): (dict(wy_fused=True), "bwd_wy_fused"),
-            ("bwd_output_dv", 0): (dict(output_dv=True), "bwd_output"),
+            ("bwd_output_dv", 0): (dict(output_dv=True, state_fused_dv_out=False), "bwd_output"),
             ("bwd_recompute", 0): (dict(save_states=False), "bwd_recompute"),
         }
         for i, (warps, stages) in enumerate(((8, 1), (4, 1), (8, 2), (4, 2))):
@@ -923,6 +926,7 @@ def resources(
         "dp_bwd_output": (bconf.output_warps, bconf.output_stages),
         "dp_bwd_state_adjoint": (bconf.adjoint_warps, bconf.adjoint_stages),
         "dp_bwd_dv_out": (bconf.dv_warps, bconf.dv_stages),
+        "dp_bwd_chunk_adjoint": (bconf.merged_warps, bconf.merged_stages),
         "dp_bwd_wy": (bconf.wy_warps, bconf.wy_stages),
         "dp_bwd_wy_fused": (bconf.fused_warps, 1),
     }

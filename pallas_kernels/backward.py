@@ -103,7 +103,7 @@ class BackwardConfig:
     # the reverse state pass forms dv_out itself from the Q, dO it reads for the read term (no
     # stage-1 dv_out kernel, no [L, Vp] round trip; state_pass_backward with dv_out=None); only
     # where the forward kept its states (else the recompute stage forms dv_out)
-    state_fused_dv_out: bool = False
+    state_fused_dv_out: bool = True
     output_warps: int = 4
     output_stages: int = 1
     output_block_k: int = 128  # key tile per program (a grid axis above it)
@@ -113,8 +113,8 @@ class BackwardConfig:
     # stages 1 and 3 as one kernel per token chunk (backward_chunk_adjoint: h, K, V_new read once,
     # the output's dk kept in registers): True, False (the two kernels) or None: merged where
     # the padded head dims fit it (K, V <= 128)
-    merged_adjoint: bool | None = False
-    merged_warps: int = 8  # offline (pip Triton, sm_90) 4 warps spilled 1.6 KB at n_h = 2, 8: 212 B
+    merged_adjoint: bool | None = None
+    merged_warps: int = 4
     merged_stages: int = 1
     dv_block_v: int = 128
     dv_warps: int = 4
@@ -148,7 +148,7 @@ class BackwardConfig:
             raise ValueError(
                 f"BackwardConfig.state_dots must be 'split' or 'input', got {self.state_dots!r}"
             )
-        if self.merged_adjoint is not False and (self.output_dv or self.wy_fused):
+        if self.merged_adjoint and (self.output_dv or self.wy_fused):
             raise ValueError(
                 "BackwardConfig.merged_adjoint runs the output adjoint after the reverse pass: "
                 "it cannot also form dv_out (output_dv) or feed the fused stage 3 + 4 kernel "
@@ -162,7 +162,8 @@ class BackwardConfig:
     def merges_adjoints(self, key_dim: int, value_dim: int) -> bool:
         """Whether stages 1 and 3 run as one kernel for these (unpadded) head dims."""
         if self.merged_adjoint is None:
-            return max(padded_dims(key_dim, value_dim)) <= MAX_MERGED_DIM
+            fits = max(padded_dims(key_dim, value_dim)) <= MAX_MERGED_DIM
+            return fits and not (self.output_dv or self.wy_fused)
         return self.merged_adjoint
 
     def intermediate_dtype(self, input_dtype) -> jnp.dtype:
@@ -186,7 +187,13 @@ WIDE_HEAD = dict(
     wy_block=32,
     wy_warps=8,
 )
-WIDE_KEY = dict(state_block_v=16, state_warps=8, state_stages=2, recompute_block_v=32)
+WIDE_KEY = dict(
+    state_block_v=16,
+    state_warps=8,
+    state_stages=2,
+    recompute_block_v=32,
+    state_fused_dv_out=False,
+)
 
 
 def config_for(key_dim: int, value_dim: int) -> BackwardConfig:

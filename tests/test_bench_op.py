@@ -23,7 +23,10 @@ def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
     kinds = {r["kind"] for r in saved["records"]}
     assert {"op", "stage", "tune", "bwd_tune", "floor"} <= kinds, kinds
     stages = {r["stage"] for r in saved["records"] if r["kind"] == "stage"}
-    assert {"prepare", "state_pass", "output", "bwd_state_pass", "bwd_wy"} <= stages, stages
+    assert {"prepare", "state_pass", "output", "bwd_state_pass", "bwd_merged", "bwd_wy"} <= stages
+    tuned = {r["stage"] for r in saved["records"] if r["kind"] == "bwd_tune"}
+    # the separate stages the default merges or leaves out are tuned too
+    assert {"bwd_output", "bwd_state_adjoint", "bwd_dv_out", "bwd_merged"} <= tuned, tuned
     timed = [r for r in saved["records"] if "ms" in r]
     assert timed and all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in timed)
     assert (tmp_path / "bench_op.md").read_text().count("|") > 10

@@ -475,23 +475,28 @@ def _rows_chunks(x, n_chunks, D):
     return _il_chunks(x, n_chunks, D)
 
 
+TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
+
+
 @pytest.mark.parametrize(
     "save_states,fields",
     [
         (True, {}),
         (False, {}),
-        (True, dict(wy_fused=True)),
-        (True, dict(merged_adjoint=True)),
-        (False, dict(merged_adjoint=True)),
+        (True, TWO_ADJOINTS),
+        (False, TWO_ADJOINTS),
+        (True, dict(wy_fused=True, state_fused_dv_out=False)),
     ],
-    ids=["saved", "recompute", "fused", "merged", "merged-recompute"],
+    ids=["default", "recompute", "two-adjoints", "two-adjoints-recompute", "wy-fused"],
 )
 def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     """Every kernel stage's outputs against ``chunked_backward``'s stage functions (fp32), with
-    the forward's saved states or recomputed ones, with stages 3 + 4 split or fused and with
-    stages 1 + 3 as two kernels or merged into one (which forms no ``dk_out`` of its own)."""
-    fused = fields.get("wy_fused", False)
-    merged = fields.get("merged_adjoint", False)
+    the forward's saved states or recomputed ones: the default (``dv_out`` formed in the reverse
+    pass, the output and state adjoints merged into one kernel, which forms no ``dk_out`` of its
+    own), the ``dv_out`` kernel with the two adjoint kernels, and stages 3 + 4 fused."""
+    config = kernel_backward.BackwardConfig(**fields)
+    fused = config.wy_fused
+    merged = config.merges_adjoints(20, 12)
     B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
     scale = 0.4
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
@@ -515,7 +520,7 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
         num_householder=n,
         scale=scale,
         interpret=True,
-        config=kernel_backward.BackwardConfig(**fields),
+        config=config,
     )
 
     # the plain-JAX twin on chunk-layout inputs
@@ -566,7 +571,10 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     ]
     check(jnp.stack([s for per_j in states for s in per_j], axis=2), h_il, "h_il")
     # stage 1: output adjoint, including the output's dv_new part
-    check(dvn_out, _il_chunks(out["dv_out"], NI, V), "dv_out")
+    if save_states and config.state_fused_dv_out:  # formed inside the reverse pass
+        assert out["dv_out"] is None
+    else:
+        check(dvn_out, _il_chunks(out["dv_out"], NI, V), "dv_out")
     check(dq, _rows_chunks(out["dq"], NT, K), "dq")
     if merged:
         assert out["dk_out"] is None

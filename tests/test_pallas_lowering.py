@@ -187,7 +187,8 @@ def test_sequence_split_forward_lowers(n, gated):
 
 def test_default_config_splits_few_programs(monkeypatch):
     """The default configs on ``B * H = 8`` heads: the automatic split's transfer launch in the
-    forward and the backward state passes (4 forward + 5 + 1 backward launches)."""
+    forward and the backward state passes (4 forward launches, the backward's with the reverse
+    pass's transfer launch)."""
     from pallas_kernels import backward as kernel_backward
 
     monkeypatch.setattr(common, "SPLIT_FREE_PROGRAMS", 96)
@@ -202,7 +203,8 @@ def test_default_config_splits_few_programs(monkeypatch):
             *a[:4], res, o, final, num_householder=n, scale=0.1, interpret=False
         )
 
-    assert lower_text(fwd_bwd, *args).count(TRITON_CALL) == 4 + 5 + 1
+    split = kernel_backward.BackwardConfig(state_split=2)  # any split: its transfer launch
+    assert_backward_kernels(lower_text(fwd_bwd, *args), backward_kernels(split), 4)
 
 
 def test_vmapped_forward_lowers():
@@ -214,13 +216,39 @@ def test_vmapped_forward_lowers():
     assert lower_text(jax.vmap(f), *args).count(TRITON_CALL) == 3
 
 
-BACKWARD_KERNELS = (
-    "dp_bwd_dv_out",
-    "dp_bwd_output",
-    "dp_bwd_state_pass",
-    "dp_bwd_state_adjoint",
-    "dp_bwd_wy",
-)
+def backward_kernels(config=None, K=128, V=128, *, save_states=True) -> list[str]:
+    """The kernels ``backward.backward`` launches for ``config`` (None: ``config_for(K, V)``) in
+    their order: the recompute stage without saved states, ``dv_out`` unless the reverse pass
+    or the output adjoint forms it, the output adjoint unless merged with the state adjoint,
+    the reverse pass (and its transfer launch when split), then the state and WY adjoints as
+    one fused kernel, as the merged chunk adjoint + WY, or as two kernels."""
+    from pallas_kernels import backward as kernel_backward
+
+    config = config or kernel_backward.config_for(K, V)
+    Kp = kernels.padded_dims(K, V)[0]
+    merged = config.merges_adjoints(K, V)
+    names = []
+    if not save_states:
+        names.append("dp_bwd_recompute")
+    elif not config.state_fused_dv_out and not (config.output_dv and Kp <= config.output_block_k):
+        names.append("dp_bwd_dv_out")
+    if not merged:
+        names.append("dp_bwd_output")
+    if config.state_split > 1:
+        names.append("dp_bwd_state_transfer")
+    names.append("dp_bwd_state_pass")
+    if config.wy_fused:
+        names.append("dp_bwd_wy_fused")
+    else:
+        names += ["dp_bwd_chunk_adjoint" if merged else "dp_bwd_state_adjoint", "dp_bwd_wy"]
+    return names
+
+
+def assert_backward_kernels(text: str, names: list[str], forward_launches: int = 3) -> None:
+    """``text`` (lowered forward + backward) launches exactly ``names`` after the forward's."""
+    assert text.count(TRITON_CALL) == forward_launches + len(names), names
+    for name in names:
+        assert f'"{name}"' in text, name
 
 
 def lower_forward_backward(n, args, config=None, *, save_states=True) -> str:
@@ -269,9 +297,7 @@ def test_backward_lowers(n, gated):
     adjoint, WY adjoint) at a realistic shape, with initial state, resets and a final-state
     cotangent."""
     text = lower_forward_backward(n, forward_args(n, 128, 128, gated=gated, h0=True, resets=True))
-    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
-    for name in BACKWARD_KERNELS:
-        assert name in text, name
+    assert_backward_kernels(text, backward_kernels())
     assert "dp_bwd_recompute" not in text
 
 
@@ -283,7 +309,7 @@ def test_sequence_split_backward_lowers(n):
     args = forward_args(n, 128, 64, gated=True, h0=True, resets=True)
     config = kernel_backward.BackwardConfig(state_split=4, state_read_masked=n > 1)
     text = lower_forward_backward(n, args, config)
-    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS) + 1
+    assert_backward_kernels(text, backward_kernels(config))
     assert "dp_bwd_state_transfer" in text
 
 
@@ -297,7 +323,7 @@ def test_backward_lowers_recomputing_states(n, fused):
     args = forward_args(n, 128, 128, gated=True, h0=True, resets=True)
     config = kernel_backward.BackwardConfig(wy_fused=fused)
     text = lower_forward_backward(n, args, config, save_states=False)
-    assert text.count(TRITON_CALL) == 3 + 4 if fused else 3 + 5
+    assert_backward_kernels(text, backward_kernels(config, save_states=False))
     assert "dp_bwd_recompute" in text and "dp_bwd_dv_out" not in text
     assert ("dp_bwd_wy_fused" in text) == fused
 
@@ -329,12 +355,7 @@ def test_backward_lowers_other_configs(fields):
 
     args = forward_args(2, 128, 128, gated=True, h0=True, resets=True)
     text = lower_forward_backward(2, args, kernel_backward.BackwardConfig(**fields))
-    expected = 3 + len(BACKWARD_KERNELS) - bool(fields.get("output_dv"))
-    expected -= bool(fields.get("state_fused_dv_out"))  # the reverse pass forms dv_out
-    expected -= bool(fields.get("wy_fused"))  # one kernel for the state and WY adjoints
-    expected -= bool(fields.get("merged_adjoint"))  # one kernel for the output and state adjoints
-    expected += fields.get("state_split", 1) > 1  # the reverse pass's transfer launch
-    assert text.count(TRITON_CALL) == expected
+    assert_backward_kernels(text, backward_kernels(kernel_backward.BackwardConfig(**fields)))
 
 
 @pytest.mark.parametrize(
@@ -355,16 +376,15 @@ def test_merged_adjoint_lowers(n, K, V, dtype, save_states):
     config = kernel_backward.BackwardConfig(merged_adjoint=True, save_states=save_states)
     args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
     text = lower_forward_backward(n, args, config, save_states=save_states)
-    assert "dp_bwd_chunk_adjoint" in text
+    assert_backward_kernels(text, backward_kernels(config, K, V, save_states=save_states))
     assert "dp_bwd_output" not in text and "dp_bwd_state_adjoint" not in text
-    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS) - 1
 
 
 @pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (100, 60)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
     args = forward_args(3, K, V, tokens=100, dtype=dtype, gated=True)[:5]
-    assert lower_forward_backward(3, args).count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
+    assert_backward_kernels(lower_forward_backward(3, args), backward_kernels(K=K, V=V))
 
 
 @pytest.mark.parametrize(
@@ -378,30 +398,25 @@ def test_backward_lowers_wide_heads(K, V, n, gated):
     text = lower_forward_backward(
         n, forward_args(n, K, V, tokens=128, gated=gated, h0=True, resets=True)
     )
-    assert text.count(TRITON_CALL) == 3 + len(BACKWARD_KERNELS)
-    for name in BACKWARD_KERNELS:
-        assert name in text, name
+    assert_backward_kernels(text, backward_kernels(K=K, V=V))
 
 
 @pytest.mark.parametrize(
-    "fields,kernels_expected",
+    "fields",
     [
-        (dict(), BACKWARD_KERNELS),  # the 128 defaults: 128-wide tiles at 256
-        (dict(output_dv=True), BACKWARD_KERNELS),  # key tiles: dv_out stays its own kernel
-        (
-            dict(save_states=False, adjoint_block_k=32, output_block_k=32, output_block_v=32),
-            ("dp_bwd_recompute", *BACKWARD_KERNELS[1:]),
-        ),
-        (dict(adjoint_block_k=64, grad_dtype="input"), BACKWARD_KERNELS),  # 16-bit dk, dW, dkp
+        dict(),  # the 128 defaults: 128-wide tiles at 256
+        dict(output_dv=True, state_fused_dv_out=False),  # key tiles: dv_out stays its own kernel
+        dict(save_states=False, adjoint_block_k=32, output_block_k=32, output_block_v=32),
+        dict(adjoint_block_k=64, grad_dtype="input"),  # 16-bit dk, dW, dkp
     ],
     ids=["defaults", "output_dv", "recompute_small_tiles", "grad_dtype_input"],
 )
-def test_backward_lowers_wide_heads_other_configs(fields, kernels_expected):
+def test_backward_lowers_wide_heads_other_configs(fields):
     from pallas_kernels import backward as kernel_backward
 
     config = kernel_backward.BackwardConfig(**fields)
     args = forward_args(2, 256, 256, tokens=128, gated=True, h0=True, resets=True)
     text = lower_forward_backward(2, args, config, save_states=config.save_states)
-    assert text.count(TRITON_CALL) == 3 + len(kernels_expected)
-    for name in kernels_expected:
-        assert name in text, name
+    names = backward_kernels(config, 256, 256, save_states=config.save_states)
+    assert_backward_kernels(text, names)
+    assert ("dp_bwd_dv_out" in names) == (fields.get("state_fused_dv_out") is False)
