@@ -6,18 +6,19 @@ Mirror of ``dpjax.ops.chunked_backward.backward`` (same stage split; this module
 chunk-start states ``h_mid``) and the padded inputs::
 
     0. backward_recompute      without saved states: v_new, h_mid, dv_out; else dv_out alone
-                               (or, with ``output_dv``, the output adjoint computes dv_out;
-                               with ``state_fused_dv_out``, the reverse state pass does)
+                               (with ``state_fused_dv_out``, the default, the reverse state
+                               pass forms dv_out; with ``output_dv``, the output adjoint)
     1. backward_output         dq (complete), the output's dk, token gate terms dG_tok
     2. backward_state_pass     reverse scan: complete dv_new, chunk-end state gradients dh_il, dh0
     3. backward_state_adjoint  dW, dk so far (output + state update), its gate terms
     4. backward_wy             dk, dv (complete), dbeta, interleaved gate terms dG_il
     5. (JAX) dg = reverse local cumsum of dG_tok + that of dG_il at sub-step 0 of each token
 
-(``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous single kernel instead;
-``merged_adjoint`` runs 1 and 3 as one kernel per token chunk after the reverse pass,
-``backward_chunk_adjoint``, for padded head dims up to 128: the token chunk's ``h``, ``K``,
-``v_new`` read once, no ``dk_out`` round trip.)
+Up to padded K, V = 128 the default (``merged_adjoint=None``) runs 1 and 3 as one kernel per
+token chunk after the reverse pass (``backward_chunk_adjoint``: the token chunk's ``h``, ``K``,
+``v_new`` read once, no ``dk_out`` round trip), so the default backward is three kernels: the
+reverse pass, the merged adjoint, the WY adjoint. ``BackwardConfig(wy_fused=True)`` runs 3 and
+4 as the previous single kernel instead.
 
 Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
 fused kernel above 128). Up to 128 every stage holds its ``[Kp, Vp]`` / ``[64, Kp]`` values
@@ -27,11 +28,12 @@ over values (in-kernel sums through ref slices), the state adjoint over ``[bk, b
 (in-kernel loops), the WY adjoint in narrower column tiles; the reverse state pass, ``dv_out``
 and the recompute stage already tile V by a grid axis (narrower tiles and 8 warps for K = 256).
 
-Memory: besides the residuals, the backward holds ``dv_out``, ``dv_new`` (``[B, H, L, Vp]``,
-input dtype), the chunk-end state gradients ``dh_il`` (``[B, H, L/64, Kp, Vp]``, input dtype),
-the output's ``dk`` and stage 3's ``dW``, ``dkp`` (``[B, L, H, Kp]``-sized, fp32, or the input
-dtype with ``BackwardConfig(grad_dtype="input")``); without saved
-states also ``v_new`` and ``h_mid``. Nothing per token is ``K x V``.
+Memory: besides the residuals, the backward holds ``dv_new`` (``[B, H, L, Vp]``, input dtype),
+the chunk-end state gradients ``dh_il`` (``[B, H, L/64, Kp, Vp]``, input dtype) and stage 3's
+``dW``, ``dkp`` (``[B, L, H, Kp]``-sized, the input dtype by default, fp32 with
+``BackwardConfig(grad_dtype="float32")``); where ``dv_out`` or the output's ``dk`` run
+through memory (the non-default paths above) also those; without saved states also ``v_new``
+and ``h_mid``. Nothing per token is ``K x V``.
 
 The per-row gate vectors of the reverse scan (``gam``, ``fdec`` and the token ``gam``) are
 computed here in JAX from the log-gates (``-inf`` = reset), exactly as the forward kernels do
