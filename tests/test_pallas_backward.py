@@ -326,7 +326,7 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
 BRANCH_SUB_LOOP = dict(state_loop="sub", state_read_masked=False)
 TOKEN_LOOP = dict(state_loop="token")
 STORED_W = dict(state_stored_w=True)
-FUSED_DV_OUT = dict(state_fused_dv_out=True)
+DV_OUT_KERNEL = dict(state_fused_dv_out=False)
 
 
 @pytest.mark.parametrize(
@@ -335,12 +335,12 @@ FUSED_DV_OUT = dict(state_fused_dv_out=True)
     + [(BRANCH_SUB_LOOP, 3, 2, 1e-6), (BRANCH_SUB_LOOP, 4, 1, 1e-6)]
     + [(TOKEN_LOOP, 1, 1, 1e-6), (TOKEN_LOOP, 2, 2, 1e-6), (TOKEN_LOOP, 2, 1, 1e-6)]
     + [(STORED_W, 1, 1, 1e-5), (STORED_W, 2, 2, 1e-5), (STORED_W, 3, 1, 1e-5)]
-    + [(FUSED_DV_OUT, 1, 1, 1e-5), (FUSED_DV_OUT, 2, 3, 1e-5), (FUSED_DV_OUT, 3, 1, 1e-5)]
+    + [(DV_OUT_KERNEL, 1, 1, 1e-5), (DV_OUT_KERNEL, 2, 3, 1e-5), (DV_OUT_KERNEL, 3, 1, 1e-5)]
     + [
-        (dict(FUSED_DV_OUT, **BRANCH_SUB_LOOP), 2, 1, 1e-5),
-        (dict(FUSED_DV_OUT, **TOKEN_LOOP), 2, 2, 1e-5),
+        (dict(DV_OUT_KERNEL, **BRANCH_SUB_LOOP), 2, 1, 1e-5),
+        (dict(DV_OUT_KERNEL, **TOKEN_LOOP), 2, 2, 1e-5),
     ]
-    + [(dict(FUSED_DV_OUT, **STORED_W), 4, 1, 1e-5)],
+    + [(dict(DV_OUT_KERNEL, **STORED_W), 4, 1, 1e-5)],
 )
 def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, split, tol):
     """On fp32 inputs the reverse state pass's options give the default's gradients, also under
@@ -348,7 +348,8 @@ def test_reverse_pass_options_match_the_default(rng, monkeypatch, variant, n, sp
     formed on every sub-chunk (``True``; the default ``None`` masks it at these few programs),
     ``state_loop="token"`` (one step per token chunk; the default ``"auto"`` is the sub-chunk
     loop), ``state_stored_w`` (``W^T dv_new`` from the forward's ``W``) and
-    ``state_fused_dv_out`` (``dv_out`` formed in the pass, no stage-1 kernel)."""
+    ``state_fused_dv_out=False`` (stage 1's ``dv_out`` kernel instead of ``dv_out`` formed in
+    the pass, the default), alone and with the other options."""
     B, T, H, K, V = 1, 200, 2, 16, 24
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
     starts = jnp.asarray(random_resets(rng, B, T))
@@ -632,19 +633,14 @@ GPU_CASES = [
 # BackwardConfig fields changed from the default: every shape with the defaults, the first three
 # also with fp32 intermediates, with the reverse pass's read term behind its branch, with the WY
 # adjoint's products with an fp32 value in TF32, with the reverse pass on a stored W and with
-# dv_out formed in the reverse pass
+# the previous kernels for dv_out and the output and state adjoints (the wide heads' path)
 BACKWARD_VARIANTS = {
     "default": {},
     "grad_dtype=float32": {"grad_dtype": "float32"},
     "state_read_masked=False": {"state_read_masked": False},
     "wy_dots=tf32": {"wy_dots": "tf32"},
     "state_stored_w=True": {"state_stored_w": True},
-    "state_fused_dv_out=True": {"state_fused_dv_out": True},
-    "merged_adjoint=True": {"merged_adjoint": True},
-    "merged_adjoint=True,state_fused_dv_out=True": {
-        "merged_adjoint": True,
-        "state_fused_dv_out": True,
-    },
+    "merged_adjoint=False,state_fused_dv_out=False": TWO_ADJOINTS,
 }
 GPU_VARIANTS = [
     (*case, variant)
