@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backward_recompute import token_decay
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+from pallas_kernels.common import CHUNK, element_select, mm, pallas_call, score_modes
 
 MAX_DIM = 128  # padded K and V one program holds whole
 
@@ -187,10 +187,7 @@ def chunk_adjoint(
             jax.ShapeDtypeStruct((B, H, NI, CHUNK), jnp.float32),
         ]
         out_specs += [pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t)), chunk_vec]
-    if dtype == jnp.float32:
-        modes = {"in": DotMode.IEEE, "split_a": DotMode.IEEE}
-    else:
-        modes = {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+    modes = score_modes(dtype)
     kernel = functools.partial(
         _kernel,
         n=n,

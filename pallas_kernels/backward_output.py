@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backward_recompute import token_decay
-from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call
+from pallas_kernels.common import CHUNK, mm, pallas_call, score_modes
 
 
 def _kernel(
@@ -199,10 +199,7 @@ def output_backward(
     if with_dv_out:
         out_shapes.append(jax.ShapeDtypeStruct((B, H, T, n, Vp), dtype))
         out_specs.append(spec((None, None, CHUNK, n, Vp), lambda kt, t, hh, b: (b, hh, t, 0, 0)))
-    if dtype == jnp.float32:
-        modes = {"in": DotMode.IEEE, "split_a": DotMode.IEEE}
-    else:
-        modes = {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+    modes = score_modes(dtype)
     kernel = functools.partial(
         _kernel,
         n=n,

@@ -37,7 +37,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
+from pallas_kernels.common import (
+    CHUNK,
+    DotMode,
+    element_select,
+    mm,
+    pallas_call,
+    score_modes,
+    segment_cumsum,
+)
 
 
 def token_decay(
@@ -158,10 +166,7 @@ def dv_out(
     if decay:
         inputs.append(gate_tok)
         in_specs.append(pl.BlockSpec((None, None, CHUNK), lambda i, t, hh, b: (b, hh, t)))
-    if dtype == jnp.float32:
-        modes = dict.fromkeys(("in", "split_a"), DotMode.IEEE)
-    else:
-        modes = {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+    modes = score_modes(dtype)
     kernel = functools.partial(
         _dv_out_kernel,
         n=n,

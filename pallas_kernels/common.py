@@ -86,6 +86,15 @@ class DotMode(enum.Enum):
     IEEE = "ieee"
 
 
+def score_modes(dtype) -> dict[str, DotMode]:
+    """Dot modes of the attention-like products of the output-side kernels: ``in`` for two
+    stored 16-bit tiles (``INPUT``), ``split_a`` for an fp32 left operand (scores, their
+    gradients) split into two 16-bit halves (``SPLIT_A``); ``IEEE`` for fp32 inputs."""
+    if dtype == jnp.float32:
+        return dict.fromkeys(("in", "split_a"), DotMode.IEEE)
+    return {"in": DotMode.INPUT, "split_a": DotMode.SPLIT_A}
+
+
 def truncate_to_tf32(x: jax.Array) -> jax.Array:
     """fp32 with the 13 low mantissa bits cleared: what tensor cores read of an fp32 operand in
     TF32 mode (used to emulate TF32 products in interpret mode, pessimistically)."""
