@@ -220,6 +220,14 @@ def test_backward_support_reasons():
     assert kernel_backward.unsupported(128, 128, fused) is None
     assert "wy_fused" in kernel_backward.unsupported(256, 128, fused)
     assert "<= 256" in kernel_backward.unsupported(300, 64, kernel_backward.BackwardConfig())
+    merged = kernel_backward.BackwardConfig(merged_adjoint=True)
+    assert kernel_backward.unsupported(128, 100, merged) is None
+    assert "merged_adjoint=True" in kernel_backward.unsupported(100, 200, merged)
+    auto = kernel_backward.BackwardConfig()  # merged_adjoint=None: where the heads fit
+    assert auto.merges_adjoints(128, 128) and not auto.merges_adjoints(64, 256)
+    assert not kernel_backward.BackwardConfig(output_dv=True).merges_adjoints(64, 64)
+    with pytest.raises(ValueError, match="merged_adjoint=False"):
+        kernel_backward.BackwardConfig(merged_adjoint=True, wy_fused=True)
     with pytest.raises(ValueError, match="wy_fused"):
         q = jnp.zeros((1, 64, 1, 16))
         v = jnp.zeros((1, 64, 1, 200))
