@@ -25,7 +25,7 @@ column's token decay picked by ``token_decay(col_token=...)``, as the reverse pa
 ``dv_out`` does.
 
 Grid ``(NT, H, B)``; whole head dims per program: padded ``K, V <= 128`` only (``MAX_DIM``;
-wider heads run the two kernels, ``BackwardConfig.adjoint_merged``). Reads ``q [B, T, H, Kp]``,
+wider heads run the two kernels, ``BackwardConfig.merged_adjoint``). Reads ``q [B, T, H, Kp]``,
 ``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``h_mid [B, H, NT*(n-1), Kp, Vp]`` (n > 1),
 ``dh_il [B, H, NI, Kp, Vp]``, ``k [B, L, H, Kp]``, ``v_new, dv_new [B, H, L, Vp]`` and, with
 decay, the token log-gate ``[B, H, T]`` and ``gam, fdec [B, H, L]`` fp32. Products as in the two
