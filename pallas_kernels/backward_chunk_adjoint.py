@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backward_recompute import token_decay
+from pallas_kernels.backward_recompute import row_tokens, token_decay
 from pallas_kernels.common import CHUNK, element_select, mm, pallas_call, score_modes
 
 MAX_DIM = 128  # padded K and V one program holds whole
@@ -68,8 +68,7 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
         col_tok = jnp.zeros((CHUNK,), jnp.float32)
     token_of = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # [t, r]: token t
     for i in range(n):  # ordered so that at most two [64, Kp] fp32 values live at once
-        r_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)
-        t_row = lax.div(i * CHUNK + r_idx, n)  # [., r]: the token of row r
+        t_row = row_tokens(i, n)  # [., r]: the token of row r
         k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
         state = h if i == 0 else hmid_ref[i - 1]
         d_state = dh_ref[i]

@@ -48,6 +48,14 @@ from pallas_kernels.common import (
 )
 
 
+def row_tokens(sub_chunk, n: int) -> jax.Array:
+    """``[64, 64]`` int32: in every row, the token (within its 64-token chunk) of each column
+    ``r``, a row of interleaved sub-chunk ``sub_chunk`` (0..n-1, static or traced) of that token
+    chunk, ``(64 sub_chunk + r) / n``: the ``col_token`` of ``token_decay``."""
+    rows_of_chunk = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)
+    return lax.div(sub_chunk * CHUNK + rows_of_chunk, n)
+
+
 def token_decay(
     gate: jax.Array | None, col_token: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array | None]:

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backward_recompute import token_decay
+from pallas_kernels.backward_recompute import row_tokens, token_decay
 from pallas_kernels.common import (
     AUTO_SPLIT,
     CHUNK,
@@ -69,6 +69,7 @@ from pallas_kernels.common import (
     mm,
     pallas_call,
     pipeline_stages,
+    score_modes,
     state_chunk_bytes,
     state_loop_for,
     state_pass_pieces,
@@ -120,12 +121,10 @@ def _kernel(
 
     def output_dv(c, k, reads):  # dv_out of chunk c from its token chunk's Q, dO (stage 1's)
         q, do = reads
-        r_idx = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)  # row r of chunk c
-        t_row = lax.div(lax.rem(c, n) * CHUNK + r_idx, n)  # the token of row r
         gate = None
         if decay:
             gate = glog_ref[pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)]
-        weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, token of row r]
+        weight, _ = token_decay(gate, col_token=row_tokens(lax.rem(c, n), n))  # Gam[s, t(r)]
         scores = mm(q, k, mode["in"], trans_b=True, **dots) * (weight * scale)  # [s, r]
         return mm(scores, do, mode["split_a"], trans_a=True, **dots)
 
@@ -430,14 +429,10 @@ def _launch(
             pl.BlockSpec((None, None, NT * n, Kp, bv), lambda i, h, b: (row(b), h, 0, 0, i)),
             piece_state,
         ]
-    if dtype == jnp.float32:
-        modes = dict.fromkeys(("ks", "ax", "kv", "in", "split_a"), DotMode.IEEE)
-    else:
-        modes = dict.fromkeys(("ks", "ax", "kv", "in"), DotMode.INPUT) | {
-            "split_a": DotMode.SPLIT_A
-        }
-        if dots == "split":
-            modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
+    chain = DotMode.IEEE if dtype == jnp.float32 else DotMode.INPUT
+    modes = score_modes(dtype) | dict.fromkeys(("ks", "ax", "kv"), chain)
+    if dtype != jnp.float32 and dots == "split":
+        modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
     size = jnp.dtype(dtype).itemsize
     per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
     if fused_dv_out:

@@ -5,9 +5,8 @@ import json
 import os
 
 import pytest
-from experiment_modules import load_experiment
+from experiment_modules import ROOT, load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = os.path.join(ROOT, "docs", "data", "h100_2026-12-07d")
 BEFORE = [
     f"{RECORDS}/ncu_state_passes_before.txt",
