@@ -377,7 +377,7 @@ def backward_stage_fns(
     elif not (cfg.output_dv or cfg.state_fused_dv_out):
         out["bwd_dv_out"] = (jit("dv_out"), (k, q, do, res.gate_tokens))
     merged = cfg.merges_adjoints(c.K, c.V)
-    if not merged:
+    if not (merged or cfg.chunk_grads):
         output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
         with_dv_out = res.v_new is not None and cfg.output_dv
         out["bwd_output"] = (
@@ -388,7 +388,26 @@ def backward_stage_fns(
         stage_fn(kern, "bwd_state_pass", cfg),
         (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w, res.gate_tokens),
     )
-    if cfg.wy_fused:
+    if cfg.chunk_grads:
+        out["bwd_chunk_grads"] = (
+            jit("chunk_grads"),
+            (
+                q,
+                do,
+                res.h,
+                st["h_mid"],
+                st["dh_il"],
+                k,
+                st["vnew"],
+                st["dvnew"],
+                res.a,
+                v,
+                beta,
+                res.gate_tokens,
+                res.gate_substeps,
+            ),
+        )
+    elif cfg.wy_fused:
         h_il = kernel_backward.interleaved_states(res.h, st["h_mid"], n)
         out["bwd_wy_fused"] = (
             jit("wy_fused"),
@@ -422,12 +441,12 @@ def backward_stage_fns(
                 fdec,
             ),
         )
-    if not (cfg.wy_fused or merged):
+    if not (cfg.wy_fused or merged or cfg.chunk_grads):
         out["bwd_state_adjoint"] = (
             jit("state_adjoint", out_dtype=grad_dtype),
             (res.h, st["h_mid"], st["dh_il"], st["vnew"], st["dvnew"], st["dk_out"], k, gam, fdec),
         )
-    if not cfg.wy_fused:
+    if not (cfg.wy_fused or cfg.chunk_grads):
         out["bwd_wy"] = (
             jit("wy"),
             (res.a, k, v, beta, st["dw"], st["dvnew"], st["dkp"], res.gate_substeps, st["dG_st"]),
@@ -495,8 +514,9 @@ def bwd_tune(
 ) -> tuple[dict, list[dict]]:
     """Time every backward stage variant alone, side by side, on the same stage inputs (plus the
     previous fused stage 3 + 4 kernel, the output adjoint computing ``dv_out``, the recompute
-    stage and the merged output + state adjoint at several launch parameters); return the
-    fastest fields and all records. Variants that fail to compile are reported and skipped."""
+    stage, the merged output + state adjoint and the per-chunk gradient kernel at several launch
+    parameters); return the fastest fields and all records. Variants that fail to compile are
+    reported and skipped."""
     records = []
     totals: dict[str, dict[int, float]] = {s: {} for s in BWD_TUNE_SPACE}
     base = kernel_backward.BackwardConfig()
@@ -531,6 +551,8 @@ def bwd_tune(
         for i, (warps, stages) in enumerate(((8, 1), (4, 1), (8, 2), (4, 2))):
             merged = dict(merged_adjoint=True, merged_warps=warps, merged_stages=stages)
             extra[("bwd_merged", i)] = (merged, "bwd_merged")
+            grads = dict(chunk_grads=True, chunk_grads_warps=warps, chunk_grads_stages=stages)
+            extra[("bwd_chunk_grads", i)] = (grads, "bwd_chunk_grads")
         for key, (fields, stage) in extra.items():
             if only and key[0] not in only:
                 continue
@@ -927,6 +949,7 @@ def resources(
         "dp_bwd_state_adjoint": (bconf.adjoint_warps, bconf.adjoint_stages),
         "dp_bwd_dv_out": (bconf.dv_warps, bconf.dv_stages),
         "dp_bwd_chunk_adjoint": (bconf.merged_warps, bconf.merged_stages),
+        "dp_bwd_chunk_grads": (bconf.chunk_grads_warps, bconf.chunk_grads_stages),
         "dp_bwd_wy": (bconf.wy_warps, bconf.wy_stages),
         "dp_bwd_wy_fused": (bconf.fused_warps, 1),
     }

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.backward_chunk_adjoint import MAX_DIM as MAX_MERGED_DIM
 from pallas_kernels.backward_chunk_adjoint import chunk_adjoint
+from pallas_kernels.backward_chunk_grads import MAX_DIM as MAX_CHUNK_GRADS_DIM
+from pallas_kernels.backward_chunk_grads import chunk_grads
 from pallas_kernels.backward_output import output_backward
 from pallas_kernels.backward_recompute import dv_out as dv_out_only
 from pallas_kernels.backward_recompute import recompute
@@ -118,6 +120,12 @@ class BackwardConfig:
     merged_adjoint: bool | None = None
     merged_warps: int = 4
     merged_stages: int = 1
+    # stages 1, 3 and 4 as one kernel per token chunk (backward_chunk_grads: also the WY adjoint,
+    # so dW and dkp never leave registers; padded K, V <= 128; overrides merged_adjoint)
+    chunk_grads: bool = False
+    chunk_grads_warps: int = 8
+    chunk_grads_stages: int = 1
+    chunk_grads_block: int = 64  # key tile of its [64, Kp] values
     dv_block_v: int = 128
     dv_warps: int = 4
     dv_stages: int = 2
@@ -156,13 +164,22 @@ class BackwardConfig:
                 "it cannot also form dv_out (output_dv) or feed the fused stage 3 + 4 kernel "
                 "(wy_fused); set merged_adjoint=False for those"
             )
+        if self.chunk_grads and (self.output_dv or self.wy_fused):
+            raise ValueError(
+                "BackwardConfig.chunk_grads runs the output adjoint after the reverse pass and "
+                "the WY adjoint itself: it cannot also form dv_out (output_dv) or run with the "
+                "fused stage 3 + 4 kernel (wy_fused); set chunk_grads=False for those"
+            )
         if self.wy_dots not in ("tf32", "split", "input"):
             raise ValueError(
                 f"BackwardConfig.wy_dots must be 'tf32', 'split' or 'input', got {self.wy_dots!r}"
             )
 
     def merges_adjoints(self, key_dim: int, value_dim: int) -> bool:
-        """Whether stages 1 and 3 run as one kernel for these (unpadded) head dims."""
+        """Whether stages 1 and 3 run as one kernel (without stage 4: ``chunk_grads`` is
+        False) for these (unpadded) head dims."""
+        if self.chunk_grads:
+            return False
         if self.merged_adjoint is None:
             fits = max(padded_dims(key_dim, value_dim)) <= MAX_MERGED_DIM
             return fits and not (self.output_dv or self.wy_fused)
@@ -220,7 +237,12 @@ def unsupported(key_dim: int, value_dim: int, config: BackwardConfig) -> str | N
     Kp, Vp = padded_dims(key_dim, value_dim)
     if max(Kp, Vp) > MAX_DIM:
         return f"backward kernels need padded K, V <= {MAX_DIM}, got Kp={Kp}, Vp={Vp}"
-    if config.merged_adjoint and max(Kp, Vp) > MAX_MERGED_DIM:
+    if config.chunk_grads and max(Kp, Vp) > MAX_CHUNK_GRADS_DIM:
+        return (
+            f"the per-chunk gradient kernel (chunk_grads=True) holds whole heads: padded K, V "
+            f"<= {MAX_CHUNK_GRADS_DIM}, got Kp={Kp}, Vp={Vp}"
+        )
+    if config.merged_adjoint and not config.chunk_grads and max(Kp, Vp) > MAX_MERGED_DIM:
         return (
             f"the merged output + state adjoint (merged_adjoint=True) holds whole heads: padded "
             f"K, V <= {MAX_MERGED_DIM}, got Kp={Kp}, Vp={Vp}"
@@ -329,6 +351,16 @@ def stage_kernels(
             num_stages=config.merged_stages,
             **common,
         ),
+        "chunk_grads": partial(
+            chunk_grads,
+            **op,
+            wy_dots=config.wy_dots,
+            low_grads=config.grad_dtype == "input",
+            block=config.chunk_grads_block,
+            num_warps=config.chunk_grads_warps,
+            num_stages=config.chunk_grads_stages,
+            **common,
+        ),
         "wy_fused": partial(
             wy_backward_fused, num_warps=config.fused_warps, num_stages=1, **common
         ),
@@ -371,8 +403,8 @@ def stages(
 ) -> dict[str, jax.Array | None]:
     """Run the backward kernels; returns every stage output (padded layouts, as each stage
     module documents): ``vnew, h_mid, dv_out`` (0, or the saved residuals), ``dq, dk_out, dG_tok``
-    (1), ``dvnew, dh_il, dh0`` (2), ``dw, dkp, dG_st`` (3; None with ``wy_fused``),
-    ``dk, dv, dbeta, dG_il`` (4). Arguments as ``backward``."""
+    (1), ``dvnew, dh_il, dh0`` (2), ``dw, dkp, dG_st`` (3; None with ``wy_fused`` or
+    ``chunk_grads``), ``dk, dv, dbeta, dG_il`` (4). Arguments as ``backward``."""
     if interpret is None:
         interpret = default_interpret()
     B, T, H, K = q.shape
@@ -404,7 +436,7 @@ def stages(
     else:  # dv_out by its own kernel, or (None) formed in the reverse pass
         vnew, h_mid = res.v_new, res.h_mid
         dv_out = None if config.state_fused_dv_out else kern["dv_out"](kp, qp, dop, gate_tok)
-    if dq is None and not merged:
+    if dq is None and not (merged or config.chunk_grads):
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     if config.state_stored_w and res.w is None:
         raise ValueError(
@@ -415,7 +447,12 @@ def stages(
     dvnew, dh_il, dh0 = kern["state_pass"](
         res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=w, gate_tokens=gate_tok
     )
-    if config.wy_fused:
+    if config.chunk_grads:  # stages 1, 3, 4 in one kernel (dk_out, dW, dkp stay inside it)
+        dq, dk, dv, dbeta, dG_tok, dG_il = kern["chunk_grads"](
+            qp, dop, res.h, h_mid, dh_il, kp, vnew, dvnew, res.a, vp, bp, gate_tok, gate_sub
+        )
+        dw = dkp = dG_st = None
+    elif config.wy_fused:
         h_il = interleaved_states(res.h, h_mid, n)
         dk, dv, dbeta, dG_il = kern["wy_fused"](
             res.a, kp, vp, bp, h_il, dh_il, vnew, dvnew, dk_out, gate_sub

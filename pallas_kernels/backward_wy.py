@@ -45,6 +45,7 @@ array ``h_il [B, H, NI, Kp, Vp]``).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,73 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
 
 
+class ChunkDecay(NamedTuple):
+    """The decays of one interleaved chunk (``[64]`` fp32 vectors, ``pair`` ``[64, 64]``)."""
+
+    pair: jax.Array  # E_ij = exp(G_i - G_j) within a segment, masked strictly lower
+    gam: jax.Array | None  # decay from the chunk start (None without a gate)
+    fdec: jax.Array | None  # decay to the chunk end (None without a gate)
+    coef: jax.Array  # beta gam
+
+
+def chunk_decay(gate: jax.Array | None, beta: jax.Array, lower: jax.Array) -> ChunkDecay:
+    """The decays of one interleaved chunk from its log-gate ``[64]`` fp32 (``-inf`` = reset;
+    None: no decay) and ``beta`` ``[64]`` fp32; ``lower`` is the strictly lower mask."""
+    if gate is None:
+        return ChunkDecay(jnp.where(lower, 1.0, 0.0), None, None, beta)
+    g_cum, seg, g_end, seg_end = segment_cumsum(gate)
+    visible = lower & (seg[:, None] == seg[None, :])
+    diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
+    pair = jnp.where(visible, jnp.exp(diff), 0.0)
+    gam = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
+    fdec = jnp.where(seg == seg_end, jnp.exp(g_end - g_cum), 0.0)
+    return ChunkDecay(pair, gam, fdec, beta * gam)
+
+
+def inverse_adjoint(
+    a: jax.Array,
+    r: jax.Array,
+    p: jax.Array | None,
+    kk: jax.Array,
+    beta: jax.Array,
+    gam: jax.Array | None,
+    pair: jax.Array,
+    lower: jax.Array,
+    *,
+    mode: dict,
+    dots: dict,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The WY adjoint's ``[64, 64]`` part for one interleaved chunk: through ``A = (I + M)^-1``
+    and ``M = StrictLower(diag(beta) K K^T * E)``.
+
+    Args:
+      a: ``A`` ``[64, 64]`` (fp32, or the 16-bit input dtype with ``dots="input"``);
+      r: ``Q = dV_new V^T`` plus, without a gate, ``P = dW K^T`` ``[64, 64]`` fp32;
+      p: ``P`` with a gate (its columns scaled by ``gam`` here), None without;
+      kk: ``K K^T`` ``[64, 64]`` fp32; beta, gam: ``[64]`` fp32 (gam None without a gate);
+      pair: ``E`` masked strictly lower; lower: the strictly lower mask.
+
+    Returns:
+      ``bd = diag(beta) D`` ``[64, 64]`` fp32 (``dk += bd K + bd^T K``), ``dbeta`` ``[64]`` and
+      the gate terms ``rowsum(dM * M) - colsum(dM * M) + rowsum(dX_w * X_w)`` ``[64]`` (None
+      without a gate).
+    """
+    af = a.astype(jnp.float32)
+    if p is not None:
+        r = r + p * gam[None, :]
+    dbeta = jnp.sum(af * r, axis=0)  # rowsum(dX_w * K) gam + rowsum(dX_u * V)
+    at_da = mm(a, r * beta[None, :], mode["tf"], trans_a=True, **dots)
+    d_m = jnp.where(lower, -mm(at_da, a, mode["tf"], trans_b=True, **dots), 0.0)
+    d_kk = d_m * pair
+    dbeta = dbeta + jnp.sum(d_kk * kk, axis=1)
+    d_g = None
+    if p is not None:
+        p_pair = d_m * (beta[:, None] * kk * pair)
+        wk = jnp.sum(af * p, axis=0)
+        d_g = jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + wk * beta * gam
+    return beta[:, None] * d_kk, dbeta, d_g
+
+
 def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     a_ref, k_ref, v_ref, beta_ref, dw_ref, dvnew_ref, dkp_ref = refs[:7]
     rest = list(refs[7:])
@@ -61,24 +129,14 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     dk_ref, dv_ref, dbeta_ref = rest[:3]
     dg_ref = rest[3] if decay else None
 
-    c = CHUNK
-    rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    rows = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)
     lower = rows > cols
     a = a_ref[...]
     if mode["tf"] is DotMode.INPUT:  # dots="input": A held in 16 bits
         a = a.astype(dots["dtype"])
     beta = beta_ref[...].astype(jnp.float32)
-    if decay:
-        g_cum, seg, _, _ = segment_cumsum(gate_ref[...])
-        visible = lower & (seg[:, None] == seg[None, :])
-        diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
-        pair = jnp.where(visible, jnp.exp(diff), 0.0)
-        gam = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
-        coef = beta * gam
-    else:
-        pair = jnp.where(lower, 1.0, 0.0)
-        coef = beta
+    pair, gam, _, coef = chunk_decay(gate_ref[...] if decay else None, beta, lower)
     k_tiles = [pl.ds(j * block, block) for j in range(k_ref.shape[-1] // block)]
     v_tiles = [pl.ds(j * block, block) for j in range(v_ref.shape[-1] // block)]
 
@@ -101,29 +159,16 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
             p = term if p is None else p + term
         else:
             r = r + term
-    if decay:
-        r = r + p * gam[None, :]
-    dbeta = jnp.sum(a.astype(jnp.float32) * r, axis=0)
-    d_a = r * beta[None, :]
-    if decay:
-        wk = jnp.sum(a.astype(jnp.float32) * p, axis=0)
-
-    # through A = (I + M)^-1 and M = StrictLower(diag(beta) K K^T * E)
-    at_da = mm(a, d_a, mode["tf"], trans_a=True, **dots)
-    d_m = jnp.where(lower, -mm(at_da, a, mode["tf"], trans_b=True, **dots), 0.0)
-    d_kk = d_m * pair
     kk = None
     for cols_k in k_tiles:
         k = k_ref[:, cols_k]
         term = mm(k, k, mode["in"], trans_b=True, **dots)
         kk = term if kk is None else kk + term
-    dbeta_ref[...] = dbeta + jnp.sum(d_kk * kk, axis=1)
+    bd, dbeta, d_g = inverse_adjoint(a, r, p, kk, beta, gam, pair, lower, mode=mode, dots=dots)
+    dbeta_ref[...] = dbeta
     if decay:
-        p_pair = d_m * (beta[:, None] * kk * pair)
-        d_g = jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + wk * coef
         dg_ref[...] = d_g + dgst_ref[...]
     # dk = dkp + diag(beta gam) A^T dW + diag(beta) D K + (diag(beta) D)^T K, per K tile
-    bd = beta[:, None] * d_kk
     for cols_k in k_tiles:
         k = k_ref[:, cols_k]
         dk = dkp_ref[:, cols_k].astype(jnp.float32) + coef[:, None] * mm(
@@ -134,7 +179,7 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
         dk_ref[:, cols_k] = dk.astype(dk_ref.dtype)
 
 
-def _modes(dtype, dots: str = "tf32", low_grads: bool = False) -> dict:
+def wy_modes(dtype, dots: str = "tf32", low_grads: bool = False) -> dict:
     """Dot modes: ``in`` 16-bit operands, ``tf`` TF32, ``split_a`` (fused kernel) the fp32
     operand split into 16-bit halves; ``fx`` / ``fx_exact``: the slim kernel's products with an
     fp32 operand / with exact 16-bit operands, TF32 (one product) or, with ``dots="split"``,
@@ -231,7 +276,7 @@ def wy_backward(
         _kernel,
         decay=decay,
         block=min(block, Kp, Vp),
-        mode=_modes(dtype, dots, low_grads=dw.dtype != jnp.float32),
+        mode=wy_modes(dtype, dots, low_grads=dw.dtype != jnp.float32),
         dots=dict(dtype=dtype, interpret=interpret),
     )
     outs = pallas_call(
@@ -386,7 +431,10 @@ def wy_backward_fused(
         out_shapes.append(jax.ShapeDtypeStruct((B, H, L), jnp.float32))
         out_specs.append(vec)
     kernel = functools.partial(
-        _fused_kernel, decay=decay, mode=_modes(dtype), dots=dict(dtype=dtype, interpret=interpret)
+        _fused_kernel,
+        decay=decay,
+        mode=wy_modes(dtype),
+        dots=dict(dtype=dtype, interpret=interpret),
     )
     outs = pallas_call(
         kernel,

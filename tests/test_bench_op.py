@@ -27,6 +27,7 @@ def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
     tuned = {r["stage"] for r in saved["records"] if r["kind"] == "bwd_tune"}
     # the separate stages the default merges or leaves out are tuned too
     assert {"bwd_output", "bwd_state_adjoint", "bwd_dv_out", "bwd_merged"} <= tuned, tuned
+    assert "bwd_chunk_grads" in tuned, tuned
     timed = [r for r in saved["records"] if "ms" in r]
     assert timed and all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in timed)
     assert (tmp_path / "bench_op.md").read_text().count("|") > 10

@@ -228,6 +228,13 @@ def test_backward_support_reasons():
     assert not kernel_backward.BackwardConfig(output_dv=True).merges_adjoints(64, 64)
     with pytest.raises(ValueError, match="merged_adjoint=False"):
         kernel_backward.BackwardConfig(merged_adjoint=True, wy_fused=True)
+    grads_kernel = kernel_backward.BackwardConfig(chunk_grads=True, merged_adjoint=True)
+    assert kernel_backward.unsupported(128, 100, grads_kernel) is None
+    assert "chunk_grads=True" in kernel_backward.unsupported(100, 200, grads_kernel)
+    assert not grads_kernel.merges_adjoints(128, 128)  # the WY adjoint is inside it too
+    for other in (dict(output_dv=True), dict(wy_fused=True)):
+        with pytest.raises(ValueError, match="chunk_grads=False"):
+            kernel_backward.BackwardConfig(chunk_grads=True, **other)
     with pytest.raises(ValueError, match="wy_fused"):
         q = jnp.zeros((1, 64, 1, 16))
         v = jnp.zeros((1, 64, 1, 200))
@@ -268,6 +275,7 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     "state_stored_w": (False, True),
     "state_fused_dv_out": (False, True),
     "merged_adjoint": (False, True),
+    "chunk_grads": (False, True),
 }
 
 
@@ -281,7 +289,9 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     + [("state_stored_w", 1, False, 64, 64), ("state_stored_w", 2, True, 32, 32)]
     + [("state_stored_w", 3, False, 64, 64), ("state_stored_w", 4, True, 32, 32)]
     + [("state_fused_dv_out", 1, True, 32, 32), ("state_fused_dv_out", 3, False, 64, 64)]
-    + [("merged_adjoint", 2, True, 32, 32), ("merged_adjoint", 4, False, 64, 64)],
+    + [("merged_adjoint", 2, True, 32, 32), ("merged_adjoint", 4, False, 64, 64)]
+    + [("chunk_grads", 1, True, 64, 64), ("chunk_grads", 2, True, 32, 32)]
+    + [("chunk_grads", 3, False, 100, 60), ("chunk_grads", 4, True, 32, 32)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
     """Each choice of ``ACCURACY_CHOICES`` stays within SPEC §9 of the fp32 chunked path, and at
@@ -495,17 +505,28 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         (True, TWO_ADJOINTS),
         (False, TWO_ADJOINTS),
         (True, dict(wy_fused=True, state_fused_dv_out=False)),
+        (True, dict(chunk_grads=True)),
+        (False, dict(chunk_grads=True)),
     ],
-    ids=["default", "recompute", "two-adjoints", "two-adjoints-recompute", "wy-fused"],
+    ids=[
+        "default",
+        "recompute",
+        "two-adjoints",
+        "two-adjoints-recompute",
+        "wy-fused",
+        "chunk-grads",
+        "chunk-grads-recompute",
+    ],
 )
 def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     """Every kernel stage's outputs against ``chunked_backward``'s stage functions (fp32), with
     the forward's saved states or recomputed ones: the default (``dv_out`` formed in the reverse
     pass, the output and state adjoints merged into one kernel, which forms no ``dk_out`` of its
-    own), the ``dv_out`` kernel with the two adjoint kernels, and stages 3 + 4 fused."""
+    own), the ``dv_out`` kernel with the two adjoint kernels, stages 3 + 4 fused, and stages 1,
+    3 and 4 as one kernel (no ``dk_out``, ``dW``, ``dkp`` of its own)."""
     config = kernel_backward.BackwardConfig(**fields)
-    fused = config.wy_fused
-    merged = config.merges_adjoints(20, 12)
+    fused = config.wy_fused or config.chunk_grads
+    merged = config.merges_adjoints(20, 12) or config.chunk_grads
     B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
     scale = 0.4
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)
@@ -641,7 +662,8 @@ GPU_CASES = [
 # BackwardConfig fields changed from the default: every shape with the defaults, the first three
 # also with fp32 intermediates, with the reverse pass's read term behind its branch, with the WY
 # adjoint's products with an fp32 value in TF32, with the reverse pass on a stored W and with
-# the previous kernels for dv_out and the output and state adjoints (the wide heads' path)
+# the previous kernels for dv_out and the output and state adjoints (the wide heads' path), and with
+# stages 1, 3 and 4 as one kernel (chunk_grads)
 BACKWARD_VARIANTS = {
     "default": {},
     "grad_dtype=float32": {"grad_dtype": "float32"},
@@ -649,6 +671,7 @@ BACKWARD_VARIANTS = {
     "wy_dots=tf32": {"wy_dots": "tf32"},
     "state_stored_w=True": {"state_stored_w": True},
     "merged_adjoint=False,state_fused_dv_out=False": TWO_ADJOINTS,
+    "chunk_grads=True": {"chunk_grads": True},
 }
 GPU_VARIANTS = [
     (*case, variant)

@@ -221,7 +221,8 @@ def backward_kernels(config=None, K=128, V=128, *, save_states=True) -> list[str
     their order: the recompute stage without saved states, ``dv_out`` unless the reverse pass
     or the output adjoint forms it, the output adjoint unless merged with the state adjoint,
     the reverse pass (and its transfer launch when split), then the state and WY adjoints as
-    one fused kernel, as the merged chunk adjoint + WY, or as two kernels."""
+    one fused kernel, as the merged chunk adjoint + WY, or as two kernels; with ``chunk_grads``
+    the output, state and WY adjoints as one kernel."""
     from pallas_kernels import backward as kernel_backward
 
     config = config or kernel_backward.config_for(K, V)
@@ -232,12 +233,14 @@ def backward_kernels(config=None, K=128, V=128, *, save_states=True) -> list[str
         names.append("dp_bwd_recompute")
     elif not config.state_fused_dv_out and not (config.output_dv and Kp <= config.output_block_k):
         names.append("dp_bwd_dv_out")
-    if not merged:
+    if not (merged or config.chunk_grads):
         names.append("dp_bwd_output")
     if config.state_split > 1:
         names.append("dp_bwd_state_transfer")
     names.append("dp_bwd_state_pass")
-    if config.wy_fused:
+    if config.chunk_grads:
+        names.append("dp_bwd_chunk_grads")
+    elif config.wy_fused:
         names.append("dp_bwd_wy_fused")
     else:
         names += ["dp_bwd_chunk_adjoint" if merged else "dp_bwd_state_adjoint", "dp_bwd_wy"]
@@ -348,6 +351,8 @@ def test_backward_lowers_recomputing_states(n, fused):
         dict(merged_adjoint=True),
         dict(merged_adjoint=True, state_fused_dv_out=True, grad_dtype="float32"),
         dict(merged_adjoint=True, merged_warps=8, merged_stages=2),
+        dict(chunk_grads=True, grad_dtype="float32", wy_dots="tf32"),
+        dict(chunk_grads=True, chunk_grads_warps=4, chunk_grads_stages=2, state_split=2),
     ],
 )
 def test_backward_lowers_other_configs(fields):
@@ -378,6 +383,31 @@ def test_merged_adjoint_lowers(n, K, V, dtype, save_states):
     text = lower_forward_backward(n, args, config, save_states=save_states)
     assert_backward_kernels(text, backward_kernels(config, K, V, save_states=save_states))
     assert "dp_bwd_output" not in text and "dp_bwd_state_adjoint" not in text
+
+
+@pytest.mark.parametrize(
+    "n,K,V,dtype,save_states",
+    [
+        (1, 128, 128, jnp.bfloat16, True),
+        (2, 128, 128, jnp.bfloat16, True),
+        (3, 128, 128, jnp.bfloat16, True),
+        (4, 64, 64, jnp.bfloat16, False),
+        (2, 100, 60, jnp.float32, True),
+        (3, 20, 36, jnp.float16, True),
+    ],
+)
+def test_chunk_grads_lowers(n, K, V, dtype, save_states):
+    """Stages 1, 3 and 4 as one kernel (``chunk_grads``) for every n_h, head dims up to 128, 16-
+    and 32-bit inputs, gated, and with the states recomputed: the output, state and WY adjoints
+    launch no kernels of their own."""
+    from pallas_kernels import backward as kernel_backward
+
+    config = kernel_backward.BackwardConfig(chunk_grads=True, save_states=save_states)
+    args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
+    text = lower_forward_backward(n, args, config, save_states=save_states)
+    assert_backward_kernels(text, backward_kernels(config, K, V, save_states=save_states))
+    for name in ("dp_bwd_output", "dp_bwd_chunk_adjoint", "dp_bwd_state_adjoint", "dp_bwd_wy"):
+        assert f'"{name}"' not in text, name
 
 
 @pytest.mark.parametrize("K,V", [(20, 36), (64, 64), (100, 60)])
