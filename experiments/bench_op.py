@@ -551,7 +551,8 @@ def bwd_tune(
         for i, (warps, stages) in enumerate(((8, 1), (4, 1), (8, 2), (4, 2))):
             merged = dict(merged_adjoint=True, merged_warps=warps, merged_stages=stages)
             extra[("bwd_merged", i)] = (merged, "bwd_merged")
-            grads = dict(chunk_grads=True, chunk_grads_warps=warps, chunk_grads_stages=stages)
+        for i, (warps, block) in enumerate(((8, 64), (4, 64), (8, 128), (4, 128))):
+            grads = dict(chunk_grads=True, chunk_grads_warps=warps, chunk_grads_block=block)
             extra[("bwd_chunk_grads", i)] = (grads, "bwd_chunk_grads")
         for key, (fields, stage) in extra.items():
             if only and key[0] not in only:
