@@ -376,8 +376,9 @@ def backward_stage_fns(
         )
     elif not (cfg.output_dv or cfg.state_fused_dv_out):
         out["bwd_dv_out"] = (jit("dv_out"), (k, q, do, res.gate_tokens))
-    merged = cfg.merges_adjoints(c.K, c.V)
-    if not (merged or cfg.chunk_grads):
+    grads_kernel = cfg.runs_chunk_grads(c.K, c.V, n)
+    merged = cfg.merges_adjoints(c.K, c.V, n)
+    if not (merged or grads_kernel):
         output_args = (q, do, res.h, k, st["vnew"], res.gate_tokens)
         with_dv_out = res.v_new is not None and cfg.output_dv
         out["bwd_output"] = (
@@ -388,7 +389,7 @@ def backward_stage_fns(
         stage_fn(kern, "bwd_state_pass", cfg),
         (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w, res.gate_tokens),
     )
-    if cfg.chunk_grads:
+    if grads_kernel:
         out["bwd_chunk_grads"] = (
             jit("chunk_grads"),
             (
@@ -441,12 +442,12 @@ def backward_stage_fns(
                 fdec,
             ),
         )
-    if not (cfg.wy_fused or merged or cfg.chunk_grads):
+    if not (cfg.wy_fused or merged or grads_kernel):
         out["bwd_state_adjoint"] = (
             jit("state_adjoint", out_dtype=grad_dtype),
             (res.h, st["h_mid"], st["dh_il"], st["vnew"], st["dvnew"], st["dk_out"], k, gam, fdec),
         )
-    if not (cfg.wy_fused or cfg.chunk_grads):
+    if not (cfg.wy_fused or grads_kernel):
         out["bwd_wy"] = (
             jit("wy"),
             (res.a, k, v, beta, st["dw"], st["dvnew"], st["dkp"], res.gate_substeps, st["dG_st"]),

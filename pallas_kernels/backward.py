@@ -17,8 +17,10 @@ chunk-start states ``h_mid``) and the padded inputs::
 Up to padded K, V = 128 the default (``merged_adjoint=None``) runs 1 and 3 as one kernel per
 token chunk after the reverse pass (``backward_chunk_adjoint``: the token chunk's ``h``, ``K``,
 ``v_new`` read once, no ``dk_out`` round trip), so the default backward is three kernels: the
-reverse pass, the merged adjoint, the WY adjoint. ``BackwardConfig(wy_fused=True)`` runs 3 and
-4 as the previous single kernel instead.
+reverse pass, the merged adjoint, the WY adjoint. At ``n_h = 1`` (``chunk_grads=None``) 1, 3
+and 4 run as one kernel (``backward_chunk_grads``: no ``dW``, ``dkp`` round trip either), so
+the backward is two kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous
+single kernel instead.
 
 Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
 fused kernel above 128). Up to 128 every stage holds its ``[Kp, Vp]`` / ``[64, Kp]`` values
@@ -121,11 +123,14 @@ class BackwardConfig:
     merged_warps: int = 4
     merged_stages: int = 1
     # stages 1, 3 and 4 as one kernel per token chunk (backward_chunk_grads: also the WY adjoint,
-    # so dW and dkp never leave registers; padded K, V <= 128; overrides merged_adjoint)
-    chunk_grads: bool = False
-    chunk_grads_warps: int = 8
+    # so dW and dkp never leave registers; padded K, V <= 128): True (overrides merged_adjoint),
+    # False, or None: at n_h = 1 where the heads fit and merged_adjoint is None (on an H100 it is
+    # faster there, and 1.1-1.7x slower than the merged adjoint + WY at n_h = 2, 3: one program
+    # walks a token chunk's n_h sub-chunks one after the other)
+    chunk_grads: bool | None = None
+    chunk_grads_warps: int = 4
     chunk_grads_stages: int = 1
-    chunk_grads_block: int = 64  # key tile of its [64, Kp] values
+    chunk_grads_block: int = 128  # key tile of its [64, Kp] values
     dv_block_v: int = 128
     dv_warps: int = 4
     dv_stages: int = 2
@@ -135,7 +140,7 @@ class BackwardConfig:
     adjoint_block_v: int = 128
     wy_warps: int = 4
     wy_stages: int = 1
-    wy_block: int = 64  # column tile of the WY kernel's [64, K|V] operands
+    wy_block: int = 128  # column tile of the WY kernel's [64, K|V] operands
     # operands of the WY adjoint's products with an fp32 value (A, dA, D): "tf32", "split" (two
     # 16-bit products each) or "input" (rounded to the 16-bit input dtype, as FLA's backward)
     wy_dots: str = "input"
@@ -175,10 +180,19 @@ class BackwardConfig:
                 f"BackwardConfig.wy_dots must be 'tf32', 'split' or 'input', got {self.wy_dots!r}"
             )
 
-    def merges_adjoints(self, key_dim: int, value_dim: int) -> bool:
-        """Whether stages 1 and 3 run as one kernel (without stage 4: ``chunk_grads`` is
-        False) for these (unpadded) head dims."""
-        if self.chunk_grads:
+    def runs_chunk_grads(self, key_dim: int, value_dim: int, num_householder: int) -> bool:
+        """Whether stages 1, 3 and 4 run as one kernel for these (unpadded) head dims and
+        ``n_h``."""
+        if self.chunk_grads is None:
+            fits = max(padded_dims(key_dim, value_dim)) <= MAX_CHUNK_GRADS_DIM
+            automatic = self.merged_adjoint is None and not (self.output_dv or self.wy_fused)
+            return fits and automatic and num_householder == 1
+        return self.chunk_grads
+
+    def merges_adjoints(self, key_dim: int, value_dim: int, num_householder: int) -> bool:
+        """Whether stages 1 and 3 (only) run as one kernel for these (unpadded) head dims and
+        ``n_h``."""
+        if self.runs_chunk_grads(key_dim, value_dim, num_householder):
             return False
         if self.merged_adjoint is None:
             fits = max(padded_dims(key_dim, value_dim)) <= MAX_MERGED_DIM
@@ -424,7 +438,8 @@ def stages(
     kern = stage_kernels(config, num_householder=n, scale=scale, interpret=interpret, poison=poison)
     grad_dtype = config.intermediate_dtype(q.dtype)
     output = partial(kern["output"], dk_dtype=grad_dtype)
-    merged = config.merges_adjoints(K, V)
+    grads_kernel = config.runs_chunk_grads(K, V, n)
+    merged = config.merges_adjoints(K, V, n)
     dq = dk_out = dG_tok = None
     if res.v_new is None:  # the forward kept no states: recompute them
         vnew, h_mid, dv_out = kern["recompute"](
@@ -436,7 +451,7 @@ def stages(
     else:  # dv_out by its own kernel, or (None) formed in the reverse pass
         vnew, h_mid = res.v_new, res.h_mid
         dv_out = None if config.state_fused_dv_out else kern["dv_out"](kp, qp, dop, gate_tok)
-    if dq is None and not (merged or config.chunk_grads):
+    if dq is None and not (merged or grads_kernel):
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)
     if config.state_stored_w and res.w is None:
         raise ValueError(
@@ -447,7 +462,7 @@ def stages(
     dvnew, dh_il, dh0 = kern["state_pass"](
         res.a, kp, bp, dv_out, qp, dop, dhtp, gam, fdec, gam_tok, w=w, gate_tokens=gate_tok
     )
-    if config.chunk_grads:  # stages 1, 3, 4 in one kernel (dk_out, dW, dkp stay inside it)
+    if grads_kernel:  # stages 1, 3, 4 in one kernel (dk_out, dW, dkp stay inside it)
         dq, dk, dv, dbeta, dG_tok, dG_il = kern["chunk_grads"](
             qp, dop, res.h, h_mid, dh_il, kp, vnew, dvnew, res.a, vp, bp, gate_tok, gate_sub
         )

@@ -224,14 +224,18 @@ def test_backward_support_reasons():
     assert kernel_backward.unsupported(128, 100, merged) is None
     assert "merged_adjoint=True" in kernel_backward.unsupported(100, 200, merged)
     auto = kernel_backward.BackwardConfig()  # merged_adjoint=None: where the heads fit
-    assert auto.merges_adjoints(128, 128) and not auto.merges_adjoints(64, 256)
-    assert not kernel_backward.BackwardConfig(output_dv=True).merges_adjoints(64, 64)
+    assert auto.merges_adjoints(128, 128, 2) and not auto.merges_adjoints(64, 256, 2)
+    assert not kernel_backward.BackwardConfig(output_dv=True).merges_adjoints(64, 64, 2)
+    # chunk_grads=None: the per-chunk gradient kernel at n_h = 1 where the heads fit
+    assert auto.runs_chunk_grads(128, 128, 1) and not auto.merges_adjoints(128, 128, 1)
+    assert not auto.runs_chunk_grads(128, 128, 2) and not auto.runs_chunk_grads(64, 256, 1)
+    assert kernel_backward.BackwardConfig(merged_adjoint=True).merges_adjoints(64, 64, 1)
     with pytest.raises(ValueError, match="merged_adjoint=False"):
         kernel_backward.BackwardConfig(merged_adjoint=True, wy_fused=True)
     grads_kernel = kernel_backward.BackwardConfig(chunk_grads=True, merged_adjoint=True)
     assert kernel_backward.unsupported(128, 100, grads_kernel) is None
     assert "chunk_grads=True" in kernel_backward.unsupported(100, 200, grads_kernel)
-    assert not grads_kernel.merges_adjoints(128, 128)  # the WY adjoint is inside it too
+    assert not grads_kernel.merges_adjoints(128, 128, 3)  # the WY adjoint is inside it too
     for other in (dict(output_dv=True), dict(wy_fused=True)):
         with pytest.raises(ValueError, match="chunk_grads=False"):
             kernel_backward.BackwardConfig(chunk_grads=True, **other)
@@ -525,8 +529,8 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     own), the ``dv_out`` kernel with the two adjoint kernels, stages 3 + 4 fused, and stages 1,
     3 and 4 as one kernel (no ``dk_out``, ``dW``, ``dkp`` of its own)."""
     config = kernel_backward.BackwardConfig(**fields)
-    fused = config.wy_fused or config.chunk_grads
-    merged = config.merges_adjoints(20, 12) or config.chunk_grads
+    fused = config.wy_fused or config.runs_chunk_grads(20, 12, 3)
+    merged = config.merges_adjoints(20, 12, 3) or config.runs_chunk_grads(20, 12, 3)
     B, T, H, K, V, n = 1, 70, 2, 20, 12, 3
     scale = 0.4
     p = random_problem(rng, B=B, T=T, H=H, K=K, V=V, n_h=n, gated=True, initial_state=True)

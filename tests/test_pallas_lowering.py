@@ -216,9 +216,9 @@ def test_vmapped_forward_lowers():
     assert lower_text(jax.vmap(f), *args).count(TRITON_CALL) == 3
 
 
-def backward_kernels(config=None, K=128, V=128, *, save_states=True) -> list[str]:
-    """The kernels ``backward.backward`` launches for ``config`` (None: ``config_for(K, V)``) in
-    their order: the recompute stage without saved states, ``dv_out`` unless the reverse pass
+def backward_kernels(config=None, K=128, V=128, *, n=2, save_states=True) -> list[str]:
+    """The kernels ``backward.backward`` launches for ``config`` (None: ``config_for(K, V)``) at
+    ``n_h = n`` in their order: the recompute stage without saved states, ``dv_out`` unless the reverse pass
     or the output adjoint forms it, the output adjoint unless merged with the state adjoint,
     the reverse pass (and its transfer launch when split), then the state and WY adjoints as
     one fused kernel, as the merged chunk adjoint + WY, or as two kernels; with ``chunk_grads``
@@ -227,18 +227,19 @@ def backward_kernels(config=None, K=128, V=128, *, save_states=True) -> list[str
 
     config = config or kernel_backward.config_for(K, V)
     Kp = kernels.padded_dims(K, V)[0]
-    merged = config.merges_adjoints(K, V)
+    grads_kernel = config.runs_chunk_grads(K, V, n)
+    merged = config.merges_adjoints(K, V, n)
     names = []
     if not save_states:
         names.append("dp_bwd_recompute")
     elif not config.state_fused_dv_out and not (config.output_dv and Kp <= config.output_block_k):
         names.append("dp_bwd_dv_out")
-    if not (merged or config.chunk_grads):
+    if not (merged or grads_kernel):
         names.append("dp_bwd_output")
     if config.state_split > 1:
         names.append("dp_bwd_state_transfer")
     names.append("dp_bwd_state_pass")
-    if config.chunk_grads:
+    if grads_kernel:
         names.append("dp_bwd_chunk_grads")
     elif config.wy_fused:
         names.append("dp_bwd_wy_fused")
@@ -300,8 +301,9 @@ def test_backward_lowers(n, gated):
     adjoint, WY adjoint) at a realistic shape, with initial state, resets and a final-state
     cotangent."""
     text = lower_forward_backward(n, forward_args(n, 128, 128, gated=gated, h0=True, resets=True))
-    assert_backward_kernels(text, backward_kernels())
+    assert_backward_kernels(text, backward_kernels(n=n))
     assert "dp_bwd_recompute" not in text
+    assert ('"dp_bwd_chunk_grads"' in text) == (n == 1)  # n_h = 1: one per-chunk kernel
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -312,7 +314,7 @@ def test_sequence_split_backward_lowers(n):
     args = forward_args(n, 128, 64, gated=True, h0=True, resets=True)
     config = kernel_backward.BackwardConfig(state_split=4, state_read_masked=n > 1)
     text = lower_forward_backward(n, args, config)
-    assert_backward_kernels(text, backward_kernels(config))
+    assert_backward_kernels(text, backward_kernels(config, n=n))
     assert "dp_bwd_state_transfer" in text
 
 
@@ -326,7 +328,7 @@ def test_backward_lowers_recomputing_states(n, fused):
     args = forward_args(n, 128, 128, gated=True, h0=True, resets=True)
     config = kernel_backward.BackwardConfig(wy_fused=fused)
     text = lower_forward_backward(n, args, config, save_states=False)
-    assert_backward_kernels(text, backward_kernels(config, save_states=False))
+    assert_backward_kernels(text, backward_kernels(config, n=n, save_states=False))
     assert "dp_bwd_recompute" in text and "dp_bwd_dv_out" not in text
     assert ("dp_bwd_wy_fused" in text) == fused
 
@@ -381,7 +383,7 @@ def test_merged_adjoint_lowers(n, K, V, dtype, save_states):
     config = kernel_backward.BackwardConfig(merged_adjoint=True, save_states=save_states)
     args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
     text = lower_forward_backward(n, args, config, save_states=save_states)
-    assert_backward_kernels(text, backward_kernels(config, K, V, save_states=save_states))
+    assert_backward_kernels(text, backward_kernels(config, K, V, n=n, save_states=save_states))
     assert "dp_bwd_output" not in text and "dp_bwd_state_adjoint" not in text
 
 
@@ -405,7 +407,7 @@ def test_chunk_grads_lowers(n, K, V, dtype, save_states):
     config = kernel_backward.BackwardConfig(chunk_grads=True, save_states=save_states)
     args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
     text = lower_forward_backward(n, args, config, save_states=save_states)
-    assert_backward_kernels(text, backward_kernels(config, K, V, save_states=save_states))
+    assert_backward_kernels(text, backward_kernels(config, K, V, n=n, save_states=save_states))
     for name in ("dp_bwd_output", "dp_bwd_chunk_adjoint", "dp_bwd_state_adjoint", "dp_bwd_wy"):
         assert f'"{name}"' not in text, name
 
@@ -414,7 +416,7 @@ def test_chunk_grads_lowers(n, K, V, dtype, save_states):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_backward_lowers_other_head_dims_and_dtypes(K, V, dtype):
     args = forward_args(3, K, V, tokens=100, dtype=dtype, gated=True)[:5]
-    assert_backward_kernels(lower_forward_backward(3, args), backward_kernels(K=K, V=V))
+    assert_backward_kernels(lower_forward_backward(3, args), backward_kernels(K=K, V=V, n=3))
 
 
 @pytest.mark.parametrize(
@@ -428,7 +430,7 @@ def test_backward_lowers_wide_heads(K, V, n, gated):
     text = lower_forward_backward(
         n, forward_args(n, K, V, tokens=128, gated=gated, h0=True, resets=True)
     )
-    assert_backward_kernels(text, backward_kernels(K=K, V=V))
+    assert_backward_kernels(text, backward_kernels(K=K, V=V, n=n))
 
 
 @pytest.mark.parametrize(
