@@ -489,13 +489,13 @@ BWD_TUNE_SPACE = {
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_dots=d, wy_stages=s)
         for w, b, d, s in (
-            (4, 64, "input", 1),
-            (8, 64, "input", 1),
-            (8, 128, "input", 1),
-            (2, 64, "input", 1),
             (4, 128, "input", 1),
-            (4, 64, "tf32", 1),
-            (4, 64, "split", 1),
+            (4, 64, "input", 1),
+            (8, 128, "input", 1),
+            (8, 64, "input", 1),
+            (2, 128, "input", 1),
+            (4, 128, "tf32", 1),
+            (4, 128, "split", 1),
         )
     ],
     "bwd_output": [dict(output_warps=w) for w in (8, 4, 2)],
