@@ -130,7 +130,7 @@ class BackwardConfig:
     chunk_grads: bool | None = None
     chunk_grads_warps: int = 4
     chunk_grads_stages: int = 1
-    chunk_grads_block: int = 128  # key tile of its [64, Kp] values
+    chunk_grads_block: int = 64  # key tile of its [64, Kp] values
     dv_block_v: int = 128
     dv_warps: int = 4
     dv_stages: int = 2
