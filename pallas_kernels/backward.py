@@ -17,9 +17,9 @@ chunk-start states ``h_mid``) and the padded inputs::
 Up to padded K, V = 128 the default (``merged_adjoint=None``) runs 1 and 3 as one kernel per
 token chunk after the reverse pass (``backward_chunk_adjoint``: the token chunk's ``h``, ``K``,
 ``v_new`` read once, no ``dk_out`` round trip), so the default backward is three kernels: the
-reverse pass, the merged adjoint, the WY adjoint. At ``n_h = 1`` (``chunk_grads=None``) 1, 3
-and 4 run as one kernel (``backward_chunk_grads``: no ``dW``, ``dkp`` round trip either), so
-the backward is two kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous
+reverse pass, the merged adjoint, the WY adjoint. ``chunk_grads=True`` (``None``: at
+``n_h = 1``) runs 1, 3 and 4 as one kernel (``backward_chunk_grads``: no ``dW``, ``dkp`` round
+trip either), so the backward is two kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous
 single kernel instead.
 
 Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
@@ -126,8 +126,9 @@ class BackwardConfig:
     # so dW and dkp never leave registers; padded K, V <= 128): True (overrides merged_adjoint),
     # False, or None: at n_h = 1 where the heads fit and merged_adjoint is None (on an H100 it is
     # faster there, and 1.1-1.7x slower than the merged adjoint + WY at n_h = 2, 3: one program
-    # walks a token chunk's n_h sub-chunks one after the other)
-    chunk_grads: bool | None = None
+    # walks a token chunk's n_h sub-chunks one after the other). False by default until its GPU
+    # gradient test has run (docs/DESIGN_DECISIONS.md)
+    chunk_grads: bool | None = False
     chunk_grads_warps: int = 4
     chunk_grads_stages: int = 1
     chunk_grads_block: int = 64  # key tile of its [64, Kp] values

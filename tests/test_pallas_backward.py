@@ -226,7 +226,8 @@ def test_backward_support_reasons():
     auto = kernel_backward.BackwardConfig()  # merged_adjoint=None: where the heads fit
     assert auto.merges_adjoints(128, 128, 2) and not auto.merges_adjoints(64, 256, 2)
     assert not kernel_backward.BackwardConfig(output_dv=True).merges_adjoints(64, 64, 2)
-    # chunk_grads=None: the per-chunk gradient kernel at n_h = 1 where the heads fit
+    assert not auto.runs_chunk_grads(128, 128, 1)  # chunk_grads=False by default (for now)
+    auto = kernel_backward.BackwardConfig(chunk_grads=None)  # at n_h = 1 where the heads fit
     assert auto.runs_chunk_grads(128, 128, 1) and not auto.merges_adjoints(128, 128, 1)
     assert not auto.runs_chunk_grads(128, 128, 2) and not auto.runs_chunk_grads(64, 256, 1)
     assert kernel_backward.BackwardConfig(merged_adjoint=True).merges_adjoints(64, 64, 1)

@@ -303,7 +303,18 @@ def test_backward_lowers(n, gated):
     text = lower_forward_backward(n, forward_args(n, 128, 128, gated=gated, h0=True, resets=True))
     assert_backward_kernels(text, backward_kernels(n=n))
     assert "dp_bwd_recompute" not in text
-    assert ('"dp_bwd_chunk_grads"' in text) == (n == 1)  # n_h = 1: one per-chunk kernel
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_automatic_chunk_grads_lowers(n):
+    """``chunk_grads=None``: the per-chunk gradient kernel at n_h = 1, the merged adjoint + WY
+    adjoint above."""
+    from pallas_kernels import backward as kernel_backward
+
+    config = kernel_backward.BackwardConfig(chunk_grads=None)
+    text = lower_forward_backward(n, forward_args(n, 128, 128, gated=True), config)
+    assert_backward_kernels(text, backward_kernels(config, n=n))
+    assert ('"dp_bwd_chunk_grads"' in text) == (n == 1)
 
 
 @pytest.mark.parametrize("n", [1, 2])
