@@ -19,8 +19,8 @@ token chunk after the reverse pass (``backward_chunk_adjoint``: the token chunk'
 ``v_new`` read once, no ``dk_out`` round trip), so the default backward is three kernels: the
 reverse pass, the merged adjoint, the WY adjoint. ``chunk_grads=True`` (``None``: at
 ``n_h = 1``) runs 1, 3 and 4 as one kernel (``backward_chunk_grads``: no ``dW``, ``dkp`` round
-trip either), so the backward is two kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous
-single kernel instead.
+trip either), so the backward is two kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4
+as the previous single kernel instead.
 
 Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
 fused kernel above 128). Up to 128 every stage holds its ``[Kp, Vp]`` / ``[64, Kp]`` values
