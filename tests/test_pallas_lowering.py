@@ -219,9 +219,10 @@ def test_vmapped_forward_lowers():
 def backward_kernels(config=None, K=128, V=128, *, n=2, save_states=True) -> list[str]:
     """The kernels ``backward.backward`` launches for ``config`` (None: ``config_for(K, V)``) at
     ``n_h = n`` in their order: the recompute stage without saved states, ``dv_out`` unless the
-    reverse pass or the output adjoint forms it, the output adjoint unless merged with the state adjoint,
-    the reverse pass (and its transfer launch when split), then the state and WY adjoints as
-    one fused kernel, as the merged chunk adjoint + WY, or as two kernels; with ``chunk_grads``
+    reverse pass or the output adjoint forms it, the output adjoint unless merged with the
+    state adjoint, the reverse pass (and its transfer launch when split), then the state and WY
+    adjoints as one fused kernel, as the merged chunk adjoint + WY, or as two kernels; with
+    ``chunk_grads``
     the output, state and WY adjoints as one kernel."""
     from pallas_kernels import backward as kernel_backward
 
