@@ -222,8 +222,7 @@ def backward_kernels(config=None, K=128, V=128, *, n=2, save_states=True) -> lis
     reverse pass or the output adjoint forms it, the output adjoint unless merged with the
     state adjoint, the reverse pass (and its transfer launch when split), then the state and WY
     adjoints as one fused kernel, as the merged chunk adjoint + WY, or as two kernels; with
-    ``chunk_grads``
-    the output, state and WY adjoints as one kernel."""
+    ``chunk_grads`` the output, state and WY adjoints as one kernel."""
     from pallas_kernels import backward as kernel_backward
 
     config = config or kernel_backward.config_for(K, V)
