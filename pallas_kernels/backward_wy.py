@@ -22,8 +22,9 @@ accumulation at the end. No ``[64, Kp|Vp]`` fp32 value lives across the kernel.
 the interleaved local gate cumsum (the reverse cumsum to ``dg`` happens outside, in JAX).
 
 Grid ``(NI, H, B)``; no ``[Kp, Vp]`` state tile (those products are in stage 3), and the
-``[64, Kp|Vp]`` operands are read in column tiles of ``block`` (64) so that every live value is
-at most ``[64, 64]`` fp32 (4 warps; on an H100 this was the fastest variant: two programs per SM).
+``[64, Kp|Vp]`` operands are read in column tiles of ``block`` (``BackwardConfig.wy_block``: 128,
+whole tiles up to K, V = 128, the fastest at 4 warps on an H100 since the WY products and ``dW``,
+``dkp`` are 16-bit; 64 keeps every live value at most ``[64, 64]`` fp32; wide heads use 32).
 Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]``, ``v [B, L, H, Vp]``,
 ``beta [B, L, H]``, ``dW [B, H, L, Kp]`` fp32, ``dv_new [B, H, L, Vp]``, ``dkp [B, L, H, Kp]``
 fp32 and, with decay, the interleaved log-gate and ``dG_st`` (``[B, H, L]`` fp32).
@@ -311,17 +312,7 @@ def _fused_kernel(*refs, decay: bool, mode: dict, dots: dict):
     v = v_ref[...]
     beta = beta_ref[...].astype(jnp.float32)
     dvnew = dvnew_ref[...]
-    if decay:
-        g_cum, seg, g_end, seg_end = segment_cumsum(gate_ref[...])
-        visible = lower & (seg[:, None] == seg[None, :])
-        diff = jnp.where(visible, g_cum[:, None] - g_cum[None, :], 0.0)
-        pair = jnp.where(visible, jnp.exp(diff), 0.0)
-        gam = jnp.where(seg == 0.0, jnp.exp(g_cum), 0.0)
-        fdec = jnp.where(seg == seg_end, jnp.exp(g_end - g_cum), 0.0)
-        coef = beta * gam
-    else:
-        pair = jnp.where(lower, 1.0, 0.0)
-        coef = beta
+    pair, gam, fdec, coef = chunk_decay(gate_ref[...] if decay else None, beta, lower)
 
     # ordered so that each [64, Kp|Vp] fp32 value dies early (register pressure)
     kf = k.astype(jnp.float32)
