@@ -96,6 +96,54 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
         dgtok_ref[...] = scale * (p_tok - col_tok)
 
 
+class TokenChunkBlocks:
+    """Block specs of a grid ``(NT, H, B)`` over token chunks, each with its ``n`` interleaved
+    chunks of 64 rows (shared by this kernel and ``backward_chunk_grads``)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.token_vec = pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t))
+        self.chunk_vec = pl.BlockSpec((None, None, n, CHUNK), lambda t, hh, b: (b, hh, t, 0))
+        self.seq_vec = pl.BlockSpec((None, n, CHUNK, None), lambda t, hh, b: (b, t, 0, hh))
+
+    def token_rows(self, d: int) -> pl.BlockSpec:
+        """The token chunk's rows of a ``[B, T, H, d]`` array."""
+        return pl.BlockSpec((None, CHUNK, None, d), lambda t, hh, b: (b, t, hh, 0))
+
+    def head_chunks(self, d: int) -> pl.BlockSpec:
+        """Its ``n`` chunks ``[n, 64, d]`` of a ``[B, H, NI, 64, d]`` array."""
+        return pl.BlockSpec((None, None, self.n, CHUNK, d), lambda t, hh, b: (b, hh, t, 0, 0))
+
+    def seq_chunks(self, d: int) -> pl.BlockSpec:
+        """Its ``n`` chunks ``[n, 64, d]`` of a ``[B, NI, 64, H, d]`` array."""
+        return pl.BlockSpec((None, self.n, CHUNK, None, d), lambda t, hh, b: (b, t, 0, hh, 0))
+
+    def states(self, count: int | None, Kp: int, Vp: int) -> pl.BlockSpec:
+        """``count`` consecutive states ``[count, Kp, Vp]`` of a ``[B, H, NT*count, Kp, Vp]``
+        array (None: one state ``[Kp, Vp]``, the token chunk's start state of ``h``)."""
+        return pl.BlockSpec((None, None, count, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0))
+
+    def state_operands(self, q, do, h, h_mid, dh_il, k, vnew, dvnew) -> tuple[list, list]:
+        """The inputs and their specs that both token-chunk kernels read first: ``q, do``
+        (token rows), ``h`` (start state), ``h_mid`` (n > 1), ``dh_il``, ``k``, ``vnew``,
+        ``dvnew`` (the chunks), in that order."""
+        B, L, H, Kp = k.shape
+        Vp = do.shape[-1]
+        NI = L // CHUNK
+        inputs = [q, do, h] + ([h_mid] if self.n > 1 else [])
+        inputs += [
+            dh_il,
+            k.reshape(B, NI, CHUNK, H, Kp),
+            vnew.reshape(B, H, NI, CHUNK, Vp),
+            dvnew.reshape(B, H, NI, CHUNK, Vp),
+        ]
+        specs = [self.token_rows(Kp), self.token_rows(Vp), self.states(None, Kp, Vp)]
+        specs += [self.states(self.n - 1, Kp, Vp)] if self.n > 1 else []
+        specs += [self.states(self.n, Kp, Vp), self.seq_chunks(Kp)]
+        specs += [self.head_chunks(Vp), self.head_chunks(Vp)]
+        return inputs, specs
+
+
 def chunk_adjoint(
     q: jax.Array,
     do: jax.Array,
@@ -143,49 +191,23 @@ def chunk_adjoint(
         )
     decay = gate_tok is not None
     dtype = q.dtype
-    token_rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda t, hh, b: (b, t, hh, 0))
-    state = lambda count, index: pl.BlockSpec((None, None, count, Kp, Vp), index)
-    head_chunks = lambda d: pl.BlockSpec(
-        (None, None, n, CHUNK, d), lambda t, hh, b: (b, hh, t, 0, 0)
-    )
-    seq_chunks = pl.BlockSpec((None, n, CHUNK, None, Kp), lambda t, hh, b: (b, t, 0, hh, 0))
-    chunk_vec = pl.BlockSpec((None, None, n, CHUNK), lambda t, hh, b: (b, hh, t, 0))
-    inputs = [q, do, h]
-    in_specs = [
-        token_rows(Kp),
-        token_rows(Vp),
-        pl.BlockSpec((None, None, None, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
-    ]
-    if n > 1:
-        inputs.append(h_mid)
-        in_specs.append(state(n - 1, lambda t, hh, b: (b, hh, t, 0, 0)))
-    inputs += [
-        dh_il,
-        k.reshape(B, NI, CHUNK, H, Kp),
-        vnew.reshape(B, H, NI, CHUNK, Vp),
-        dvnew.reshape(B, H, NI, CHUNK, Vp),
-    ]
-    in_specs += [state(n, lambda t, hh, b: (b, hh, t, 0, 0)), seq_chunks]
-    in_specs += [head_chunks(Vp), head_chunks(Vp)]
+    blocks = TokenChunkBlocks(n)
+    inputs, in_specs = blocks.state_operands(q, do, h, h_mid, dh_il, k, vnew, dvnew)
     if decay:
         inputs += [gate_tok, gam.reshape(B, H, NI, CHUNK), fdec.reshape(B, H, NI, CHUNK)]
-        in_specs += [
-            pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t)),
-            chunk_vec,
-            chunk_vec,
-        ]
+        in_specs += [blocks.token_vec, blocks.chunk_vec, blocks.chunk_vec]
     out_shapes = [
         jax.ShapeDtypeStruct((B, T, H, Kp), dtype),
         jax.ShapeDtypeStruct((B, NI, CHUNK, H, Kp), out_dtype),
         jax.ShapeDtypeStruct((B, H, NI, CHUNK, Kp), out_dtype),
     ]
-    out_specs = [token_rows(Kp), seq_chunks, head_chunks(Kp)]
+    out_specs = [blocks.token_rows(Kp), blocks.seq_chunks(Kp), blocks.head_chunks(Kp)]
     if decay:
         out_shapes += [
             jax.ShapeDtypeStruct((B, H, T), jnp.float32),
             jax.ShapeDtypeStruct((B, H, NI, CHUNK), jnp.float32),
         ]
-        out_specs += [pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t)), chunk_vec]
+        out_specs += [blocks.token_vec, blocks.chunk_vec]
     modes = score_modes(dtype)
     kernel = functools.partial(
         _kernel,

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.backward_chunk_adjoint import TokenChunkBlocks
 from pallas_kernels.backward_recompute import row_tokens, token_decay
 from pallas_kernels.backward_wy import chunk_decay, inverse_adjoint, wy_modes
 from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
@@ -203,55 +204,28 @@ def chunk_grads(
     decay = gate_tok is not None
     dtype = q.dtype
     low_grads = low_grads and dtype != jnp.float32
-    token_rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda t, hh, b: (b, t, hh, 0))
-    token_vec = pl.BlockSpec((None, None, CHUNK), lambda t, hh, b: (b, hh, t))
-    state = lambda count: pl.BlockSpec(
-        (None, None, count, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0)
-    )
-    head_chunks = lambda d: pl.BlockSpec(
-        (None, None, n, CHUNK, d), lambda t, hh, b: (b, hh, t, 0, 0)
-    )
-    seq_chunks = lambda d: pl.BlockSpec(
-        (None, n, CHUNK, None, d), lambda t, hh, b: (b, t, 0, hh, 0)
-    )
-    seq_vec = pl.BlockSpec((None, n, CHUNK, None), lambda t, hh, b: (b, t, 0, hh))
-    chunk_vec = pl.BlockSpec((None, None, n, CHUNK), lambda t, hh, b: (b, hh, t, 0))
-    inputs = [q, do, h]
-    in_specs = [
-        token_rows(Kp),
-        token_rows(Vp),
-        pl.BlockSpec((None, None, None, Kp, Vp), lambda t, hh, b: (b, hh, t, 0, 0)),
-    ]
-    if n > 1:
-        inputs.append(h_mid)
-        in_specs.append(state(n - 1))
-    inputs += [
-        dh_il,
-        k.reshape(B, NI, CHUNK, H, Kp),
-        vnew.reshape(B, H, NI, CHUNK, Vp),
-        dvnew.reshape(B, H, NI, CHUNK, Vp),
-        a.reshape(B, H, NI, CHUNK, CHUNK),
-        v.reshape(B, NI, CHUNK, H, Vp),
-        beta.reshape(B, NI, CHUNK, H),
-    ]
-    in_specs += [state(n), seq_chunks(Kp), head_chunks(Vp), head_chunks(Vp)]
-    in_specs += [head_chunks(CHUNK), seq_chunks(Vp), seq_vec]
+    blocks = TokenChunkBlocks(n)
+    inputs, in_specs = blocks.state_operands(q, do, h, h_mid, dh_il, k, vnew, dvnew)
+    inputs += [a.reshape(B, H, NI, CHUNK, CHUNK), v.reshape(B, NI, CHUNK, H, Vp)]
+    inputs.append(beta.reshape(B, NI, CHUNK, H))
+    in_specs += [blocks.head_chunks(CHUNK), blocks.seq_chunks(Vp), blocks.seq_vec]
     if decay:
         inputs += [gate_tok, gate_sub.reshape(B, H, NI, CHUNK)]
-        in_specs += [token_vec, chunk_vec]
+        in_specs += [blocks.token_vec, blocks.chunk_vec]
     out_shapes = [
         jax.ShapeDtypeStruct((B, T, H, Kp), dtype),
         jax.ShapeDtypeStruct((B, NI, CHUNK, H, Kp), dtype),
         jax.ShapeDtypeStruct((B, NI, CHUNK, H, Vp), dtype),
         jax.ShapeDtypeStruct((B, NI, CHUNK, H), jnp.float32),
     ]
-    out_specs = [token_rows(Kp), seq_chunks(Kp), seq_chunks(Vp), seq_vec]
+    out_specs = [blocks.token_rows(Kp), blocks.seq_chunks(Kp), blocks.seq_chunks(Vp)]
+    out_specs.append(blocks.seq_vec)
     if decay:
         out_shapes += [
             jax.ShapeDtypeStruct((B, H, T), jnp.float32),
             jax.ShapeDtypeStruct((B, H, NI, CHUNK), jnp.float32),
         ]
-        out_specs += [token_vec, chunk_vec]
+        out_specs += [blocks.token_vec, blocks.chunk_vec]
     kernel = functools.partial(
         _kernel,
         n=n,
