@@ -389,24 +389,12 @@ def backward_stage_fns(
         stage_fn(kern, "bwd_state_pass", cfg),
         (res.a, k, beta, st["dv_out"], q, do, dht, gam, fdec, gam_tok, res.w, res.gate_tokens),
     )
+    # what the token-chunk kernels (merged adjoint, per-chunk gradients) read first
+    chunk_args = (q, do, res.h, st["h_mid"], st["dh_il"], k, st["vnew"], st["dvnew"])
     if grads_kernel:
         out["bwd_chunk_grads"] = (
             jit("chunk_grads"),
-            (
-                q,
-                do,
-                res.h,
-                st["h_mid"],
-                st["dh_il"],
-                k,
-                st["vnew"],
-                st["dvnew"],
-                res.a,
-                v,
-                beta,
-                res.gate_tokens,
-                res.gate_substeps,
-            ),
+            (*chunk_args, res.a, v, beta, res.gate_tokens, res.gate_substeps),
         )
     elif cfg.wy_fused:
         h_il = kernel_backward.interleaved_states(res.h, st["h_mid"], n)
@@ -428,19 +416,7 @@ def backward_stage_fns(
     elif merged:
         out["bwd_merged"] = (
             jit("merged", out_dtype=grad_dtype),
-            (
-                q,
-                do,
-                res.h,
-                st["h_mid"],
-                st["dh_il"],
-                k,
-                st["vnew"],
-                st["dvnew"],
-                res.gate_tokens,
-                gam,
-                fdec,
-            ),
+            (*chunk_args, res.gate_tokens, gam, fdec),
         )
     if not (cfg.wy_fused or merged or grads_kernel):
         out["bwd_state_adjoint"] = (

@@ -376,28 +376,14 @@ def test_backward_lowers_other_configs(fields):
     assert_backward_kernels(text, backward_kernels(kernel_backward.BackwardConfig(**fields)))
 
 
-@pytest.mark.parametrize(
-    "n,K,V,dtype,save_states",
-    [
-        (1, 128, 128, jnp.bfloat16, True),
-        (3, 128, 128, jnp.bfloat16, True),
-        (4, 64, 64, jnp.bfloat16, False),
-        (2, 100, 60, jnp.float32, True),
-        (3, 20, 36, jnp.float16, True),
-    ],
-)
-def test_merged_adjoint_lowers(n, K, V, dtype, save_states):
-    """The output and state adjoints as one kernel (``merged_adjoint``) for every n_h, head dims
-    up to 128, 16- and 32-bit inputs, gated, and with the states recomputed."""
-    from pallas_kernels import backward as kernel_backward
-
-    config = kernel_backward.BackwardConfig(merged_adjoint=True, save_states=save_states)
-    args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
-    text = lower_forward_backward(n, args, config, save_states=save_states)
-    assert_backward_kernels(text, backward_kernels(config, K, V, n=n, save_states=save_states))
-    assert "dp_bwd_output" not in text and "dp_bwd_state_adjoint" not in text
+# the per-chunk kernels' own kernels: which separate kernels each one replaces
+PER_CHUNK_KERNELS = {
+    "merged_adjoint": ("dp_bwd_output", "dp_bwd_state_adjoint"),
+    "chunk_grads": ("dp_bwd_output", "dp_bwd_chunk_adjoint", "dp_bwd_state_adjoint", "dp_bwd_wy"),
+}
 
 
+@pytest.mark.parametrize("field", sorted(PER_CHUNK_KERNELS))
 @pytest.mark.parametrize(
     "n,K,V,dtype,save_states",
     [
@@ -409,17 +395,17 @@ def test_merged_adjoint_lowers(n, K, V, dtype, save_states):
         (3, 20, 36, jnp.float16, True),
     ],
 )
-def test_chunk_grads_lowers(n, K, V, dtype, save_states):
-    """Stages 1, 3 and 4 as one kernel (``chunk_grads``) for every n_h, head dims up to 128, 16-
-    and 32-bit inputs, gated, and with the states recomputed: the output, state and WY adjoints
-    launch no kernels of their own."""
+def test_per_chunk_kernels_lower(field, n, K, V, dtype, save_states):
+    """The output and state adjoints as one kernel (``merged_adjoint``), and with the WY adjoint
+    too (``chunk_grads``), for every n_h, head dims up to 128, 16- and 32-bit inputs, gated, and
+    with the states recomputed: the kernels they replace are not launched."""
     from pallas_kernels import backward as kernel_backward
 
-    config = kernel_backward.BackwardConfig(chunk_grads=True, save_states=save_states)
+    config = kernel_backward.BackwardConfig(**{field: True}, save_states=save_states)
     args = forward_args(n, K, V, tokens=200, dtype=dtype, gated=True, h0=True, resets=True)
     text = lower_forward_backward(n, args, config, save_states=save_states)
     assert_backward_kernels(text, backward_kernels(config, K, V, n=n, save_states=save_states))
-    for name in ("dp_bwd_output", "dp_bwd_chunk_adjoint", "dp_bwd_state_adjoint", "dp_bwd_wy"):
+    for name in PER_CHUNK_KERNELS[field]:
         assert f'"{name}"' not in text, name
 
 
