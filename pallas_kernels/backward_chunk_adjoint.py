@@ -39,11 +39,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backward_recompute import row_tokens, token_decay
-from pallas_kernels.common import CHUNK, element_select, mm, pallas_call, score_modes
+from pallas_kernels.backward_recompute import onto_tokens, row_tokens, token_decay
+from pallas_kernels.common import CHUNK, mm, pallas_call, score_modes, state_gate_terms
 
 MAX_DIM = 128  # padded K and V one program holds whole
 
@@ -66,7 +65,6 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
         dq = dq * gam_tok[:, None]
         p_tok = jnp.sum(dq * q.astype(jnp.float32), axis=1)
         col_tok = jnp.zeros((CHUNK,), jnp.float32)
-    token_of = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # [t, r]: token t
     for i in range(n):  # ordered so that at most two [64, Kp] fp32 values live at once
         t_row = row_tokens(i, n)  # [., r]: the token of row r
         k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
@@ -78,9 +76,7 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
             dk = dk * fdec_ref[i][:, None]
             p_end = jnp.sum(dk * k.astype(jnp.float32), axis=1)
             s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
-            p_carry = s_ds * element_select(gam_ref[i], CHUNK - 1)
-            last = lax.broadcasted_iota(jnp.int32, (CHUNK,), 0) == CHUNK - 1
-            dgst_ref[i] = jnp.where(last, jnp.sum(p_end) + p_carry, 0.0) - p_end
+            dgst_ref[i] = state_gate_terms(p_end, s_ds, gam_ref[i])
         weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, t(r)]
         d_scores = mm(do, vnew, mode["in"], trans_b=True, **dots) * weight  # [s, r]
         dk = dk + scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)  # [r, Kp]
@@ -89,8 +85,7 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
         if decay:
             pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
             p_tok = p_tok + jnp.sum(pair, axis=1)
-            col = jnp.sum(pair, axis=0)  # [r] onto the tokens t(r)
-            col_tok = col_tok + jnp.sum(jnp.where(token_of == t_row, col[None, :], 0.0), axis=1)
+            col_tok = col_tok + onto_tokens(jnp.sum(pair, axis=0), t_row)
     dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
     if decay:
         dgtok_ref[...] = scale * (p_tok - col_tok)

@@ -40,9 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backward_chunk_adjoint import TokenChunkBlocks
-from pallas_kernels.backward_recompute import row_tokens, token_decay
+from pallas_kernels.backward_recompute import onto_tokens, row_tokens, token_decay
 from pallas_kernels.backward_wy import chunk_decay, inverse_adjoint, wy_modes
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, state_gate_terms
 
 MAX_DIM = 128  # padded K and V one program holds whole
 
@@ -66,7 +66,6 @@ def _kernel(
     lower = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0) > lax.broadcasted_iota(
         jnp.int32, (CHUNK, CHUNK), 1
     )
-    last = lax.broadcasted_iota(jnp.int32, (CHUNK,), 0) == CHUNK - 1
     gate = gate_ref[...] if decay else None
     tiles = [pl.ds(j * block, block) for j in range(k_ref.shape[-1] // block)]
     p_tok = col_tok = None
@@ -117,14 +116,10 @@ def _kernel(
             dk = dk + scale * mm(d_scores, q_ref[:, t], mode["split_a"], trans_a=True, **dots)
             dk_ref[i, :, t] = dk.astype(dk_ref.dtype)
         if decay:
-            p_carry = s_ds * element_select(decays.gam, CHUNK - 1)
-            dgil_ref[i] = d_g - p_end + jnp.where(last, jnp.sum(p_end) + p_carry, 0.0)
+            dgil_ref[i] = d_g + state_gate_terms(p_end, s_ds, decays.gam)
             qk_ds = qk * d_scores  # [s, r]: the token gate terms
-            token_of = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # [t, r]: token t
-            col = jnp.sum(qk_ds, axis=0)  # [r] onto the tokens t(r)
-            col = jnp.sum(jnp.where(token_of == t_row, col[None, :], 0.0), axis=1)
             p_tok = _acc(p_tok, jnp.sum(qk_ds, axis=1))
-            col_tok = _acc(col_tok, col)
+            col_tok = _acc(col_tok, onto_tokens(jnp.sum(qk_ds, axis=0), t_row))
 
     # dq = scale (gam (dO h^T) + sum_c Ds_c K_c), per key tile, after the loop above: no
     # [64, Kp] accumulator lives across it

@@ -56,6 +56,13 @@ def row_tokens(sub_chunk, n: int) -> jax.Array:
     return lax.div(sub_chunk * CHUNK + rows_of_chunk, n)
 
 
+def onto_tokens(values: jax.Array, col_token: jax.Array) -> jax.Array:
+    """``[64]`` per-token sums of per-row ``values`` ``[64]`` (rows ``r`` of an interleaved
+    sub-chunk, each summed onto its token ``col_token[., r]``, as ``row_tokens`` gives)."""
+    token_of = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)  # [t, r]: token t
+    return jnp.sum(jnp.where(token_of == col_token, values[None, :], 0.0), axis=1)
+
+
 def token_decay(
     gate: jax.Array | None, col_token: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array | None]:

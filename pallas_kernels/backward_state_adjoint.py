@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call
+from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, state_gate_terms
 
 
 def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list, v_tiles: list):
@@ -52,7 +52,6 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list
     dw_ref, dkp_ref = rest.pop(0), rest.pop(0)
     dg_ref = rest.pop(0) if decay else None
 
-    c = CHUNK
     nk, nv = len(k_tiles), len(v_tiles)
     # one tile (Kp, Vp <= 128 by default): whole refs, the untiled kernel exactly
     tile = lambda ref, i, j: ref[...] if nk == nv == 1 else ref[k_tiles[i], v_tiles[j]]
@@ -93,9 +92,7 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list
             dkp_ref[:, k_tiles[i]] = dkp()
     if decay:
         s_ds = add(s_ds, _inner(*pending.pop()))
-        p_carry = s_ds * element_select(gam_ref[...], c - 1)
-        last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
-        dg_ref[...] = jnp.where(last, jnp.sum(p_end) + p_carry, 0.0) - p_end
+        dg_ref[...] = state_gate_terms(p_end, s_ds, gam_ref[...])
     if nk == 1:
         dkp_ref[...] = dkp()
     else:

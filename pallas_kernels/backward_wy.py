@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, element_select, mm, pallas_call, segment_cumsum
+from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, segment_cumsum, state_gate_terms
 
 
 class ChunkDecay(NamedTuple):
@@ -337,7 +337,7 @@ def _fused_kernel(*refs, decay: bool, mode: dict, dots: dict):
         dk_st = dk_st * fdec[:, None]
         p_end = jnp.sum(dk_st * kf, axis=1)
         s_ds = s_ref[...].astype(jnp.float32) * ds_ref[...].astype(jnp.float32)
-        p_carry = jnp.sum(jnp.sum(s_ds, axis=1)) * element_select(gam, c - 1)
+        s_ds = jnp.sum(jnp.sum(s_ds, axis=1))
     dk = dk + dk_st
 
     # through A = (I + M)^-1 and M = StrictLower(diag(beta) K K^T * E)
@@ -352,8 +352,7 @@ def _fused_kernel(*refs, decay: bool, mode: dict, dots: dict):
     if decay:
         p_pair = d_m * (beta[:, None] * kk * pair)
         d_g = jnp.sum(p_pair, axis=1) - jnp.sum(p_pair, axis=0) + p_start
-        last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
-        dg_ref[...] = d_g - p_end + jnp.where(last, jnp.sum(p_end) + p_carry, 0.0)
+        dg_ref[...] = d_g + state_gate_terms(p_end, s_ds, gam)
 
 
 def wy_backward_fused(

@@ -155,6 +155,16 @@ def element_select(values: jax.Array, index) -> jax.Array:
     return jnp.sum(jnp.where(pos == index, values, 0.0))
 
 
+def state_gate_terms(p_end: jax.Array, s_ds: jax.Array, gam: jax.Array) -> jax.Array:
+    """The gate terms ``[64]`` fp32 of one interleaved chunk's state update adjoint: ``-p_end``
+    with ``sum(p_end) + gam_end <S, dE>`` added on the last row, from ``p_end =
+    rowsum(fdec (V_new dE^T) * K)`` ``[64]``, ``s_ds = <S, dE>`` (scalar) and the decays from the
+    chunk start ``gam`` ``[64]``."""
+    last = lax.broadcasted_iota(jnp.int32, p_end.shape, 0) == p_end.shape[0] - 1
+    carry = s_ds * element_select(gam, p_end.shape[0] - 1)
+    return jnp.where(last, jnp.sum(p_end) + carry, 0.0) - p_end
+
+
 def segment_cumsum(log_gate: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Inclusive within-chunk cumsum of a log-gate vector whose ``-inf`` entries mark resets.
 
