@@ -348,6 +348,7 @@ def backward_stage_fns(
             num_householder=n,
             scale=scale,
             save_states=cfg.save_states,
+            save_mid_states=cfg.reads_mid_states(c.K, c.V, n),
             save_w=True,  # for the stored-W variant of the reverse pass (bwd_tune)
         )
     )(q, k, v, beta, g)
@@ -952,6 +953,7 @@ def resources(
                     interpret=False,
                     config=config,
                     save_states=True,
+                    save_mid_states=bconf.reads_mid_states(c.K, c.V, c.n),
                 )
                 grads = kernel_backward.backward(
                     *a[:4],

@@ -16,11 +16,14 @@ chunk-start states ``h_mid``) and the padded inputs::
 
 Up to padded K, V = 128 the default (``merged_adjoint=None``) runs 1 and 3 as one kernel per
 token chunk after the reverse pass (``backward_chunk_adjoint``: the token chunk's ``h``, ``K``,
-``v_new`` read once, no ``dk_out`` round trip), so the default backward is three kernels: the
-reverse pass, the merged adjoint, the WY adjoint. ``chunk_grads=True`` (``None``: at
-``n_h = 1``) runs 1, 3 and 4 as one kernel (``backward_chunk_grads``: no ``dW``, ``dkp`` round
-trip either), so the backward is two kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4
-as the previous single kernel instead.
+``v_new`` read once, no ``dk_out`` round trip), so the default backward at ``n_h >= 2`` is three
+kernels: the reverse pass, the merged adjoint, the WY adjoint. At ``n_h = 1`` the default
+(``chunk_grads=None``; ``True`` at any ``n_h``) runs 1, 3 and 4 as one kernel
+(``backward_chunk_grads``: no ``dW``, ``dkp`` round trip either), so the backward is two
+kernels. ``BackwardConfig(wy_fused=True)`` runs 3 and 4 as the previous single kernel instead.
+At ``n_h = 2`` the merged adjoint forms the second sub-chunk's ``dW`` and gate terms from
+``h[J]`` and the first sub-chunk, so that the forward stores only the token-chunk start states
+(``BackwardConfig.merged_mid_states``, ``reads_mid_states``); above, it reads ``h_mid``.
 
 Head dims: padded K, V up to 256, as the forward (``unsupported`` says what is not served: the
 fused kernel above 128). Up to 128 every stage holds its ``[Kp, Vp]`` / ``[64, Kp]`` values
@@ -120,15 +123,20 @@ class BackwardConfig:
     # the output's dk kept in registers): True, False (the two kernels) or None: merged where
     # the padded head dims fit it (K, V <= 128)
     merged_adjoint: bool | None = None
+    # the merged adjoint reads the forward's stored start states of the sub-chunks i > 0 (h_mid):
+    # True; False: forms their dW and gate terms from h[J] and the earlier sub-chunks, so the
+    # forward stores no h_mid, (n_h - 1)/n_h of its states, at O(n_h^2) extra [64, 64] products;
+    # None: forms them up to n_h = FORMED_MID_MAX (on an H100 forward + backward at n_h = 2 was
+    # 1 % faster, at n_h = 3 9 % slower)
+    merged_mid_states: bool | None = None
     merged_warps: int = 4
     merged_stages: int = 1
     # stages 1, 3 and 4 as one kernel per token chunk (backward_chunk_grads: also the WY adjoint,
     # so dW and dkp never leave registers; padded K, V <= 128): True (overrides merged_adjoint),
     # False, or None: at n_h = 1 where the heads fit and merged_adjoint is None (on an H100 it is
     # faster there, and 1.1-1.7x slower than the merged adjoint + WY at n_h = 2, 3: one program
-    # walks a token chunk's n_h sub-chunks one after the other). False by default until its GPU
-    # gradient test has run (docs/DESIGN_DECISIONS.md)
-    chunk_grads: bool | None = False
+    # walks a token chunk's n_h sub-chunks one after the other; docs/DESIGN_DECISIONS.md)
+    chunk_grads: bool | None = None
     chunk_grads_warps: int = 4
     chunk_grads_stages: int = 1
     chunk_grads_block: int = 64  # key tile of its [64, Kp] values
@@ -200,6 +208,17 @@ class BackwardConfig:
             return fits and not (self.output_dv or self.wy_fused)
         return self.merged_adjoint
 
+    def reads_mid_states(self, key_dim: int, value_dim: int, num_householder: int) -> bool:
+        """Whether the backward reads the start states of the interleaved chunks that do not
+        start a token chunk (``h_mid``; the forward stores them only then)."""
+        if num_householder == 1:
+            return False
+        if not self.merges_adjoints(key_dim, value_dim, num_householder):
+            return True
+        if self.merged_mid_states is None:
+            return num_householder > FORMED_MID_MAX
+        return self.merged_mid_states
+
     def intermediate_dtype(self, input_dtype) -> jnp.dtype:
         """The dtype of ``dk_out``, ``dW`` and ``dkp`` for inputs of ``input_dtype``."""
         return jnp.dtype(jnp.float32 if self.grad_dtype == "float32" else input_dtype)
@@ -244,6 +263,7 @@ def config_for(key_dim: int, value_dim: int) -> BackwardConfig:
 
 
 MAX_DIM = 256  # padded head dims the backward kernels serve (as the forward's)
+FORMED_MID_MAX = 2  # up to this n_h the merged adjoint forms h_mid's terms (merged_mid_states)
 MAX_FUSED_DIM = 128  # the previous fused stage 3 + 4 kernel holds whole [Kp, Vp] state tiles
 
 
@@ -441,16 +461,22 @@ def stages(
     output = partial(kern["output"], dk_dtype=grad_dtype)
     grads_kernel = config.runs_chunk_grads(K, V, n)
     merged = config.merges_adjoints(K, V, n)
+    mid_states = config.reads_mid_states(K, V, n)
     dq = dk_out = dG_tok = None
     if res.v_new is None:  # the forward kept no states: recompute them
         vnew, h_mid, dv_out = kern["recompute"](
-            res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok
+            res.a, kp, vp, bp, res.h, qp, dop, gam, fdec, gate_tok, mid_states=mid_states
+        )
+    elif mid_states and res.h_mid is None:
+        raise ValueError(
+            "this BackwardConfig reads the forward's interleaved chunk-start states (h_mid): run "
+            "pallas_kernels.forward.forward with save_mid_states=True"
         )
     elif config.output_dv and not config.state_fused_dv_out and Kp <= config.output_block_k:
-        vnew, h_mid = res.v_new, res.h_mid
+        vnew, h_mid = res.v_new, res.h_mid if mid_states else None
         dq, dk_out, dG_tok, dv_out = output(qp, dop, res.h, kp, vnew, gate_tok, with_dv_out=True)
     else:  # dv_out by its own kernel, or (None) formed in the reverse pass
-        vnew, h_mid = res.v_new, res.h_mid
+        vnew, h_mid = res.v_new, res.h_mid if mid_states else None
         dv_out = None if config.state_fused_dv_out else kern["dv_out"](kp, qp, dop, gate_tok)
     if dq is None and not (merged or grads_kernel):
         dq, dk_out, dG_tok = output(qp, dop, res.h, kp, vnew, gate_tok)

@@ -12,21 +12,26 @@ and ``dk`` stays in registers::
         Ds     = (dO V_new_c^T) * Gam[s, t(r)]                   [64 s, 64 r]
         dq    += Ds K_c
         dk_c   = scale Ds^T Q + fdec * (V_new_c dE_c^T)          output + state update (dkp)
-        dW_c   = -dV_new_c S_c^T                                 (S_c = h[J] or h_mid)
+        dW_c   = -dV_new_c S_c^T                                 (S_c: start state of c)
         P      = (Q K_c^T) * Ds   -> p_tok += rowsum(P); colsum(P) summed onto tokens t(r)
         dG_st_c = -p_end ; dG_st_c[63] += sum(p_end) + gam_end <S_c, dE_c>
     dq *= scale ;  dG_tok = scale (p_tok - colsum_tok)
 
 with ``p_end = rowsum(fdec (V_new_c dE_c^T) * K_c)``. The outputs are those of the two kernels
 (``dq``; ``dkp``, ``dW``, ``dG_st`` as ``state_adjoint``; ``dG_tok`` as ``output_backward``);
-``dk_out`` is never formed on its own. The rows of chunk ``c`` are taken in the contiguous
+``dk_out`` is never formed on its own. The start states ``S_c`` of the sub-chunks ``i > 0``
+are either read (``h_mid``, stored by the forward) or, with ``h_mid=None``, never formed: their
+``dW_c`` and ``<S_c, dE_c>`` come from ``h[J]`` and the token chunk's earlier sub-chunks
+(``_earlier_chunk_terms``: ``[64, 64]`` products with the ``K``, ``V_new`` the program reads
+anyway), so the forward need not store ``h_mid`` (``(n - 1)/n`` of its states) and this kernel
+need not read it back. The rows of chunk ``c`` are taken in the contiguous
 order of the interleaved sequence (not the output adjoint's strided sub-step slices), with each
 column's token decay picked by ``token_decay(col_token=...)``, as the reverse pass's fused
 ``dv_out`` does.
 
 Grid ``(NT, H, B)``; whole head dims per program: padded ``K, V <= 128`` only (``MAX_DIM``;
 wider heads run the two kernels, ``BackwardConfig.merged_adjoint``). Reads ``q [B, T, H, Kp]``,
-``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``h_mid [B, H, NT*(n-1), Kp, Vp]`` (n > 1),
+``do [B, T, H, Vp]``, ``h [B, H, NT, Kp, Vp]``, ``h_mid [B, H, NT*(n-1), Kp, Vp]`` (if given),
 ``dh_il [B, H, NI, Kp, Vp]``, ``k [B, L, H, Kp]``, ``v_new, dv_new [B, H, L, Vp]`` and, with
 decay, the token log-gate ``[B, H, T]`` and ``gam, fdec [B, H, L]`` fp32. Products as in the two
 kernels: 16-bit operands where both are stored 16-bit, the fp32 ``Ds`` split into two 16-bit
@@ -42,15 +47,53 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backward_recompute import onto_tokens, row_tokens, token_decay
-from pallas_kernels.common import CHUNK, mm, pallas_call, score_modes, state_gate_terms
+from pallas_kernels.common import (
+    CHUNK,
+    element_select,
+    mm,
+    pallas_call,
+    score_modes,
+    state_gate_terms,
+)
 
 MAX_DIM = 128  # padded K and V one program holds whole
 
 
-def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
+def _earlier_chunk_terms(i, dvnew, d_state, h, k_ref, vnew_ref, gam_ref, fdec_ref, mode, dots):
+    """``(dW_i, <S_i, dE_i>)`` of sub-chunk ``i > 0`` from the token chunk's start state ``h``
+    and its earlier sub-chunks ``j < i`` (``<S_i, dE_i>`` is None without decay), without
+    ``S_i`` itself: with ``S_i = Gam_i h + sum_j g_ji K_j^T diag(fdec_j) V_new_j``,
+
+        dW_i       = -Gam_i dV_new_i h^T - sum_j ((dV_new_i V_new_j^T) * g_ji fdec_j) K_j
+        <S_i, dE_i> = Gam_i <h, dE_i> + sum_j g_ji sum(fdec_j * rowsum((V_new_j dE_i^T) * K_j))
+
+    (``Gam_i``, ``g_ji``: products of the chunk-end decays ``gam_end_l`` for ``l < i`` and for
+    ``j < l < i``; 1 without decay). ``[64, 64]`` intermediates only: no ``[Kp, Vp]`` value."""
+    decay = gam_ref is not None
+    ends = [element_select(gam_ref[j], CHUNK - 1) for j in range(i)] if decay else None
+    dw = mm(dvnew, h, mode["in"], trans_b=True, **dots)
+    s_ds = None
+    if decay:
+        gam_start = functools.reduce(lambda x, y: x * y, ends)  # Gam_i
+        dw = dw * gam_start
+        s_ds = gam_start * jnp.sum(jnp.sum(h.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
+    for j in range(i):
+        k, vnew = k_ref[j], vnew_ref[j]
+        pair = mm(dvnew, vnew, mode["in"], trans_b=True, **dots)  # [r_i, r_j]
+        if decay:
+            between = functools.reduce(lambda x, y: x * y, ends[j + 1 :], jnp.float32(1.0))
+            weight = fdec_ref[j] * between
+            pair = pair * weight[None, :]
+            reads = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # [r_j, Kp]
+            s_ds = s_ds + jnp.sum(weight * jnp.sum(reads * k.astype(jnp.float32), axis=1))
+        dw = dw + mm(pair, k, mode["split_a"], **dots)
+    return -dw, s_ds
+
+
+def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict, stored_mid: bool):
     rest = list(refs)
     q_ref, do_ref, h_ref = rest.pop(0), rest.pop(0), rest.pop(0)
-    hmid_ref = rest.pop(0) if n > 1 else None
+    hmid_ref = rest.pop(0) if n > 1 and stored_mid else None
     dh_ref, k_ref, vnew_ref, dvnew_ref = (rest.pop(0) for _ in range(4))
     gate_ref, gam_ref, fdec_ref = (rest.pop(0) for _ in range(3)) if decay else (None,) * 3
     dq_ref, dkp_ref, dw_ref = rest.pop(0), rest.pop(0), rest.pop(0)
@@ -68,14 +111,21 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict):
     for i in range(n):  # ordered so that at most two [64, Kp] fp32 values live at once
         t_row = row_tokens(i, n)  # [., r]: the token of row r
         k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
-        state = h if i == 0 else hmid_ref[i - 1]
         d_state = dh_ref[i]
-        dw_ref[i] = (-mm(dvnew, state, mode["in"], trans_b=True, **dots)).astype(dw_ref.dtype)
+        if i == 0 or stored_mid:
+            state = h if i == 0 else hmid_ref[i - 1]
+            dw = -mm(dvnew, state, mode["in"], trans_b=True, **dots)
+            if decay:
+                s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
+        else:
+            dw, s_ds = _earlier_chunk_terms(
+                i, dvnew, d_state, h, k_ref, vnew_ref, gam_ref, fdec_ref, mode, dots
+            )
+        dw_ref[i] = dw.astype(dw_ref.dtype)
         dk = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # the state update's dk
         if decay:
             dk = dk * fdec_ref[i][:, None]
             p_end = jnp.sum(dk * k.astype(jnp.float32), axis=1)
-            s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
             dgst_ref[i] = state_gate_terms(p_end, s_ds, gam_ref[i])
         weight, _ = token_decay(gate, col_token=t_row)  # Gam[s, t(r)]
         d_scores = mm(do, vnew, mode["in"], trans_b=True, **dots) * weight  # [s, r]
@@ -120,12 +170,12 @@ class TokenChunkBlocks:
 
     def state_operands(self, q, do, h, h_mid, dh_il, k, vnew, dvnew) -> tuple[list, list]:
         """The inputs and their specs that both token-chunk kernels read first: ``q, do``
-        (token rows), ``h`` (start state), ``h_mid`` (n > 1), ``dh_il``, ``k``, ``vnew``,
+        (token rows), ``h`` (start state), ``h_mid`` (unless None), ``dh_il``, ``k``, ``vnew``,
         ``dvnew`` (the chunks), in that order."""
         B, L, H, Kp = k.shape
         Vp = do.shape[-1]
         NI = L // CHUNK
-        inputs = [q, do, h] + ([h_mid] if self.n > 1 else [])
+        inputs = [q, do, h] + ([h_mid] if h_mid is not None else [])
         inputs += [
             dh_il,
             k.reshape(B, NI, CHUNK, H, Kp),
@@ -133,7 +183,7 @@ class TokenChunkBlocks:
             dvnew.reshape(B, H, NI, CHUNK, Vp),
         ]
         specs = [self.token_rows(Kp), self.token_rows(Vp), self.states(None, Kp, Vp)]
-        specs += [self.states(self.n - 1, Kp, Vp)] if self.n > 1 else []
+        specs += [self.states(self.n - 1, Kp, Vp)] if h_mid is not None else []
         specs += [self.states(self.n, Kp, Vp), self.seq_chunks(Kp)]
         specs += [self.head_chunks(Vp), self.head_chunks(Vp)]
         return inputs, specs
@@ -164,8 +214,9 @@ def chunk_adjoint(
 
     Args:
       q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``; h: ``[B, H, NT, Kp, Vp]`` token-chunk start
-        states; h_mid: ``[B, H, NT*(n-1), Kp, Vp]`` the other interleaved chunk-start states
-        (None when n == 1); dh_il: ``[B, H, NI, Kp, Vp]`` chunk-end state gradients;
+        states; h_mid: ``[B, H, NT*(n-1), Kp, Vp]`` the other interleaved chunk-start states,
+        or None (always when n == 1: their terms are formed from ``h``, ``k``, ``vnew``);
+        dh_il: ``[B, H, NI, Kp, Vp]`` chunk-end state gradients;
         k: ``[B, L, H, Kp]``; vnew, dvnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 token
         log-gate, gam, fdec: ``[B, H, L]`` fp32 interleaved decay vectors (all three None: no
         decay). Padded ``Kp, Vp <= 128``.
@@ -211,6 +262,7 @@ def chunk_adjoint(
         decay=decay,
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
+        stored_mid=h_mid is not None,
     )
     outs = pallas_call(
         kernel,

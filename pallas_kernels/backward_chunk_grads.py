@@ -196,6 +196,11 @@ def chunk_grads(
         raise ValueError(
             f"chunk_grads holds whole heads: padded K, V <= {MAX_DIM}, got Kp={Kp}, Vp={Vp}"
         )
+    if (h_mid is None) != (n == 1):
+        raise ValueError(
+            f"chunk_grads reads the interleaved chunk-start states h_mid exactly when n_h > 1, "
+            f"got n_h={n} and h_mid={'None' if h_mid is None else h_mid.shape}"
+        )
     decay = gate_tok is not None
     dtype = q.dtype
     low_grads = low_grads and dtype != jnp.float32

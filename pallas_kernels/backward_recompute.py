@@ -223,6 +223,7 @@ def recompute(
     block_v: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    mid_states: bool = True,
     interpret: bool = False,
     poison: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -234,9 +235,12 @@ def recompute(
         do: ``[B, T, H, Vp]``; gam, fdec: ``[B, H, L]`` fp32 or None; gate_tok: ``[B, H, T]``
         fp32 (``-inf`` = reset) or None. ``L = n*T``, ``T % 64 == 0``.
 
+      mid_states: whether to write ``h_mid`` (n > 1; for the backward kernels that read it,
+        ``BackwardConfig.reads_mid_states``).
+
     Returns:
-      ``(v_new [B, H, L, Vp], h_mid [B, H, NT*(n-1), Kp, Vp] or None when n == 1,
-      dv_out [B, H, L, Vp])`` in k.dtype.
+      ``(v_new [B, H, L, Vp], h_mid [B, H, NT*(n-1), Kp, Vp] or None when n == 1 or without
+      mid_states, dv_out [B, H, L, Vp])`` in k.dtype.
     """
     B, L, H, Kp = k.shape
     Vp = v.shape[-1]
@@ -246,7 +250,7 @@ def recompute(
     bv = min(block_v, Vp)
     dtype = k.dtype
     decay = gam is not None
-    store_states = n > 1
+    store_states = n > 1 and mid_states
     rows_il = n * CHUNK
 
     inputs = [a, k, k.reshape(B, T, n, H, Kp), v, beta, h, q, do]

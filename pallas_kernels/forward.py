@@ -153,6 +153,7 @@ def forward(
     interpret: bool | None = None,
     poison: bool = False,
     save_states: bool = False,
+    save_mid_states: bool = True,
     save_w: bool = False,
 ) -> tuple[jax.Array, jax.Array, Residuals]:
     """DeltaProduct forward through the Pallas kernels.
@@ -160,9 +161,11 @@ def forward(
     Returns ``(o [B, T, H, V] q.dtype, final_state [B, H, K, V] fp32, Residuals)``.
     ``poison=True`` starts every kernel output buffer as NaN (tests: unwritten elements show).
     ``save_states=True`` keeps ``v_new`` and every interleaved chunk-start state in the residuals
-    (for the backward; the plain forward leaves it off). ``save_w=True`` keeps the WY key factor
-    ``W = A diag(beta gam) K`` (formed by the prepare kernel) for a backward whose reverse state
-    pass reads it (``BackwardConfig.state_stored_w``).
+    (for the backward; the plain forward leaves it off); ``save_mid_states=False`` leaves out
+    the start states of the interleaved chunks that do not start a token chunk (``h_mid``, for a
+    backward that does not read them: ``BackwardConfig.reads_mid_states``). ``save_w=True``
+    keeps the WY key factor ``W = A diag(beta gam) K`` (formed by the prepare kernel) for a
+    backward whose reverse state pass reads it (``BackwardConfig.state_stored_w``).
     """
     if interpret is None:
         interpret = default_interpret()
@@ -205,7 +208,7 @@ def forward(
         num_warps=config.state_warps,
         num_stages=config.state_stages,
         tf32_state=config.state_tf32,
-        mid_states=save_states,
+        mid_states=save_states and save_mid_states,
         split=config.state_split,
         wu=(prep["w"], prep["u"]) if config.state_stored_wu else None,
         loop=config.state_loop,

@@ -226,9 +226,14 @@ def test_backward_support_reasons():
     auto = kernel_backward.BackwardConfig()  # merged_adjoint=None: where the heads fit
     assert auto.merges_adjoints(128, 128, 2) and not auto.merges_adjoints(64, 256, 2)
     assert not kernel_backward.BackwardConfig(output_dv=True).merges_adjoints(64, 64, 2)
-    assert not auto.runs_chunk_grads(128, 128, 1)  # chunk_grads=False by default (for now)
-    auto = kernel_backward.BackwardConfig(chunk_grads=None)  # at n_h = 1 where the heads fit
+    # the merged adjoint forms h_mid's terms at n_h = 2 and reads h_mid above; the others read it
+    assert not auto.reads_mid_states(128, 128, 2) and auto.reads_mid_states(128, 128, 3)
+    assert kernel_backward.BackwardConfig(merged_mid_states=True).reads_mid_states(64, 64, 2)
+    assert not kernel_backward.BackwardConfig(merged_mid_states=False).reads_mid_states(64, 64, 4)
+    assert auto.reads_mid_states(64, 256, 2) and not auto.reads_mid_states(128, 128, 1)
+    # chunk_grads=None: at n_h = 1 where the heads fit and merged_adjoint is left automatic
     assert auto.runs_chunk_grads(128, 128, 1) and not auto.merges_adjoints(128, 128, 1)
+    assert not kernel_backward.BackwardConfig(merged_adjoint=False).runs_chunk_grads(128, 128, 1)
     assert not auto.runs_chunk_grads(128, 128, 2) and not auto.runs_chunk_grads(64, 256, 1)
     assert kernel_backward.BackwardConfig(merged_adjoint=True).merges_adjoints(64, 64, 1)
     with pytest.raises(ValueError, match="merged_adjoint=False"):
@@ -281,6 +286,7 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     "state_fused_dv_out": (False, True),
     "merged_adjoint": (False, True),
     "chunk_grads": (False, True),
+    "merged_mid_states": (True, False),  # h_mid stored by the forward, or its terms formed
 }
 
 
@@ -296,7 +302,9 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     + [("state_fused_dv_out", 1, True, 32, 32), ("state_fused_dv_out", 3, False, 64, 64)]
     + [("merged_adjoint", 2, True, 32, 32), ("merged_adjoint", 4, False, 64, 64)]
     + [("chunk_grads", 1, True, 64, 64), ("chunk_grads", 2, True, 32, 32)]
-    + [("chunk_grads", 3, False, 100, 60), ("chunk_grads", 4, True, 32, 32)],
+    + [("chunk_grads", 3, False, 100, 60), ("chunk_grads", 4, True, 32, 32)]
+    + [("merged_mid_states", 2, True, 32, 32), ("merged_mid_states", 3, False, 64, 64)]
+    + [("merged_mid_states", 4, True, 32, 32)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
     """Each choice of ``ACCURACY_CHOICES`` stays within SPEC §9 of the fp32 chunked path, and at
@@ -512,6 +520,8 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         (True, dict(wy_fused=True, state_fused_dv_out=False)),
         (True, dict(chunk_grads=True)),
         (False, dict(chunk_grads=True)),
+        (True, dict(merged_mid_states=False)),
+        (False, dict(merged_mid_states=False)),
     ],
     ids=[
         "default",
@@ -521,6 +531,8 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         "wy-fused",
         "chunk-grads",
         "chunk-grads-recompute",
+        "merged-formed-mid",
+        "merged-formed-mid-recompute",
     ],
 )
 def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
@@ -528,7 +540,8 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     the forward's saved states or recomputed ones: the default (``dv_out`` formed in the reverse
     pass, the output and state adjoints merged into one kernel, which forms no ``dk_out`` of its
     own), the ``dv_out`` kernel with the two adjoint kernels, stages 3 + 4 fused, and stages 1,
-    3 and 4 as one kernel (no ``dk_out``, ``dW``, ``dkp`` of its own)."""
+    3 and 4 as one kernel (no ``dk_out``, ``dW``, ``dkp`` of its own), and the merged adjoint
+    without the start states of the sub-chunks ``i > 0`` (``h_mid``; the default at n_h = 2)."""
     config = kernel_backward.BackwardConfig(**fields)
     fused = config.wy_fused or config.runs_chunk_grads(20, 12, 3)
     merged = config.merges_adjoints(20, 12, 3) or config.runs_chunk_grads(20, 12, 3)
@@ -593,7 +606,6 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     )
     # saved or recomputed forward intermediates: v_new, the interleaved chunk-start states
     check(rec.v_new, _il_chunks(out["vnew"], NI, V), "v_new")
-    h_il = kernel_backward.interleaved_states(res.h, out["h_mid"], n)[..., :K, :V]
     states = [
         chunked_backward.rebuild_chunk_states(
             rec.h[:, :, J],
@@ -604,7 +616,13 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
         )
         for J in range(NT)
     ]
-    check(jnp.stack([s for per_j in states for s in per_j], axis=2), h_il, "h_il")
+    want_states = jnp.stack([s for per_j in states for s in per_j], axis=2)
+    if config.reads_mid_states(K, V, n):
+        h_il = kernel_backward.interleaved_states(res.h, out["h_mid"], n)[..., :K, :V]
+        check(want_states, h_il, "h_il")
+    else:  # the merged adjoint forms dW and its gate terms without the states h_mid
+        assert out["h_mid"] is None
+        check(want_states[:, :, ::n], res.h[..., :K, :V], "h")
     # stage 1: output adjoint, including the output's dv_new part
     if save_states and config.state_fused_dv_out:  # formed inside the reverse pass
         assert out["dv_out"] is None

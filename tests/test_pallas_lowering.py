@@ -262,6 +262,9 @@ def lower_forward_backward(n, args, config=None, *, save_states=True) -> str:
     from pallas_kernels import backward as kernel_backward
 
     def fwd_bwd(q, k, v, beta, g, h0=None, resets=None):
+        reads_mid = (
+            config or kernel_backward.config_for(q.shape[-1], v.shape[-1])
+        ).reads_mid_states
         o, final, res = kernels.forward(
             q,
             k,
@@ -274,6 +277,7 @@ def lower_forward_backward(n, args, config=None, *, save_states=True) -> str:
             scale=0.1,
             interpret=False,
             save_states=save_states,
+            save_mid_states=reads_mid(q.shape[-1], v.shape[-1], n),
             save_w=config is not None and config.state_stored_w,
         )
         final_cotangent = final if h0 is not None or resets is not None else None
@@ -305,13 +309,26 @@ def test_backward_lowers(n, gated):
     assert "dp_bwd_recompute" not in text
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_automatic_chunk_grads_lowers(n):
-    """``chunk_grads=None``: the per-chunk gradient kernel at n_h = 1, the merged adjoint + WY
-    adjoint above."""
+@pytest.mark.parametrize("n,mid_states", [(2, True), (3, False), (4, False)])
+def test_merged_adjoint_with_and_without_mid_states_lowers(n, mid_states):
+    """The merged adjoint on the forward's ``h_mid`` or forming its terms (``merged_mid_states``;
+    the default forms them at n_h = 2 only), gated, with initial states and resets."""
     from pallas_kernels import backward as kernel_backward
 
-    config = kernel_backward.BackwardConfig(chunk_grads=None)
+    config = kernel_backward.BackwardConfig(merged_mid_states=mid_states)
+    assert config.reads_mid_states(128, 128, n) == mid_states
+    args = forward_args(n, 128, 128, gated=True, h0=True, resets=True)
+    text = lower_forward_backward(n, args, config)
+    assert_backward_kernels(text, backward_kernels(config, n=n))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_automatic_chunk_grads_lowers(n):
+    """The default ``chunk_grads=None``: the per-chunk gradient kernel at n_h = 1, the merged
+    adjoint + WY adjoint above."""
+    from pallas_kernels import backward as kernel_backward
+
+    config = kernel_backward.BackwardConfig()
     text = lower_forward_backward(n, forward_args(n, 128, 128, gated=True), config)
     assert_backward_kernels(text, backward_kernels(config, n=n))
     assert ('"dp_bwd_chunk_grads"' in text) == (n == 1)

@@ -5,9 +5,11 @@ the default backend is not a GPU). Backward: ``pallas_kernels.backward`` (recomp
 state pass -> output adjoint -> WY adjoint kernels, then the reverse gate cumsum in JAX), a
 dedicated DeltaProduct backward on token-level q/do. Residuals: the inputs, ``A`` (fp32, 64 per
 sub-step row), the log-gates and what the forward's state pass writes anyway or can write at the
-cost of a store: every interleaved chunk-start state (``h`` and ``h_mid``, input dtype) and
-``v_new`` (``[B, H, L, V]``, input dtype), so that the backward never re-runs the recurrence. No
-per-token ``K x V`` state is saved. The plain-JAX twin of every
+cost of a store: the token-chunk start states ``h`` (input dtype; the other interleaved
+chunk-start states ``h_mid`` only for backward configurations that read them,
+``BackwardConfig.reads_mid_states``: not the default's up to K, V = 128) and ``v_new``
+(``[B, H, L, V]``, input dtype), so that the backward never re-runs the recurrence. No per-token
+``K x V`` state is saved. The plain-JAX twin of every
 backward stage is ``dpjax.ops.chunked_backward`` (the tests compare the kernels against it).
 
 Dtypes: the kernels compute in ``q.dtype`` (bf16/fp16: 16-bit tensor-core products with fp32
@@ -82,7 +84,18 @@ def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
 
 
 def _kernel_forward(
-    q, k, v, beta, g, h0, resets, n: int, scale: float, save_states=False, save_w=False
+    q,
+    k,
+    v,
+    beta,
+    g,
+    h0,
+    resets,
+    n: int,
+    scale: float,
+    save_states=False,
+    save_mid=True,
+    save_w=False,
 ):
     return kernels.forward(
         q,
@@ -96,6 +109,7 @@ def _kernel_forward(
         scale=scale,
         config=config_for(q.shape[-1], v.shape[-1]),
         save_states=save_states,
+        save_mid_states=save_mid,
         save_w=save_w,
     )
 
@@ -112,8 +126,9 @@ def _pallas_fwd(q, k, v, beta, g, h0, resets, n: int, scale: float):
     config = backward_config_for(q.shape[-1], v.shape[-1])
     save_w = save and config.state_stored_w
     save = save and config.save_states
+    save_mid = config.reads_mid_states(q.shape[-1], v.shape[-1], n)
     o, final, res = _kernel_forward(
-        q, k, v, beta, g, h0, resets, n, scale, save_states=save, save_w=save_w
+        q, k, v, beta, g, h0, resets, n, scale, save_states=save, save_mid=save_mid, save_w=save_w
     )
     # residuals: the inputs, A, the log-gates, the chunk-start states and v_new
     return (o, final), (q, k, v, beta, g, h0, resets, res)
