@@ -24,10 +24,10 @@ are either read (``h_mid``, stored by the forward) or, with ``h_mid=None``, neve
 ``dW_c`` and ``<S_c, dE_c>`` come from ``h[J]`` and the token chunk's earlier sub-chunks
 (``_earlier_chunk_terms``: ``[64, 64]`` products with the ``K``, ``V_new`` the program reads
 anyway), so the forward need not store ``h_mid`` (``(n - 1)/n`` of its states) and this kernel
-need not read it back. The rows of chunk ``c`` are taken in the contiguous
-order of the interleaved sequence (not the output adjoint's strided sub-step slices), with each
-column's token decay picked by ``token_decay(col_token=...)``, as the reverse pass's fused
-``dv_out`` does.
+need not read it back. The rows of chunk ``c`` are taken in the contiguous order of the
+interleaved sequence (not the output adjoint's strided sub-step slices), with each column's
+token decay picked by ``token_decay(col_token=...)``, as the reverse pass's fused ``dv_out``
+does.
 
 Grid ``(NT, H, B)``; whole head dims per program: padded ``K, V <= 128`` only (``MAX_DIM``;
 wider heads run the two kernels, ``BackwardConfig.merged_adjoint``). Reads ``q [B, T, H, Kp]``,
@@ -41,6 +41,7 @@ halves; IEEE fp32 for fp32 inputs.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,15 +75,14 @@ def _earlier_chunk_terms(i, dvnew, d_state, h, k_ref, vnew_ref, gam_ref, fdec_re
     dw = mm(dvnew, h, mode["in"], trans_b=True, **dots)
     s_ds = None
     if decay:
-        gam_start = functools.reduce(lambda x, y: x * y, ends)  # Gam_i
+        gam_start = math.prod(ends)  # Gam_i
         dw = dw * gam_start
         s_ds = gam_start * jnp.sum(jnp.sum(h.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
     for j in range(i):
         k, vnew = k_ref[j], vnew_ref[j]
         pair = mm(dvnew, vnew, mode["in"], trans_b=True, **dots)  # [r_i, r_j]
         if decay:
-            between = functools.reduce(lambda x, y: x * y, ends[j + 1 :], jnp.float32(1.0))
-            weight = fdec_ref[j] * between
+            weight = fdec_ref[j] * math.prod(ends[j + 1 :])
             pair = pair * weight[None, :]
             reads = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # [r_j, Kp]
             s_ds = s_ds + jnp.sum(weight * jnp.sum(reads * k.astype(jnp.float32), axis=1))
@@ -215,7 +215,7 @@ def chunk_adjoint(
     Args:
       q: ``[B, T, H, Kp]``; do: ``[B, T, H, Vp]``; h: ``[B, H, NT, Kp, Vp]`` token-chunk start
         states; h_mid: ``[B, H, NT*(n-1), Kp, Vp]`` the other interleaved chunk-start states,
-        or None (always when n == 1: their terms are formed from ``h``, ``k``, ``vnew``);
+        or None (n == 1, or their terms formed from ``h``, ``k``, ``vnew`` instead);
         dh_il: ``[B, H, NI, Kp, Vp]`` chunk-end state gradients;
         k: ``[B, L, H, Kp]``; vnew, dvnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 token
         log-gate, gam, fdec: ``[B, H, L]`` fp32 interleaved decay vectors (all three None: no

@@ -650,6 +650,27 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     check(dG_il, _il_chunks(out["dG_il"][..., None], NI, 1)[..., 0], "dG_il")
 
 
+def test_forward_keeps_mid_states_only_where_the_backward_reads_them(rng):
+    """The custom_vjp forward stores ``h_mid`` only for a backward that reads it (the default:
+    n_h >= 3), and a backward configured to read it refuses residuals without it."""
+    for n, kept in [(1, False), (2, False), (3, True)]:
+        p = random_problem(rng, B=1, T=70, H=1, K=16, V=16, n_h=n, gated=False)
+        q, k, v, beta, g, h0 = inputs(p, jnp.bfloat16)
+        _, saved = dp_pallas._pallas_fwd(q, k, v, beta, g, h0, None, n, 0.25)
+        assert (saved[-1].h_mid is not None) == kept, n
+    p = random_problem(rng, B=1, T=70, H=1, K=16, V=16, n_h=2, gated=False)
+    q, k, v, beta, g, h0 = inputs(p, jnp.bfloat16)
+    args = (q, k, v, beta, g, h0, None)
+    _, _, res = kernels.forward(
+        *args, num_householder=2, scale=0.25, save_states=True, save_mid_states=False
+    )
+    reads_mid = kernel_backward.BackwardConfig(merged_mid_states=True)
+    with pytest.raises(ValueError, match="save_mid_states=True"):
+        kernel_backward.stages(
+            q, k, v, beta, res, q, None, num_householder=2, scale=0.25, config=reads_mid
+        )
+
+
 def test_poisoned_buffers_are_all_written(rng):
     """With every backward kernel output starting as NaN, all gradients come back finite (wide
     heads: ``test_gpu_poisoned_backward``)."""

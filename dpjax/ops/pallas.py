@@ -83,20 +83,8 @@ def config_for(key_dim: int, value_dim: int) -> kernels.KernelConfig:
     )
 
 
-def _kernel_forward(
-    q,
-    k,
-    v,
-    beta,
-    g,
-    h0,
-    resets,
-    n: int,
-    scale: float,
-    save_states=False,
-    save_mid=True,
-    save_w=False,
-):
+def _kernel_forward(q, k, v, beta, g, h0, resets, n: int, scale: float, **residuals):
+    """``kernels.forward``; ``residuals``: its ``save_states``, ``save_mid_states``, ``save_w``."""
     return kernels.forward(
         q,
         k,
@@ -108,9 +96,7 @@ def _kernel_forward(
         num_householder=n,
         scale=scale,
         config=config_for(q.shape[-1], v.shape[-1]),
-        save_states=save_states,
-        save_mid_states=save_mid,
-        save_w=save_w,
+        **residuals,
     )
 
 
@@ -126,10 +112,12 @@ def _pallas_fwd(q, k, v, beta, g, h0, resets, n: int, scale: float):
     config = backward_config_for(q.shape[-1], v.shape[-1])
     save_w = save and config.state_stored_w
     save = save and config.save_states
-    save_mid = config.reads_mid_states(q.shape[-1], v.shape[-1], n)
-    o, final, res = _kernel_forward(
-        q, k, v, beta, g, h0, resets, n, scale, save_states=save, save_mid=save_mid, save_w=save_w
+    residuals = dict(
+        save_states=save,
+        save_mid_states=config.reads_mid_states(q.shape[-1], v.shape[-1], n),
+        save_w=save_w,
     )
+    o, final, res = _kernel_forward(q, k, v, beta, g, h0, resets, n, scale, **residuals)
     # residuals: the inputs, A, the log-gates, the chunk-start states and v_new
     return (o, final), (q, k, v, beta, g, h0, resets, res)
 
