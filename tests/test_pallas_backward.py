@@ -716,6 +716,8 @@ BACKWARD_VARIANTS = {
     "state_stored_w=True": {"state_stored_w": True},
     "merged_adjoint=False,state_fused_dv_out=False": TWO_ADJOINTS,
     "chunk_grads=True": {"chunk_grads": True},
+    "merged_mid_states=True": {"merged_mid_states": True},  # h_mid stored at n_h = 2 too
+    "merged_mid_states=False": {"merged_mid_states": False},  # formed at n_h = 3 too
 }
 GPU_VARIANTS = [
     (*case, variant)
