@@ -526,9 +526,11 @@ def bwd_tune(
             ("bwd_output_dv", 0): (dict(output_dv=True, state_fused_dv_out=False), "bwd_output"),
             ("bwd_recompute", 0): (dict(save_states=False), "bwd_recompute"),
         }
-        for i, (warps, stages) in enumerate(((8, 1), (4, 1), (8, 2), (4, 2))):
+        merged_launches = ((8, 1, False), (4, 1, False), (8, 2, False), (4, 2, False))
+        merged_launches += ((4, 1, True), (8, 1, True))  # merged_loop: from n_h = 3 on
+        for i, (warps, stages, loop) in enumerate(merged_launches):
             merged = dict(merged_adjoint=True, merged_warps=warps, merged_stages=stages)
-            extra[("bwd_merged", i)] = (merged, "bwd_merged")
+            extra[("bwd_merged", i)] = ({**merged, "merged_loop": loop}, "bwd_merged")
         for i, (warps, block) in enumerate(((8, 64), (4, 64), (8, 128), (4, 128))):
             grads = dict(chunk_grads=True, chunk_grads_warps=warps, chunk_grads_block=block)
             extra[("bwd_chunk_grads", i)] = (grads, "bwd_chunk_grads")

@@ -131,6 +131,10 @@ class BackwardConfig:
     merged_mid_states: bool | None = None
     merged_warps: int = 4
     merged_stages: int = 1
+    # the merged adjoint walks the sub-chunks i >= 1 in a loop (lax.fori_loop) instead of
+    # unrolled, where it reads h_mid and n_h > 2 (fewer live values: by offline ptxas at n_h = 3
+    # a 1.0 KB stack frame against 2.1 KB; not yet timed on a GPU)
+    merged_loop: bool = False
     # stages 1, 3 and 4 as one kernel per token chunk (backward_chunk_grads: also the WY adjoint,
     # so dW and dkp never leave registers; padded K, V <= 128): True (overrides merged_adjoint),
     # False, or None: at n_h = 1 where the heads fit and merged_adjoint is None (on an H100 it is
@@ -384,6 +388,7 @@ def stage_kernels(
             **op,
             num_warps=config.merged_warps,
             num_stages=config.merged_stages,
+            loop=config.merged_loop,
             **common,
         ),
         "chunk_grads": partial(

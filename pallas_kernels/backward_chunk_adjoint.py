@@ -45,6 +45,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backward_recompute import onto_tokens, row_tokens, token_decay
@@ -90,7 +91,9 @@ def _earlier_chunk_terms(i, dvnew, d_state, h, k_ref, vnew_ref, gam_ref, fdec_re
     return -dw, s_ds
 
 
-def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict, stored_mid: bool):
+def _kernel(
+    *refs, n: int, scale: float, decay: bool, mode: dict, dots: dict, stored_mid: bool, loop: bool
+):
     rest = list(refs)
     q_ref, do_ref, h_ref = rest.pop(0), rest.pop(0), rest.pop(0)
     hmid_ref = rest.pop(0) if n > 1 and stored_mid else None
@@ -108,19 +111,23 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict, st
         dq = dq * gam_tok[:, None]
         p_tok = jnp.sum(dq * q.astype(jnp.float32), axis=1)
         col_tok = jnp.zeros((CHUNK,), jnp.float32)
-    for i in range(n):  # ordered so that at most two [64, Kp] fp32 values live at once
+
+    def sub_chunk(i, carry, state=None):
+        """Sub-chunk ``i`` (static, or traced in the loop over stored states): its outputs, and
+        the token sums ``carry = (dq,)`` (``+ (p_tok, col_tok)`` with decay) updated."""
+        dq = carry[0]
         t_row = row_tokens(i, n)  # [., r]: the token of row r
         k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
         d_state = dh_ref[i]
-        if i == 0 or stored_mid:
-            state = h if i == 0 else hmid_ref[i - 1]
-            dw = -mm(dvnew, state, mode["in"], trans_b=True, **dots)
-            if decay:
-                s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
-        else:
+        if state is None and not stored_mid:
             dw, s_ds = _earlier_chunk_terms(
                 i, dvnew, d_state, h, k_ref, vnew_ref, gam_ref, fdec_ref, mode, dots
             )
+        else:
+            state = hmid_ref[i - 1] if state is None else state
+            dw = -mm(dvnew, state, mode["in"], trans_b=True, **dots)
+            if decay:
+                s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
         dw_ref[i] = dw.astype(dw_ref.dtype)
         dk = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # the state update's dk
         if decay:
@@ -132,10 +139,22 @@ def _kernel(*refs, n: int, scale: float, decay: bool, mode: dict, dots: dict, st
         dk = dk + scale * mm(d_scores, q, mode["split_a"], trans_a=True, **dots)  # [r, Kp]
         dkp_ref[i] = dk.astype(dkp_ref.dtype)
         dq = dq + mm(d_scores, k, mode["split_a"], **dots)
-        if decay:
-            pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
-            p_tok = p_tok + jnp.sum(pair, axis=1)
-            col_tok = col_tok + onto_tokens(jnp.sum(pair, axis=0), t_row)
+        if not decay:
+            return (dq,)
+        _, p_tok, col_tok = carry
+        pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
+        return dq, p_tok + jnp.sum(pair, axis=1), col_tok + onto_tokens(jnp.sum(pair, 0), t_row)
+
+    # in this order at most two [64, Kp] fp32 values live at once
+    carry = sub_chunk(0, (dq, p_tok, col_tok) if decay else (dq,), state=h)
+    if loop and stored_mid and n > 2:
+        carry = lax.fori_loop(1, n, sub_chunk, carry)
+    else:
+        for i in range(1, n):
+            carry = sub_chunk(i, carry)
+    dq = carry[0]
+    if decay:
+        p_tok, col_tok = carry[1:]
     dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
     if decay:
         dgtok_ref[...] = scale * (p_tok - col_tok)
@@ -206,6 +225,7 @@ def chunk_adjoint(
     scale: float,
     num_warps: int = 4,
     num_stages: int = 1,
+    loop: bool = False,
     out_dtype=jnp.float32,
     interpret: bool = False,
     poison: bool = False,
@@ -220,6 +240,8 @@ def chunk_adjoint(
         k: ``[B, L, H, Kp]``; vnew, dvnew: ``[B, H, L, Vp]``; gate_tok: ``[B, H, T]`` fp32 token
         log-gate, gam, fdec: ``[B, H, L]`` fp32 interleaved decay vectors (all three None: no
         decay). Padded ``Kp, Vp <= 128``.
+      loop: with ``h_mid`` and n > 2, walk the sub-chunks ``i >= 1`` in a loop
+        (``lax.fori_loop``) instead of unrolled (``BackwardConfig.merged_loop``).
       out_dtype: dtype of ``dkp`` and ``dW`` (``BackwardConfig.grad_dtype``).
 
     Returns:
@@ -263,6 +285,7 @@ def chunk_adjoint(
         mode=modes,
         dots=dict(dtype=dtype, interpret=interpret),
         stored_mid=h_mid is not None,
+        loop=loop,
     )
     outs = pallas_call(
         kernel,

@@ -522,6 +522,7 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         (False, dict(chunk_grads=True)),
         (True, dict(merged_mid_states=False)),
         (False, dict(merged_mid_states=False)),
+        (True, dict(merged_loop=True)),
     ],
     ids=[
         "default",
@@ -533,6 +534,7 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         "chunk-grads-recompute",
         "merged-formed-mid",
         "merged-formed-mid-recompute",
+        "merged-loop",
     ],
 )
 def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
@@ -541,7 +543,8 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     pass, the output and state adjoints merged into one kernel, which forms no ``dk_out`` of its
     own), the ``dv_out`` kernel with the two adjoint kernels, stages 3 + 4 fused, and stages 1,
     3 and 4 as one kernel (no ``dk_out``, ``dW``, ``dkp`` of its own), and the merged adjoint
-    without the start states of the sub-chunks ``i > 0`` (``h_mid``; the default at n_h = 2)."""
+    without the start states of the sub-chunks ``i > 0`` (``h_mid``; the default at n_h = 2) or
+    walking the sub-chunks in a loop."""
     config = kernel_backward.BackwardConfig(**fields)
     fused = config.wy_fused or config.runs_chunk_grads(20, 12, 3)
     merged = config.merges_adjoints(20, 12, 3) or config.runs_chunk_grads(20, 12, 3)
@@ -718,6 +721,7 @@ BACKWARD_VARIANTS = {
     "chunk_grads=True": {"chunk_grads": True},
     "merged_mid_states=True": {"merged_mid_states": True},  # h_mid stored at n_h = 2 too
     "merged_mid_states=False": {"merged_mid_states": False},  # formed at n_h = 3 too
+    "merged_loop=True": {"merged_loop": True},  # at n_h = 3
 }
 GPU_VARIANTS = [
     (*case, variant)

@@ -309,14 +309,24 @@ def test_backward_lowers(n, gated):
     assert "dp_bwd_recompute" not in text
 
 
-@pytest.mark.parametrize("n,mid_states", [(2, True), (3, False), (4, False)])
-def test_merged_adjoint_with_and_without_mid_states_lowers(n, mid_states):
+@pytest.mark.parametrize(
+    "n,fields",
+    [
+        (2, dict(merged_mid_states=True)),
+        (3, dict(merged_mid_states=False)),
+        (4, dict(merged_mid_states=False)),
+        (3, dict(merged_loop=True)),
+        (4, dict(merged_loop=True, merged_warps=8)),
+    ],
+)
+def test_merged_adjoint_variants_lower(n, fields):
     """The merged adjoint on the forward's ``h_mid`` or forming its terms (``merged_mid_states``;
-    the default forms them at n_h = 2 only), gated, with initial states and resets."""
+    the default forms them at n_h = 2 only), or walking the sub-chunks in a loop, gated, with
+    initial states and resets."""
     from pallas_kernels import backward as kernel_backward
 
-    config = kernel_backward.BackwardConfig(merged_mid_states=mid_states)
-    assert config.reads_mid_states(128, 128, n) == mid_states
+    config = kernel_backward.BackwardConfig(**fields)
+    assert config.reads_mid_states(128, 128, n) == fields.get("merged_mid_states", n > 2)
     args = forward_args(n, 128, 128, gated=True, h0=True, resets=True)
     text = lower_forward_backward(n, args, config)
     assert_backward_kernels(text, backward_kernels(config, n=n))
