@@ -114,7 +114,8 @@ def _kernel(
 
     def sub_chunk(i, carry, state=None):
         """Sub-chunk ``i`` (static, or traced in the loop over stored states): its outputs, and
-        the token sums ``carry = (dq,)`` (``+ (p_tok, col_tok)`` with decay) updated."""
+        the token sums ``carry = (dq,)`` (``+ (p_tok, col_tok)`` with decay) updated, in an
+        order that keeps at most two ``[64, Kp]`` fp32 values live at once."""
         dq = carry[0]
         t_row = row_tokens(i, n)  # [., r]: the token of row r
         k, vnew, dvnew = k_ref[i], vnew_ref[i], dvnew_ref[i]
@@ -145,18 +146,16 @@ def _kernel(
         pair = mm(q, k, mode["in"], trans_b=True, **dots) * d_scores  # [s, r]
         return dq, p_tok + jnp.sum(pair, axis=1), col_tok + onto_tokens(jnp.sum(pair, 0), t_row)
 
-    # in this order at most two [64, Kp] fp32 values live at once
     carry = sub_chunk(0, (dq, p_tok, col_tok) if decay else (dq,), state=h)
     if loop and stored_mid and n > 2:
         carry = lax.fori_loop(1, n, sub_chunk, carry)
     else:
         for i in range(1, n):
             carry = sub_chunk(i, carry)
-    dq = carry[0]
-    if decay:
-        p_tok, col_tok = carry[1:]
+    dq, *token_sums = carry
     dq_ref[...] = (scale * dq).astype(dq_ref.dtype)
     if decay:
+        p_tok, col_tok = token_sums
         dgtok_ref[...] = scale * (p_tok - col_tok)
 
 
