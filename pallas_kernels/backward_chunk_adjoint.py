@@ -56,6 +56,7 @@ from pallas_kernels.common import (
     pallas_call,
     score_modes,
     state_gate_terms,
+    state_inner,
 )
 
 MAX_DIM = 128  # padded K and V one program holds whole
@@ -78,7 +79,7 @@ def _earlier_chunk_terms(i, dvnew, d_state, h, k_ref, vnew_ref, gam_ref, fdec_re
     if decay:
         gam_start = math.prod(ends)  # Gam_i
         dw = dw * gam_start
-        s_ds = gam_start * jnp.sum(jnp.sum(h.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
+        s_ds = gam_start * state_inner(h, d_state)
     for j in range(i):
         k, vnew = k_ref[j], vnew_ref[j]
         pair = mm(dvnew, vnew, mode["in"], trans_b=True, **dots)  # [r_i, r_j]
@@ -128,7 +129,7 @@ def _kernel(
             state = hmid_ref[i - 1] if state is None else state
             dw = -mm(dvnew, state, mode["in"], trans_b=True, **dots)
             if decay:
-                s_ds = jnp.sum(jnp.sum(state.astype(jnp.float32) * d_state.astype(jnp.float32), 1))
+                s_ds = state_inner(state, d_state)
         dw_ref[i] = dw.astype(dw_ref.dtype)
         dk = mm(vnew, d_state, mode["in"], trans_b=True, **dots)  # the state update's dk
         if decay:

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.backward_chunk_adjoint import TokenChunkBlocks
 from pallas_kernels.backward_recompute import onto_tokens, row_tokens, token_decay
 from pallas_kernels.backward_wy import chunk_decay, inverse_adjoint, wy_modes
-from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, state_gate_terms
+from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, state_gate_terms, state_inner
 
 MAX_DIM = 128  # padded K and V one program holds whole
 
@@ -109,8 +109,7 @@ def _kernel(
             if decay:
                 dk_state = dk_state * decays.fdec[:, None]
                 p_end = _acc(p_end, jnp.sum(dk_state * k.astype(jnp.float32), axis=1))
-                s_t = state(t).astype(jnp.float32) * d_state.astype(jnp.float32)
-                s_ds = _acc(s_ds, jnp.sum(jnp.sum(s_t, axis=1)))
+                s_ds = _acc(s_ds, state_inner(state(t), d_state))
                 qk = _acc(qk, mm(q_ref[:, t], k, mode["in"], trans_b=True, **dots))
             dk = dk + dk_state
             dk = dk + scale * mm(d_scores, q_ref[:, t], mode["split_a"], trans_a=True, **dots)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, state_gate_terms
+from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, state_gate_terms, state_inner
 
 
 def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list, v_tiles: list):
@@ -81,7 +81,7 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list
             if decay:
                 pending.append((s, ds))
                 if i < nk - 1 or j < nv - 1:
-                    s_ds = add(s_ds, _inner(*pending.pop()))
+                    s_ds = add(s_ds, state_inner(*pending.pop()))
         if decay:
             dk_st = dk_st * fdec_ref[...][:, None]
             p_end = add(p_end, jnp.sum(dk_st * cols(k_ref, k_tiles, i).astype(jnp.float32), 1))
@@ -91,18 +91,12 @@ def _kernel(*refs, n: int, decay: bool, mode: DotMode, dots: dict, k_tiles: list
         if i < nk - 1:
             dkp_ref[:, k_tiles[i]] = dkp()
     if decay:
-        s_ds = add(s_ds, _inner(*pending.pop()))
+        s_ds = add(s_ds, state_inner(*pending.pop()))
         dg_ref[...] = state_gate_terms(p_end, s_ds, gam_ref[...])
     if nk == 1:
         dkp_ref[...] = dkp()
     else:
         dkp_ref[:, k_tiles[-1]] = dkp()
-
-
-def _inner(s: jax.Array, ds: jax.Array) -> jax.Array:
-    """``<S, dE>`` of two state tiles (fp32 scalar; one axis at a time for the lowering)."""
-    s_ds = s.astype(jnp.float32) * ds.astype(jnp.float32)
-    return jnp.sum(jnp.sum(s_ds, axis=1))
 
 
 def state_adjoint(

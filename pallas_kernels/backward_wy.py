@@ -53,7 +53,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import CHUNK, DotMode, mm, pallas_call, segment_cumsum, state_gate_terms
+from pallas_kernels.common import (
+    CHUNK,
+    DotMode,
+    mm,
+    pallas_call,
+    segment_cumsum,
+    state_gate_terms,
+    state_inner,
+)
 
 
 class ChunkDecay(NamedTuple):
@@ -336,8 +344,7 @@ def _fused_kernel(*refs, decay: bool, mode: dict, dots: dict):
     if decay:
         dk_st = dk_st * fdec[:, None]
         p_end = jnp.sum(dk_st * kf, axis=1)
-        s_ds = s_ref[...].astype(jnp.float32) * ds_ref[...].astype(jnp.float32)
-        s_ds = jnp.sum(jnp.sum(s_ds, axis=1))
+        s_ds = state_inner(s_ref[...], ds_ref[...])
     dk = dk + dk_st
 
     # through A = (I + M)^-1 and M = StrictLower(diag(beta) K K^T * E)

@@ -155,6 +155,11 @@ def element_select(values: jax.Array, index) -> jax.Array:
     return jnp.sum(jnp.where(pos == index, values, 0.0))
 
 
+def state_inner(s: jax.Array, ds: jax.Array) -> jax.Array:
+    """``<S, dE>`` of two state tiles (fp32 scalar; one axis at a time for the lowering)."""
+    return jnp.sum(jnp.sum(s.astype(jnp.float32) * ds.astype(jnp.float32), axis=1))
+
+
 def state_gate_terms(p_end: jax.Array, s_ds: jax.Array, gam: jax.Array) -> jax.Array:
     """The gate terms ``[64]`` fp32 of one interleaved chunk's state update adjoint: ``-p_end``
     with ``sum(p_end) + gam_end <S, dE>`` added on the last row, from ``p_end =
