@@ -93,7 +93,8 @@ for stage in $STAGES; do
       peer=$stage; [ "$stage" = jla ] && peer=jla:mosaic_gpu
       limit=70; [ "$stage" = fla ] && limit=260
       (cd .whl && CFGS='[[4,4096,8,128]]' NH='[1,2,3]' GATES='[false]' OUT="$OUT" \
-        timeout $limit python3 bench_peers.py "$peer") 2>&1 | grep -v Warning | tail -5 ;;
+        timeout $limit python3 bench_peers.py "$peer") > "$OUT/peer_$stage.log" 2>&1
+      grep -E '^(\{"peer"|ERR)' "$OUT/peer_$stage.log" || tail -5 "$OUT/peer_$stage.log" ;;
     variants)
       # shellcheck disable=SC2086
       timeout 240 python3 experiments/bench_op.py --only ${VARIANT_ONLY:-0 1 2} --no-chunked \
