@@ -440,7 +440,7 @@ OLD_BACKWARD = kernel_backward.BackwardConfig(save_states=False, wy_fused=True, 
 # fields that change the rounding, not just the speed: their variants are timed for the record
 # but never chosen by --tune / --bwd-tune
 PRECISION_FIELDS = {"state_tf32", "state_stored_wu"}
-BWD_PRECISION_FIELDS = {"state_dots", "state_stored_w"}
+BWD_PRECISION_FIELDS = {"state_dots", "state_dv_out_dots", "state_stored_w"}
 
 
 def fastest(variants: list[dict], times: dict[int, float], precision: set[str]) -> dict:
@@ -461,7 +461,9 @@ BWD_TUNE_SPACE = {
     + [dict(state_split=p) for p in (2, 4, 8)]
     + [dict(state_loop=loop) for loop in ("token", "sub")]
     + [dict(state_read_masked=flag) for flag in (True, False)]
-    + [dict(state_dots="input"), dict(state_stored_w=True)],
+    + [dict(state_dots=d) for d in ("input", "tf32")]
+    + [dict(state_dv_out_dots="input"), dict(state_dots="tf32", state_read_masked=False)]
+    + [dict(state_stored_w=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
         dict(wy_warps=w, wy_block=b, wy_dots=d, wy_stages=s)
@@ -474,7 +476,8 @@ BWD_TUNE_SPACE = {
             (4, 128, "tf32", 1),
             (4, 128, "split", 1),
         )
-    ],
+    ]
+    + [dict(wy_chunks=c, wy_stages=s) for c, s in ((4, 1), (4, 2), (2, 2))],
     "bwd_output": [dict(output_warps=w) for w in (8, 4, 2)],
     "bwd_dv_out": [dict(dv_block_v=bv, dv_warps=w) for bv, w in ((64, 4), (128, 4))],
 }

@@ -62,7 +62,7 @@ from pallas_kernels.backward_output import output_backward
 from pallas_kernels.backward_recompute import dv_out as dv_out_only
 from pallas_kernels.backward_recompute import recompute
 from pallas_kernels.backward_state_adjoint import state_adjoint
-from pallas_kernels.backward_state_pass import state_pass_backward
+from pallas_kernels.backward_state_pass import DV_OUT_DOTS, STATE_DOTS, state_pass_backward
 from pallas_kernels.backward_wy import wy_backward, wy_backward_fused
 from pallas_kernels.common import (
     AUTO_SPLIT,
@@ -101,10 +101,15 @@ class BackwardConfig:
     # pipeline at 2 stages beyond one wave)
     state_loop: str = "auto"
     state_read_masked: bool | None = None
-    # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves) or
+    # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves), "tf32"
+    # (TF32 both: three dependent products per step instead of four; not yet timed on a GPU) or
     # "input" (16-bit operands, one product each; not the default: on long ungated sequences the
     # rounding accumulates towards SPEC §9's bounds, docs/DESIGN_DECISIONS.md)
     state_dots: str = "split"
+    # the fused dv_out's scores^T dO (state_fused_dv_out): the fp32 scores as two 16-bit halves
+    # ("split") or rounded to the input dtype ("input": one product instead of two per step, as
+    # FLA's backward; not yet timed on a GPU)
+    state_dv_out_dots: str = "split"
     # the reverse state pass subtracts W^T dv_new with W = A diag(beta gam) K in the input dtype
     # (two dependent products per step instead of three; state_pass_backward): the forward's
     # prepare kernel forms W and keeps it in the residuals (forward(save_w=True), Residuals.w)
@@ -154,6 +159,10 @@ class BackwardConfig:
     wy_warps: int = 4
     wy_stages: int = 1
     wy_block: int = 128  # column tile of the WY kernel's [64, K|V] operands
+    # interleaved chunks per WY program, walked in a loop so that Triton copies the next chunk's
+    # tiles ahead (with wy_stages > 1); 1: one chunk per program, nothing to pipeline (ncu: the
+    # kernel waits on its loads); not yet timed on a GPU
+    wy_chunks: int = 1
     # operands of the WY adjoint's products with an fp32 value (A, dA, D): "tf32", "split" (two
     # 16-bit products each) or "input" (rounded to the 16-bit input dtype, as FLA's backward)
     wy_dots: str = "input"
@@ -172,9 +181,14 @@ class BackwardConfig:
             raise ValueError(
                 f"BackwardConfig.state_loop must be one of {STATE_LOOPS}, got {self.state_loop!r}"
             )
-        if self.state_dots not in ("split", "input"):
+        if self.state_dots not in STATE_DOTS:
             raise ValueError(
-                f"BackwardConfig.state_dots must be 'split' or 'input', got {self.state_dots!r}"
+                f"BackwardConfig.state_dots must be one of {STATE_DOTS}, got {self.state_dots!r}"
+            )
+        if self.state_dv_out_dots not in DV_OUT_DOTS:
+            raise ValueError(
+                f"BackwardConfig.state_dv_out_dots must be one of {DV_OUT_DOTS}, got "
+                f"{self.state_dv_out_dots!r}"
             )
         if self.merged_adjoint and (self.output_dv or self.wy_fused):
             raise ValueError(
@@ -188,6 +202,8 @@ class BackwardConfig:
                 "the WY adjoint itself: it cannot also form dv_out (output_dv) or run with the "
                 "fused stage 3 + 4 kernel (wy_fused); set chunk_grads=False for those"
             )
+        if self.wy_chunks < 1:
+            raise ValueError(f"BackwardConfig.wy_chunks must be at least 1, got {self.wy_chunks}")
         if self.wy_dots not in ("tf32", "split", "input"):
             raise ValueError(
                 f"BackwardConfig.wy_dots must be 'tf32', 'split' or 'input', got {self.wy_dots!r}"
@@ -351,6 +367,7 @@ def stage_kernels(
             loop=config.state_loop,
             read_masked=config.state_read_masked,
             dots=config.state_dots,
+            dv_out_dots=config.state_dv_out_dots,
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,
@@ -379,6 +396,7 @@ def stage_kernels(
             wy_backward,
             block=config.wy_block,
             dots=config.wy_dots,
+            chunks=config.wy_chunks,
             num_warps=config.wy_warps,
             num_stages=config.wy_stages,
             **common,

@@ -43,8 +43,11 @@ local ``dv_out`` and read terms) and from the identity (extra tiles without them
 the first, and the second launch runs every piece from its true end gradient.
 
 Products for 16-bit inputs as in the forward pass: ``K dE`` with ``dE`` rounded to the input
-dtype, ``A^T dv_new`` in TF32, ``K^T x`` with ``x`` split into two 16-bit halves (``dots="split"``)
-or, with ``dots="input"``, all three with 16-bit operands; fp32 inputs: IEEE.
+dtype, ``A^T dv_new`` in TF32, ``K^T x`` with ``x`` split into two 16-bit halves (``dots="split"``),
+or in TF32 (``dots="tf32"``: one product instead of two on the chain), or, with
+``dots="input"``, all three with 16-bit operands. The fused ``dv_out``'s ``scores^T dO`` takes the
+fp32 scores as two 16-bit halves (``dv_out_dots="split"``) or rounded to the input dtype
+(``"input"``: one product instead of two). fp32 inputs: IEEE.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ from pallas_kernels.common import (
     state_pass_pieces,
     through_product,
 )
+
+STATE_DOTS = ("split", "tf32", "input")  # the chain's products (state_pass_backward's dots)
+DV_OUT_DOTS = ("split", "input")  # the fused dv_out's scores^T dO product
 
 
 def _kernel(
@@ -126,7 +132,7 @@ def _kernel(
             gate = glog_ref[pl.ds(pl.multiple_of(lax.div(c, n) * CHUNK, CHUNK), CHUNK)]
         weight, _ = token_decay(gate, col_token=row_tokens(lax.rem(c, n), n))  # Gam[s, t(r)]
         scores = mm(q, k, mode["in"], trans_b=True, **dots) * (weight * scale)  # [s, r]
-        return mm(scores, do, mode["split_a"], trans_a=True, **dots)
+        return mm(scores, do, mode["dvo"], trans_a=True, **dots)
 
     def sub_chunk(c, d_state, reads=None):  # interleaved chunk c: dE at its end -> at its start
         if dhil_ref is not None:
@@ -214,6 +220,7 @@ def state_pass_backward(
     loop: str = "auto",
     read_masked: bool | None = None,
     dots: str = "split",
+    dv_out_dots: str = "split",
     w: jax.Array | None = None,
     gate_tokens: jax.Array | None = None,
     interpret: bool = False,
@@ -251,8 +258,11 @@ def state_pass_backward(
         0.309 against 0.384 ms), the branch beyond (B=8: 0.586 against 0.715 ms, both at 2
         stages; docs/BENCHMARKS.md).
       dots: the chain's products for 16-bit inputs: ``"split"`` (``A^T dv_new`` in TF32, ``K^T x``
-        with ``x`` split into two 16-bit halves) or ``"input"`` (both with 16-bit operands: one
-        16-bit product each, as FLA's backward).
+        with ``x`` split into two 16-bit halves), ``"tf32"`` (both in TF32: one product each) or
+        ``"input"`` (both with 16-bit operands: one 16-bit product each, as FLA's backward).
+      dv_out_dots: with ``dv_out=None``, the fp32 scores of ``scores^T dO`` for 16-bit inputs as
+        two 16-bit halves (``"split"``, two products) or rounded to the input dtype
+        (``"input"``, one product, as FLA's backward).
       gate_tokens: ``[B, H, T]`` fp32 token log-gate (``-inf`` at resets), for ``dv_out=None``
         with decay (``Gam``).
       w: the WY key factor ``W = A diag(beta gam) K`` ``[B, H, L, Kp]`` in the input dtype (the
@@ -264,6 +274,11 @@ def state_pass_backward(
       w.r.t. the state at the *end* of interleaved chunk ``c``) and ``dh0 [B, H, Kp, Vp]`` fp32.
     """
     B, L, H, Kp = k.shape
+    if dots not in STATE_DOTS or dv_out_dots not in DV_OUT_DOTS:
+        raise ValueError(
+            f"state_pass_backward: dots must be one of {STATE_DOTS} and dv_out_dots one of "
+            f"{DV_OUT_DOTS}, got {dots!r} and {dv_out_dots!r}"
+        )
     if dv_out is None and gam is not None and gate_tokens is None:
         raise ValueError(
             "state_pass_backward: dv_out=None with decay (gam given) needs gate_tokens, the "
@@ -294,6 +309,7 @@ def state_pass_backward(
         loop=loop,
         read_masked=read_masked,
         dots=dots,
+        dv_out_dots=dv_out_dots,
         stored_w=stored_w,
         interpret=interpret,
         poison=poison,
@@ -365,6 +381,7 @@ def _launch(
     loop: str = "auto",
     read_masked: bool | None = None,
     dots: str = "split",
+    dv_out_dots: str = "split",
     stored_w: bool = False,
     transfer: bool = False,
 ) -> list[jax.Array]:
@@ -431,8 +448,9 @@ def _launch(
         ]
     chain = DotMode.IEEE if dtype == jnp.float32 else DotMode.INPUT
     modes = score_modes(dtype) | dict.fromkeys(("ks", "ax", "kv"), chain)
-    if dtype != jnp.float32 and dots == "split":
-        modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B)
+    modes["dvo"] = modes["in" if dv_out_dots == "input" else "split_a"]
+    if dtype != jnp.float32 and dots in ("split", "tf32"):
+        modes.update(ax=DotMode.TF32, kv=DotMode.SPLIT_B if dots == "split" else DotMode.TF32)
     size = jnp.dtype(dtype).itemsize
     per_chunk = state_chunk_bytes(Kp, bv, size, stored_factor=stored_w, decay=decay)
     if fused_dv_out:

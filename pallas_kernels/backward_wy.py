@@ -46,6 +46,7 @@ array ``h_il [B, H, NI, Kp, Vp]``).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -131,7 +132,24 @@ def inverse_adjoint(
     return beta[:, None] * d_kk, dbeta, d_g
 
 
-def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
+def _kernel(*refs, decay: bool, block: int, chunks: int, mode: dict, dots: dict):
+    """The WY adjoint of ``chunks`` consecutive interleaved chunks (the blocks hold
+    ``chunks * 64`` rows): one chunk as is, several in a ``lax.fori_loop`` (Triton then copies
+    the next chunk's tiles ahead, as in the state passes)."""
+    if chunks == 1:
+        _chunk(refs, pl.ds(0, CHUNK), decay=decay, block=block, mode=mode, dots=dots)
+        return
+
+    def step(i, carry):
+        rows = pl.ds(pl.multiple_of(i * CHUNK, CHUNK), CHUNK)
+        _chunk(refs, rows, decay=decay, block=block, mode=mode, dots=dots)
+        return carry
+
+    lax.fori_loop(0, chunks, step, 0)
+
+
+def _chunk(refs, r: pl.Slice, *, decay: bool, block: int, mode: dict, dots: dict):
+    """One interleaved chunk: the rows ``r`` of every block."""
     a_ref, k_ref, v_ref, beta_ref, dw_ref, dvnew_ref, dkp_ref = refs[:7]
     rest = list(refs[7:])
     gate_ref, dgst_ref = (rest.pop(0), rest.pop(0)) if decay else (None, None)
@@ -141,11 +159,11 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     rows = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0)
     cols = lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1)
     lower = rows > cols
-    a = a_ref[...]
+    a = a_ref[r, :]
     if mode["tf"] is DotMode.INPUT:  # dots="input": A held in 16 bits
         a = a.astype(dots["dtype"])
-    beta = beta_ref[...].astype(jnp.float32)
-    pair, gam, _, coef = chunk_decay(gate_ref[...] if decay else None, beta, lower)
+    beta = beta_ref[r].astype(jnp.float32)
+    pair, gam, _, coef = chunk_decay(gate_ref[r] if decay else None, beta, lower)
     k_tiles = [pl.ds(j * block, block) for j in range(k_ref.shape[-1] // block)]
     v_tiles = [pl.ds(j * block, block) for j in range(v_ref.shape[-1] // block)]
 
@@ -153,39 +171,39 @@ def _kernel(*refs, decay: bool, block: int, mode: dict, dots: dict):
     # and dbeta = colsum(A * (P diag(gam) + Q)) (rowsum(dX_w * K) = colsum(A * P), rowsum(dX_u
     # * V) = colsum(A * Q)), so dX_w is never formed and dk is assembled tile by tile at the end;
     # all [64, .] values are [64, block]. P and Q share one MMA layout (A is needed in registers
-    # in one layout only) and, without decay, one accumulator R = P + Q.
-    r = p = None
+    # in one layout only) and, without decay, one accumulator R = P + Q (q_plus).
+    q_plus = p = None
     for cols_v in v_tiles:
-        dvnew = dvnew_ref[:, cols_v]
+        dvnew = dvnew_ref[r, cols_v]
         # exact operands; in P's precision mode so that P and Q share an MMA layout
-        term = mm(dvnew, v_ref[:, cols_v], mode["fx_exact"], trans_b=True, **dots)
-        r = term if r is None else r + term
+        term = mm(dvnew, v_ref[r, cols_v], mode["fx_exact"], trans_b=True, **dots)
+        q_plus = term if q_plus is None else q_plus + term
         dx_u = mm(a, dvnew, mode["fx"], trans_a=True, **dots)  # [64, block]
-        dv_ref[:, cols_v] = (beta[:, None] * dx_u).astype(dv_ref.dtype)
+        dv_ref[r, cols_v] = (beta[:, None] * dx_u).astype(dv_ref.dtype)
     for cols_k in k_tiles:
-        term = mm(dw_ref[:, cols_k], k_ref[:, cols_k], mode["p"], trans_b=True, **dots)
+        term = mm(dw_ref[r, cols_k], k_ref[r, cols_k], mode["p"], trans_b=True, **dots)
         if decay:
             p = term if p is None else p + term
         else:
-            r = r + term
+            q_plus = q_plus + term
     kk = None
     for cols_k in k_tiles:
-        k = k_ref[:, cols_k]
+        k = k_ref[r, cols_k]
         term = mm(k, k, mode["in"], trans_b=True, **dots)
         kk = term if kk is None else kk + term
-    bd, dbeta, d_g = inverse_adjoint(a, r, p, kk, beta, gam, pair, lower, mode=mode, dots=dots)
-    dbeta_ref[...] = dbeta
+    bd, dbeta, d_g = inverse_adjoint(a, q_plus, p, kk, beta, gam, pair, lower, mode=mode, dots=dots)
+    dbeta_ref[r] = dbeta
     if decay:
-        dg_ref[...] = d_g + dgst_ref[...]
+        dg_ref[r] = d_g + dgst_ref[r]
     # dk = dkp + diag(beta gam) A^T dW + diag(beta) D K + (diag(beta) D)^T K, per K tile
     for cols_k in k_tiles:
-        k = k_ref[:, cols_k]
-        dk = dkp_ref[:, cols_k].astype(jnp.float32) + coef[:, None] * mm(
-            a, dw_ref[:, cols_k], mode["tf"], trans_a=True, **dots
+        k = k_ref[r, cols_k]
+        dk = dkp_ref[r, cols_k].astype(jnp.float32) + coef[:, None] * mm(
+            a, dw_ref[r, cols_k], mode["tf"], trans_a=True, **dots
         )
         dk = dk + mm(bd, k, mode["fx"], **dots)
         dk = dk + mm(bd, k, mode["fx"], trans_a=True, **dots)
-        dk_ref[:, cols_k] = dk.astype(dk_ref.dtype)
+        dk_ref[r, cols_k] = dk.astype(dk_ref.dtype)
 
 
 def wy_modes(dtype, dots: str = "tf32", low_grads: bool = False) -> dict:
@@ -228,6 +246,7 @@ def wy_backward(
     *,
     block: int = 64,
     dots: str = "tf32",
+    chunks: int = 1,
     num_warps: int = 4,
     num_stages: int = 1,
     interpret: bool = False,
@@ -244,6 +263,9 @@ def wy_backward(
       block: column tile of the ``[64, Kp|Vp]`` operands (power of two; at most ``Kp``, ``Vp``).
       dots: operands of the products with an fp32 value: ``"tf32"``, ``"split"`` (two 16-bit
         products each) or ``"input"`` (16-bit, the input dtype).
+      chunks: interleaved chunks per program, walked in a loop so that Triton copies the next
+        chunk's tiles during the current one (``num_stages`` > 1 then pipelines them); lowered
+        to the largest power of two that divides the chunk count.
 
     Returns:
       ``dk [B, L, H, Kp]``, ``dv [B, L, H, Vp]`` (k.dtype), ``dbeta [B, L, H]`` fp32 and
@@ -254,11 +276,15 @@ def wy_backward(
     NI = L // CHUNK
     dtype = k.dtype
     decay = gate_sub is not None
+    if chunks < 1:
+        raise ValueError(f"wy_backward: chunks must be at least 1, got {chunks}")
+    chunks = math.gcd(1 << (chunks.bit_length() - 1), NI)  # a power of two dividing NI
+    span = chunks * CHUNK  # rows per program
 
-    rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, hh, b: (b, c, hh, 0))
-    head_rows = lambda d: pl.BlockSpec((None, None, CHUNK, d), lambda c, hh, b: (b, hh, c, 0))
-    vec = pl.BlockSpec((None, None, CHUNK), lambda c, hh, b: (b, hh, c))
-    beta_spec = pl.BlockSpec((None, CHUNK, None), lambda c, hh, b: (b, c, hh))
+    rows = lambda d: pl.BlockSpec((None, span, None, d), lambda c, hh, b: (b, c, hh, 0))
+    head_rows = lambda d: pl.BlockSpec((None, None, span, d), lambda c, hh, b: (b, hh, c, 0))
+    vec = pl.BlockSpec((None, None, span), lambda c, hh, b: (b, hh, c))
+    beta_spec = pl.BlockSpec((None, span, None), lambda c, hh, b: (b, c, hh))
     inputs = [a, k, v, beta, dw, dvnew, dkp]
     in_specs = [
         head_rows(CHUNK),
@@ -285,6 +311,7 @@ def wy_backward(
         _kernel,
         decay=decay,
         block=min(block, Kp, Vp),
+        chunks=chunks,
         mode=wy_modes(dtype, dots, low_grads=dw.dtype != jnp.float32),
         dots=dict(dtype=dtype, interpret=interpret),
     )
@@ -294,7 +321,7 @@ def wy_backward(
         in_specs=in_specs,
         out_shapes=out_shapes,
         out_specs=out_specs,
-        grid=(NI, H, B),
+        grid=(NI // chunks, H, B),
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,

@@ -271,11 +271,13 @@ def test_bf16_grads_spec_tolerances(rng, n, gated):
 
 # (field, the baseline value, the 16-bit value) of the BackwardConfig choices that trade accuracy
 # for speed: the intermediates dk_out, dW, dkp stored in bf16 (and dW K^T in 16 bits); every
-# product of the WY adjoint, and of the reverse state pass's chain, with 16-bit operands
+# product of the WY adjoint, and of the reverse state pass's chain, with 16-bit operands; the
+# reverse pass's dv_out scores rounded to 16 bits
 SIXTEEN_BIT_CHOICES = {
     "grad_dtype": ("float32", "input"),
     "wy_dots": ("tf32", "input"),
     "state_dots": ("split", "input"),
+    "state_dv_out_dots": ("split", "input"),
 }
 # ... and those that reorder the arithmetic too (fp32 inputs: equal to rounding, not bitwise):
 # W = A diag(beta gam) K formed first and rounded to 16 bits for the reverse state pass
@@ -287,6 +289,7 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     "merged_adjoint": (False, True),
     "chunk_grads": (False, True),
     "merged_mid_states": (True, False),  # h_mid stored by the forward, or its terms formed
+    "state_dots/tf32": ("split", "tf32"),  # "field/label": another choice of the same field
 }
 
 
@@ -304,7 +307,10 @@ ACCURACY_CHOICES = SIXTEEN_BIT_CHOICES | {
     + [("chunk_grads", 1, True, 64, 64), ("chunk_grads", 2, True, 32, 32)]
     + [("chunk_grads", 3, False, 100, 60), ("chunk_grads", 4, True, 32, 32)]
     + [("merged_mid_states", 2, True, 32, 32), ("merged_mid_states", 3, False, 64, 64)]
-    + [("merged_mid_states", 4, True, 32, 32)],
+    + [("merged_mid_states", 4, True, 32, 32)]
+    + [("state_dots/tf32", 1, False, 64, 64), ("state_dots/tf32", 3, False, 64, 64)]
+    + [("state_dots/tf32", 2, True, 32, 32)]
+    + [("state_dv_out_dots", 1, False, 64, 64), ("state_dv_out_dots", 3, True, 32, 32)],
 )
 def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, K, V):
     """Each choice of ``ACCURACY_CHOICES`` stays within SPEC §9 of the fp32 chunked path, and at
@@ -318,7 +324,8 @@ def test_16_bit_choices_keep_spec_tolerances(rng, monkeypatch, field, n, gated, 
     want = grads(chunked.forward, rounded, starts, cot_o, cot_s, n, K**-0.5)
     errs = []
     for value in ACCURACY_CHOICES[field]:
-        config = dataclasses.replace(kernel_backward.config_for(K, V), **{field: value})
+        config = kernel_backward.config_for(K, V)
+        config = dataclasses.replace(config, **{field.partition("/")[0]: value})
         use_backward_config(monkeypatch, config)
         got = grads(dp_pallas.forward, low, starts, cot_o, cot_s, n, K**-0.5)
         errs.append({name: rel_rmse(want[name], got[name]) for name in got})
@@ -337,19 +344,26 @@ def test_16_bit_choices_leave_fp32_inputs_alone(rng, monkeypatch):
     cot_o, cot_s = cotangents(rng, B, T, H, K, V)
     args = inputs(p, jnp.float32)
     out = []
-    for which in (0, 1):  # every field at its precise value, then at its 16-bit one
-        fields = {field: values[which] for field, values in SIXTEEN_BIT_CHOICES.items()}
+    for which in (0, 1, 2):  # every field at its precise value, at its 16-bit one; TF32 chain
+        fields = {field: values[min(which, 1)] for field, values in SIXTEEN_BIT_CHOICES.items()}
         config = kernel_backward.BackwardConfig(**fields)
+        if which == 2:
+            config = dataclasses.replace(config, state_dots="tf32")
         use_backward_config(monkeypatch, config)
         out.append(grads(dp_pallas.forward, args, None, cot_o, cot_s, n, 0.25))
     for name in out[0]:
         np.testing.assert_array_equal(out[0][name], out[1][name], err_msg=name)
+        np.testing.assert_array_equal(out[0][name], out[2][name], err_msg=name)
     with pytest.raises(ValueError, match="grad_dtype must be 'float32' or 'input', got 'bf16'"):
         kernel_backward.BackwardConfig(grad_dtype="bf16")
     with pytest.raises(ValueError, match="wy_dots must be 'tf32', 'split' or 'input', got 'fp8'"):
         kernel_backward.BackwardConfig(wy_dots="fp8")
-    with pytest.raises(ValueError, match="state_dots must be .split. or .input., got .tf32."):
-        kernel_backward.BackwardConfig(state_dots="tf32")
+    with pytest.raises(ValueError, match="state_dots must be one of .*, got .fp8."):
+        kernel_backward.BackwardConfig(state_dots="fp8")
+    with pytest.raises(ValueError, match="state_dv_out_dots must be one of .*, got .tf32."):
+        kernel_backward.BackwardConfig(state_dv_out_dots="tf32")
+    with pytest.raises(ValueError, match="wy_chunks must be at least 1, got 0"):
+        kernel_backward.BackwardConfig(wy_chunks=0)
     with pytest.raises(ValueError, match="state_loop must be one of .*, got .chunk."):
         kernel_backward.BackwardConfig(state_loop="chunk")
 
@@ -523,6 +537,7 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         (True, dict(merged_mid_states=False)),
         (False, dict(merged_mid_states=False)),
         (True, dict(merged_loop=True)),
+        (True, dict(wy_chunks=4)),  # 6 interleaved chunks: 2 per program
     ],
     ids=[
         "default",
@@ -535,6 +550,7 @@ TWO_ADJOINTS = dict(merged_adjoint=False, state_fused_dv_out=False)
         "merged-formed-mid",
         "merged-formed-mid-recompute",
         "merged-loop",
+        "wy-loop",
     ],
 )
 def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
@@ -544,7 +560,7 @@ def test_each_stage_matches_its_plain_jax_twin(rng, save_states, fields):
     own), the ``dv_out`` kernel with the two adjoint kernels, stages 3 + 4 fused, and stages 1,
     3 and 4 as one kernel (no ``dk_out``, ``dW``, ``dkp`` of its own), and the merged adjoint
     without the start states of the sub-chunks ``i > 0`` (``h_mid``; the default at n_h = 2) or
-    walking the sub-chunks in a loop."""
+    walking the sub-chunks in a loop, and the WY adjoint walking several chunks per program."""
     config = kernel_backward.BackwardConfig(**fields)
     fused = config.wy_fused or config.runs_chunk_grads(20, 12, 3)
     merged = config.merges_adjoints(20, 12, 3) or config.runs_chunk_grads(20, 12, 3)
@@ -722,6 +738,9 @@ BACKWARD_VARIANTS = {
     "merged_mid_states=True": {"merged_mid_states": True},  # h_mid stored at n_h = 2 too
     "merged_mid_states=False": {"merged_mid_states": False},  # formed at n_h = 3 too
     "merged_loop=True": {"merged_loop": True},  # at n_h = 3
+    "state_dots=tf32": {"state_dots": "tf32"},
+    "state_dv_out_dots=input": {"state_dv_out_dots": "input"},
+    "wy_chunks=4,wy_stages=2": {"wy_chunks": 4, "wy_stages": 2},
 }
 GPU_VARIANTS = [
     (*case, variant)
