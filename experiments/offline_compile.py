@@ -304,6 +304,16 @@ def main(argv: list[str] | None = None) -> None:
         pattern = re.compile(args.kernels)
     except re.error as err:
         raise SystemExit(f"--kernels: not a regular expression: {args.kernels!r} ({err})") from None
+    from bench_op import config_fields, parse_case
+
+    for flag, value, check in (
+        ("--case", args.case, parse_case),
+        ("--bwd-variant", args.bwd_variant, config_fields),
+    ):
+        try:
+            value is None or check(value)
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise SystemExit(f"{flag}: {err}") from None
     if args.triton_python and not os.access(args.triton_python, os.X_OK):
         raise SystemExit(f"--triton-python: {args.triton_python!r} is not an executable Python")
     kernels = [

@@ -21,8 +21,10 @@ accumulation at the end. No ``[64, Kp|Vp]`` fp32 value lives across the kernel.
 ``dk`` and ``dv`` are complete here (written in the input dtype); ``dG`` is the gradient w.r.t.
 the interleaved local gate cumsum (the reverse cumsum to ``dg`` happens outside, in JAX).
 
-Grid ``(NI, H, B)``; no ``[Kp, Vp]`` state tile (those products are in stage 3), and the
-``[64, Kp|Vp]`` operands are read in column tiles of ``block`` (``BackwardConfig.wy_block``: 128,
+Grid ``(NI / chunks, H, B)`` (``chunks`` consecutive chunks per program, walked in a loop;
+1 by default: ``BackwardConfig.wy_chunks``); no ``[Kp, Vp]`` state tile (those products are in
+stage 3), and the ``[64, Kp|Vp]`` operands are read in column tiles of ``block``
+(``BackwardConfig.wy_block``: 128,
 whole tiles up to K, V = 128, the fastest at 4 warps on an H100 since the WY products and ``dW``,
 ``dkp`` are 16-bit; 64 keeps every live value at most ``[64, 64]`` fp32; wide heads use 32).
 Reads ``A [B, H, L, 64]`` fp32, ``k [B, L, H, Kp]``, ``v [B, L, H, Vp]``,

@@ -56,6 +56,10 @@ def test_every_kernel_of_the_op_is_lowered_and_read_back(tmp_path):
     assert "tt.func" in (tmp_path / "0_dp_bwd_state_pass.ttir").read_text()
     with pytest.raises(SystemExit, match="no kernel of the lowered op matches"):
         oc.main(["--case", SMALL, "--kernels", "nothing", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--case: expected B,T,H,K,V,N_H"):
+        oc.main(["--case", "1,128,2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--bwd-variant: .*FIELD=VALUE, got 'no_such=1'"):
+        oc.main(["--case", SMALL, "--bwd-variant", "no_such=1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--triton-python: .* is not an executable Python"):
         oc.main(["--case", SMALL, "--triton-python", str(tmp_path / "none")])
 
