@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -136,6 +137,22 @@ def config_fields(spec: str, config_class: type = kernel_backward.BackwardConfig
         except (ValueError, SyntaxError):
             fields[name] = value
     return fields
+
+
+@contextlib.contextmanager
+def backward_variant(spec: str | None):
+    """Within the block the op's custom_vjp runs the ``BackwardConfig`` of each head dim with the
+    fields of ``spec`` (``"FIELD=VALUE[,FIELD=VALUE]"``, or None: unchanged) changed."""
+    default_for = dp_pallas.backward_config_for
+    if spec:
+        fields = config_fields(spec)
+        dp_pallas.backward_config_for = lambda key_dim, value_dim: dataclasses.replace(
+            default_for(key_dim, value_dim), **fields
+        )
+    try:
+        yield
+    finally:
+        dp_pallas.backward_config_for = default_for
 
 
 def split_fields(spec: str) -> tuple[dict, dict]:

@@ -39,3 +39,19 @@ def int_or_none(value: str) -> int | None:
 def str_or_none(value: str) -> str | None:
     """argparse type: a string, or ``None``/``none``/``off`` to disable."""
     return None if value.strip().lower() in ("none", "off", "") else value
+
+
+def add_case_arguments(parser: argparse.ArgumentParser, example_field: str) -> None:
+    """``--case``, ``--gated`` and ``--bwd-variant``: one op shape and the backward variant of a
+    tool that looks at the op's kernels (experiments/ncu_kernels.py, offline_compile.py)."""
+    parser.add_argument(
+        "--case",
+        default="4,4096,8,128,128,2",
+        help="B,T,H,K,V,N_H of the op, bf16 (default: the issues' target at n_h = 2)",
+    )
+    parser.add_argument("--gated", action="store_true", help="with a log-space forget gate")
+    parser.add_argument(
+        "--bwd-variant",
+        metavar="FIELD=VALUE[,FIELD=VALUE]",
+        help=f"BackwardConfig fields changed from the default (e.g. {example_field})",
+    )

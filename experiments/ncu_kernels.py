@@ -44,6 +44,8 @@ import os
 import re
 from collections import Counter
 
+from cli_types import add_case_arguments
+
 # ncu's metric lines: "    <name>   <unit>   <value>" (the unit may be absent)
 METRICS = {
     "duration_us": "Duration",
@@ -195,24 +197,17 @@ def run(case: str, gated: bool, bwd_variant: str | None = None) -> None:
     """One forward + backward of the op at ``case`` (``B,T,H,K,V,N_H``), bf16; ``bwd_variant``:
     ``BackwardConfig`` fields changed from the default (``"FIELD=VALUE[,FIELD=VALUE]"``)."""
     # imported here: ``summarize`` needs neither JAX nor the package
-    import dataclasses
-
     import jax
-    from bench_op import config_fields, make_inputs, op_fns, parse_case
+    from bench_op import backward_variant, make_inputs, op_fns, parse_case
 
     from dpjax.ops import pallas as dp_pallas
-
-    if bwd_variant:
-        fields, default_for = config_fields(bwd_variant), dp_pallas.backward_config_for
-        dp_pallas.backward_config_for = lambda key_dim, value_dim: dataclasses.replace(
-            default_for(key_dim, value_dim), **fields
-        )
 
     c = parse_case(case + (",gated" if gated else ""))
     x = make_inputs(c, seed=0)
     _, fwd_bwd = op_fns(dp_pallas.forward, c)
     args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["do"])
-    jax.block_until_ready(fwd_bwd(*args))
+    with backward_variant(bwd_variant):
+        jax.block_until_ready(fwd_bwd(*args))
     print(f"ran one forward + backward at {c.label} on {jax.devices()[0].device_kind}")
 
 
@@ -225,17 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="one forward + backward of the op, for ncu to wrap")
-    p_run.add_argument(
-        "--case",
-        default="4,4096,8,128,128,2",
-        help="B,T,H,K,V,N_H of the op (default: the issues' target at n_h = 2)",
-    )
-    p_run.add_argument("--gated", action="store_true", help="with a log-space forget gate")
-    p_run.add_argument(
-        "--bwd-variant",
-        metavar="FIELD=VALUE[,FIELD=VALUE]",
-        help="BackwardConfig fields changed from the default (e.g. merged_adjoint=True)",
-    )
+    add_case_arguments(p_run, "merged_adjoint=True")
     p_sum = sub.add_parser("summarize", help="tables of an ncu report's details and source pages")
     p_sum.add_argument("details", help="text of `ncu -i REPORT --page details`")
     p_sum.add_argument(

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 # the lowered text's Triton calls: `ir = "<escaped bytecode>"` followed by the call's attributes
 IR_START = 'ir = "'
@@ -49,6 +50,7 @@ PTX_COUNTS = {  # key -> the PTX instruction's pattern (a regular expression)
     "async_copies": r"cp\.async\.c[ag]\.shared",  # tiles copied ahead (pipelined loads)
     "global_loads": r"ld\.global",  # loads into registers (a pipelined load is a copy)
 }
+COMPILE_ONE = "--compile-one"  # first argument of the internal call in --triton-python's Python
 PTXAS_FIELDS = {
     "registers": r"Used (\d+) registers",
     "spill_stores": r"(\d+) bytes spill stores",
@@ -147,21 +149,13 @@ def lower_op(case: str, gated: bool, bwd_variant: str | None) -> str:
     """The lowered text of the op's jitted forward + backward at ``case`` (``B,T,H,K,V,N_H``),
     bf16, with ``BackwardConfig`` fields ``bwd_variant`` (``"FIELD=VALUE[,FIELD=VALUE]"``)
     changed from the default."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
-    from bench_op import config_fields, op_fns, parse_case
+    from bench_op import backward_variant, op_fns, parse_case
 
     from dpjax.ops import pallas as dp_pallas
 
     c = parse_case(case + (",gated" if gated else ""))
-    default_for = dp_pallas.backward_config_for
-    if bwd_variant:
-        fields = config_fields(bwd_variant)
-        dp_pallas.backward_config_for = lambda key_dim, value_dim: dataclasses.replace(
-            default_for(key_dim, value_dim), **fields
-        )
     L = c.T * c.n
     sds = jax.ShapeDtypeStruct
     args = (
@@ -173,11 +167,8 @@ def lower_op(case: str, gated: bool, bwd_variant: str | None) -> str:
         sds((c.B, c.T, c.H, c.V), jnp.bfloat16),
     )
     _, fwd_bwd = op_fns(dp_pallas.forward, c)
-    try:
-        with lowered_for_the_gpu():
-            return fwd_bwd.trace(*args).lower().as_text()
-    finally:
-        dp_pallas.backward_config_for = default_for
+    with backward_variant(bwd_variant), lowered_for_the_gpu():
+        return fwd_bwd.trace(*args).lower().as_text()
 
 
 def parse_ptxas(log: str) -> dict[str, int]:
@@ -263,22 +254,20 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [COMPILE_ONE]:  # in --triton-python's interpreter: no JAX, no package imports
+        path, warps, stages = argv[1:]
+        print(json.dumps(compile_with_pip_triton(path, int(warps), int(stages))))
+        return
+    from bench_op import config_fields, parse_case
+    from cli_types import add_case_arguments
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring (python -m pydoc experiments/offline_compile.py).",
     )
-    parser.add_argument(
-        "--case",
-        default="4,4096,8,128,128,2",
-        help="B,T,H,K,V,N_H of the op, bf16 (default: the issues' target at n_h = 2)",
-    )
-    parser.add_argument("--gated", action="store_true", help="with a log-space forget gate")
-    parser.add_argument(
-        "--bwd-variant",
-        metavar="FIELD=VALUE[,FIELD=VALUE]",
-        help="BackwardConfig fields changed from the default (e.g. state_dots=tf32)",
-    )
+    add_case_arguments(parser, "state_dots=tf32")
     parser.add_argument(
         "--kernels",
         default="",
@@ -292,20 +281,12 @@ def main(argv: list[str] | None = None) -> None:
         "ptxas -v; without it only the TTIR is written",
     )
     parser.add_argument("--out", default="offline_compile", help="folder for every output")
-    parser.add_argument("--compile-one", nargs=3, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
-
-    if args.compile_one:  # in --triton-python's interpreter: no JAX, no package imports
-        path, warps, stages = args.compile_one
-        print(json.dumps(compile_with_pip_triton(path, int(warps), int(stages))))
-        return
 
     try:
         pattern = re.compile(args.kernels)
     except re.error as err:
         raise SystemExit(f"--kernels: not a regular expression: {args.kernels!r} ({err})") from None
-    from bench_op import config_fields, parse_case
-
     for flag, value, check in (
         ("--case", args.case, parse_case),
         ("--bwd-variant", args.bwd_variant, config_fields),
@@ -335,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                 [
                     args.triton_python,
                     os.path.abspath(__file__),
-                    "--compile-one",
+                    COMPILE_ONE,
                     path,
                     str(kernel["num_warps"]),
                     str(kernel["num_stages"]),
