@@ -11,7 +11,7 @@
 #   4b. `variants`: forward+backward at the targets with other BackwardConfig fields side by side
 #      with the default (BWD_VARIANTS="--bwd-variant FIELD=VALUE ... --variant FIELD=VALUE,...";
 #      grad_dtype=float32 without it);
-#      VARIANT_ONLY="0 1" narrows the n_h (bench_op.py --only);
+#      VARIANT_ONLY="0 1" narrows the n_h (bench_op.py --only); VARIANTS_TIMEOUT=s (240 by default);
 #   4c. `conv`: the short convolution (with and without the q/k L2 norm), XLA against the Pallas
 #      forward and backward kernels (experiments/bench_conv.py, the 392M models' shapes; CONV_CASES="--case 8,4096,2048");
 #   4d. `tune`: only the stage variants of TUNE_STAGES ("state_pass bwd_state_pass" by default)
@@ -97,10 +97,10 @@ for stage in $STAGES; do
       grep -E '^(\{"peer"|ERR)' "$OUT/peer_$stage.log" || tail -5 "$OUT/peer_$stage.log" ;;
     variants)
       # shellcheck disable=SC2086
-      timeout 240 python3 experiments/bench_op.py --only ${VARIANT_ONLY:-0 1 2} --no-chunked \
+      timeout "${VARIANTS_TIMEOUT:-240}" python3 experiments/bench_op.py --only ${VARIANT_ONLY:-0 1 2} --no-chunked \
         --repeats 5 ${BWD_VARIANTS:---bwd-variant grad_dtype=float32} --out "$OUT/variants" \
         > "$OUT/variants.stdout" 2>&1
-      tail -12 "$OUT/variants/bench_op.md" ;;
+      sed -n '/^| case | impl/,/^$/p' "$OUT/variants/bench_op.md" ;;
     shapes)
       timeout 240 python3 experiments/bench_op.py --only 4 6 7 --stages --bwd-stages \
         --no-chunked --repeats 5 --out "$OUT/shapes" > "$OUT/shapes.stdout" 2>&1
