@@ -28,6 +28,12 @@ def test_bench_op_stages_and_tuning_at_a_padded_shape(tmp_path):
     # the separate stages the default merges or leaves out are tuned too
     assert {"bwd_output", "bwd_state_adjoint", "bwd_dv_out", "bwd_merged"} <= tuned, tuned
     assert "bwd_chunk_grads" in tuned, tuned
+    # every variant of the tune spaces ran (one that fails is only logged and left out)
+    bench = load_experiment("bench_op")
+    for kind, space in (("tune", bench.TUNE_SPACE), ("bwd_tune", bench.BWD_TUNE_SPACE)):
+        for stage, variants in space.items():
+            ran = [r for r in saved["records"] if r["kind"] == kind and r["stage"] == stage]
+            assert len(ran) == len(variants), (kind, stage, len(ran), len(variants))
     timed = [r for r in saved["records"] if "ms" in r]
     assert timed and all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in timed)
     assert (tmp_path / "bench_op.md").read_text().count("|") > 10
