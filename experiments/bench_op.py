@@ -181,6 +181,9 @@ def kernel_case(c: Case) -> Case:
     return dataclasses.replace(c, T=padded_length(c.T), K=Kp, V=Vp)
 
 
+OP_ARGS = ("q", "k", "v", "beta", "g", "do")  # make_inputs' keys in op_fns' argument order
+
+
 def make_inputs(c: Case, seed: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
     ks = jax.random.split(jax.random.key(seed), 6)
     L = c.T * c.n
@@ -356,7 +359,7 @@ def backward_stage_fns(
     glue)."""
     n, scale = c.n, c.K**-0.5
     cfg = cfg or dp_pallas.backward_config_for(c.K, c.V)
-    q, k, v, beta, g, do = (inputs[x] for x in ("q", "k", "v", "beta", "g", "do"))
+    q, k, v, beta, g, do = (inputs[x] for x in OP_ARGS)
     _, _, res = jax.jit(
         lambda *a: kernels.forward(
             *a,
@@ -581,7 +584,7 @@ def memory_report(log: Callable, with_chunked: bool = True) -> list[dict]:
     q, k, v, beta) at B=4, T=4096, H=8, K=V=128, n_h=2, bf16: pallas (vs chunked)."""
     c = Case(4, 4096, 8, 128, 128, 2, False)
     x = make_inputs(c, seed=0)
-    args = tuple(x[n] for n in ("q", "k", "v", "beta", "g", "do"))
+    args = tuple(x[n] for n in OP_ARGS)
     records = []
     impls = [("pallas", dp_pallas.forward)]
     if with_chunked:
@@ -815,7 +818,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, c in enumerate(cases):
         with_bwd = not args.no_bwd and (args.bwd_cases is None or index in args.bwd_cases)
         inputs = [make_inputs(c, seed=s) for s in range(2)]
-        arg_sets = [tuple(x[n] for n in ("q", "k", "v", "beta", "g", "do")) for x in inputs]
+        arg_sets = [tuple(x[n] for n in OP_ARGS) for x in inputs]
         case_impls = dict(impls)
         if c.reference:
             case_impls["reference"] = reference.forward

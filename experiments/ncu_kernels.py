@@ -198,14 +198,14 @@ def run(case: str, gated: bool, bwd_variant: str | None = None) -> None:
     ``BackwardConfig`` fields changed from the default (``"FIELD=VALUE[,FIELD=VALUE]"``)."""
     # imported here: ``summarize`` needs neither JAX nor the package
     import jax
-    from bench_op import backward_variant, make_inputs, op_fns, parse_case
+    from bench_op import OP_ARGS, backward_variant, make_inputs, op_fns, parse_case
 
     from dpjax.ops import pallas as dp_pallas
 
     c = parse_case(case + (",gated" if gated else ""))
     x = make_inputs(c, seed=0)
     _, fwd_bwd = op_fns(dp_pallas.forward, c)
-    args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["do"])
+    args = tuple(x[n] for n in OP_ARGS)
     with backward_variant(bwd_variant):
         jax.block_until_ready(fwd_bwd(*args))
     print(f"ran one forward + backward at {c.label} on {jax.devices()[0].device_kind}")

@@ -150,22 +150,13 @@ def lower_op(case: str, gated: bool, bwd_variant: str | None) -> str:
     bf16, with ``BackwardConfig`` fields ``bwd_variant`` (``"FIELD=VALUE[,FIELD=VALUE]"``)
     changed from the default."""
     import jax
-    import jax.numpy as jnp
-    from bench_op import backward_variant, op_fns, parse_case
+    from bench_op import OP_ARGS, backward_variant, make_inputs, op_fns, parse_case
 
     from dpjax.ops import pallas as dp_pallas
 
     c = parse_case(case + (",gated" if gated else ""))
-    L = c.T * c.n
-    sds = jax.ShapeDtypeStruct
-    args = (
-        sds((c.B, c.T, c.H, c.K), jnp.bfloat16),
-        sds((c.B, L, c.H, c.K), jnp.bfloat16),
-        sds((c.B, L, c.H, c.V), jnp.bfloat16),
-        sds((c.B, L, c.H), jnp.bfloat16),
-        sds((c.B, c.T, c.H), jnp.float32) if c.gated else None,
-        sds((c.B, c.T, c.H, c.V), jnp.bfloat16),
-    )
+    shapes = jax.eval_shape(lambda: make_inputs(c, seed=0))  # the benchmark's inputs, abstract
+    args = tuple(shapes[n] for n in OP_ARGS)
     _, fwd_bwd = op_fns(dp_pallas.forward, c)
     with backward_variant(bwd_variant), lowered_for_the_gpu():
         return fwd_bwd.trace(*args).lower().as_text()
