@@ -483,6 +483,7 @@ BWD_TUNE_SPACE = {
     + [dict(state_read_masked=flag) for flag in (True, False)]
     + [dict(state_dots=d) for d in ("input", "tf32")]
     + [dict(state_dv_out_dots="input"), dict(state_dots="tf32", state_read_masked=False)]
+    + [dict(state_dots="tf32", state_dv_out_dots="input", state_read_masked=False)]
     + [dict(state_stored_w=True)],
     "bwd_state_adjoint": [dict(adjoint_warps=w) for w in (8, 4, 2)],
     "bwd_wy": [
