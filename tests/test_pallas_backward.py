@@ -284,6 +284,13 @@ SIXTEEN_BIT_CHOICES = {
 # ... and dv_out formed in the reverse pass (fp32 there, the input dtype between kernels), and
 # the output and state adjoints merged (the output's dk kept in fp32 instead of rounded).
 # Each entry: (the more precise fields, the cheaper fields), both changes to the default.
+# The reverse pass with the fewest products per step: Kᵀy in TF32, the fused dv_out's scores in
+# 16 bits, the read term behind its branch (formed on one sub-chunk in n_h)
+FEWEST_STATE_PRODUCTS = {
+    "state_dots": "tf32",
+    "state_dv_out_dots": "input",
+    "state_read_masked": False,
+}
 ACCURACY_CHOICES = {
     field: ({field: precise}, {field: cheaper})
     for field, (precise, cheaper) in SIXTEEN_BIT_CHOICES.items()
@@ -295,10 +302,9 @@ ACCURACY_CHOICES = {
     # h_mid stored by the forward, or its terms formed
     "merged_mid_states": ({"merged_mid_states": True}, {"merged_mid_states": False}),
     "state_dots/tf32": ({"state_dots": "split"}, {"state_dots": "tf32"}),
-    # the reverse pass with the fewest products per step
     "fewest_state_products": (
         {"state_dots": "split", "state_dv_out_dots": "split"},
-        {"state_dots": "tf32", "state_dv_out_dots": "input", "state_read_masked": False},
+        FEWEST_STATE_PRODUCTS,
     ),
 }
 # (n_h, gated, K, V): the choices checked on that shape (K=200: the tiled adjoints)
@@ -758,12 +764,7 @@ BACKWARD_VARIANTS = {
     "state_dots=tf32": {"state_dots": "tf32"},
     "state_dv_out_dots=input": {"state_dv_out_dots": "input"},
     "wy_chunks=4,wy_stages=2": {"wy_chunks": 4, "wy_stages": 2},
-    # the reverse pass with the fewest products per step (candidate default)
-    "fewest_state_products": {
-        "state_dots": "tf32",
-        "state_dv_out_dots": "input",
-        "state_read_masked": False,
-    },
+    "fewest_state_products": FEWEST_STATE_PRODUCTS,
 }
 GPU_VARIANTS = [
     (*case, variant)
