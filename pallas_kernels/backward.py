@@ -96,20 +96,22 @@ class BackwardConfig:
     state_split: int = AUTO_SPLIT  # sequence split of the reverse state pass (as the forward's)
     # its loop: "sub" (one step per interleaved chunk), "token" (one step per token chunk,
     # sub-chunks unrolled, no branch) or "auto" ("sub"); and its read term: formed on every
-    # sub-chunk and kept on the first (True), behind a branch (False) or None: masked up to one
-    # wave of programs (state_pass_backward's launch_plan, which also caps the branch's
-    # pipeline at 2 stages beyond one wave)
+    # sub-chunk and kept on the first (True), behind a branch (False) or None: behind the branch
+    # from n_h = FEWEST_PRODUCTS_MIN_NH, else masked up to one wave of programs
+    # (state_pass_backward's launch_plan, which also caps the branch's pipeline at 2 stages
+    # beyond one wave)
     state_loop: str = "auto"
     state_read_masked: bool | None = None
     # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves), "tf32"
-    # (TF32 both: three dependent products per step instead of four; not yet timed on a GPU) or
-    # "input" (16-bit operands, one product each; not the default: on long ungated sequences the
-    # rounding accumulates towards SPEC §9's bounds, docs/DESIGN_DECISIONS.md)
-    state_dots: str = "split"
+    # (TF32 both: three dependent products per step instead of four), "input" (16-bit operands,
+    # one product each; not a default: on long ungated sequences the rounding accumulates towards
+    # SPEC §9's bounds, docs/DESIGN_DECISIONS.md) or "auto": "tf32" from n_h =
+    # FEWEST_PRODUCTS_MIN_NH, else "split"
+    state_dots: str = "auto"
     # the fused dv_out's scores^T dO (state_fused_dv_out): the fp32 scores as two 16-bit halves
-    # ("split") or rounded to the input dtype ("input": one product instead of two per step, as
-    # FLA's backward; not yet timed on a GPU)
-    state_dv_out_dots: str = "split"
+    # ("split"), rounded to the input dtype ("input": one product instead of two per step, as
+    # FLA's backward) or "auto": "input" from n_h = FEWEST_PRODUCTS_MIN_NH, else "split"
+    state_dv_out_dots: str = "auto"
     # the reverse state pass subtracts W^T dv_new with W = A diag(beta gam) K in the input dtype
     # (two dependent products per step instead of three; state_pass_backward): the forward's
     # prepare kernel forms W and keeps it in the residuals (forward(save_w=True), Residuals.w)
@@ -181,13 +183,14 @@ class BackwardConfig:
             raise ValueError(
                 f"BackwardConfig.state_loop must be one of {STATE_LOOPS}, got {self.state_loop!r}"
             )
-        if self.state_dots not in STATE_DOTS:
+        if self.state_dots not in (*STATE_DOTS, "auto"):
             raise ValueError(
-                f"BackwardConfig.state_dots must be one of {STATE_DOTS}, got {self.state_dots!r}"
+                f"BackwardConfig.state_dots must be one of {(*STATE_DOTS, 'auto')}, got "
+                f"{self.state_dots!r}"
             )
-        if self.state_dv_out_dots not in DV_OUT_DOTS:
+        if self.state_dv_out_dots not in (*DV_OUT_DOTS, "auto"):
             raise ValueError(
-                f"BackwardConfig.state_dv_out_dots must be one of {DV_OUT_DOTS}, got "
+                f"BackwardConfig.state_dv_out_dots must be one of {(*DV_OUT_DOTS, 'auto')}, got "
                 f"{self.state_dv_out_dots!r}"
             )
         if self.merged_adjoint and (self.output_dv or self.wy_fused):
@@ -239,6 +242,24 @@ class BackwardConfig:
             return num_householder > FORMED_MID_MAX
         return self.merged_mid_states
 
+    def state_products(self, num_householder: int) -> dict:
+        """The reverse state pass's ``read_masked``, ``dots`` and ``dv_out_dots`` for ``n_h``
+        (the ``"auto"`` and ``None`` choices resolved; ``read_masked`` may stay ``None`` for
+        ``launch_plan``'s rule by the number of programs): from n_h = FEWEST_PRODUCTS_MIN_NH
+        the fewest products per step (on an H100 at n_h = 3, B=4, T=4096, H=8, K=V=128:
+        forward + backward 1.856 -> 1.801 ms; docs/BENCHMARKS.md, ninth session)."""
+        fewest = num_householder >= FEWEST_PRODUCTS_MIN_NH
+        read_masked = self.state_read_masked
+        if read_masked is None and fewest:
+            read_masked = False
+        dots = self.state_dots
+        if dots == "auto":
+            dots = "tf32" if fewest else "split"
+        dv_out_dots = self.state_dv_out_dots
+        if dv_out_dots == "auto":
+            dv_out_dots = "input" if fewest else "split"
+        return dict(read_masked=read_masked, dots=dots, dv_out_dots=dv_out_dots)
+
     def intermediate_dtype(self, input_dtype) -> jnp.dtype:
         """The dtype of ``dk_out``, ``dW`` and ``dkp`` for inputs of ``input_dtype``."""
         return jnp.dtype(jnp.float32 if self.grad_dtype == "float32" else input_dtype)
@@ -284,6 +305,9 @@ def config_for(key_dim: int, value_dim: int) -> BackwardConfig:
 
 MAX_DIM = 256  # padded head dims the backward kernels serve (as the forward's)
 FORMED_MID_MAX = 2  # up to this n_h the merged adjoint forms h_mid's terms (merged_mid_states)
+# from this n_h the reverse state pass takes the fewest products per step by default
+# (BackwardConfig.state_products; timed at n_h = 3 only, on an H100)
+FEWEST_PRODUCTS_MIN_NH = 3
 MAX_FUSED_DIM = 128  # the previous fused stage 3 + 4 kernel holds whole [Kp, Vp] state tiles
 
 
@@ -365,9 +389,7 @@ def stage_kernels(
             state_pass_backward,
             split=config.state_split,
             loop=config.state_loop,
-            read_masked=config.state_read_masked,
-            dots=config.state_dots,
-            dv_out_dots=config.state_dv_out_dots,
+            **config.state_products(num_householder),
             **op,
             block_v=config.state_block_v,
             num_warps=config.state_warps,

@@ -20,7 +20,8 @@ One loop step covers one interleaved chunk (``loop="sub"``, the default): the re
 formed on every sub-chunk and kept on the first (``read_masked``, the default up to one wave of
 programs: every load is then pipelined) or formed behind ``lax.cond`` (beyond one wave, where
 the pass also compiles with at most 2 pipeline stages so that two programs share an SM:
-``launch_plan``). ``loop="token"`` steps one token chunk at a time, its ``n_h`` sub-chunks
+``launch_plan``; and, by ``BackwardConfig.state_products``, from n_h = 3, with the cheaper
+products below). ``loop="token"`` steps one token chunk at a time, its ``n_h`` sub-chunks
 unrolled, ``Q_J``, ``dO_J`` loaded at its start and the read term added after sub-chunk 0.
 ``dv_out`` enters through a product with the identity (``common.through_product``) so that its
 load is pipelined too (read on its own it was a synchronous load on the chain). With

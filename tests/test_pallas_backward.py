@@ -450,6 +450,28 @@ def test_reverse_pass_launch_plan():
     assert fused == ("sub", False, 2, chunk + token)  # Q, dO loaded on every sub-chunk
 
 
+def test_reverse_pass_products_by_n_h():
+    """``BackwardConfig.state_products``: by default the fewest products per step from n_h =
+    ``FEWEST_PRODUCTS_MIN_NH`` (the read term behind its branch, ``Kᵀy`` in TF32, the fused
+    ``dv_out``'s scores in 16 bits), below it the split products with the read term left to
+    ``launch_plan``; explicit choices are kept at every n_h."""
+    config = kernel_backward.BackwardConfig()
+    fewest = dict(read_masked=False, dots="tf32", dv_out_dots="input")
+    precise = dict(read_masked=None, dots="split", dv_out_dots="split")
+    assert kernel_backward.FEWEST_PRODUCTS_MIN_NH == 3
+    for n in (1, 2):
+        assert config.state_products(n) == precise, n
+    for n in (3, 4):
+        assert config.state_products(n) == fewest, n
+    explicit = kernel_backward.BackwardConfig(
+        state_read_masked=True, state_dots="input", state_dv_out_dots="split"
+    )
+    for n in (1, 3):
+        assert explicit.state_products(n) == dict(
+            read_masked=True, dots="input", dv_out_dots="split"
+        )
+
+
 def test_through_product_is_exact(rng):
     """``common.through_product``: a tile as fp32 through a product with the identity, exactly
     (16-bit tiles in 16-bit products, fp32 tiles in IEEE fp32)."""
