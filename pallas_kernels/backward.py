@@ -97,7 +97,8 @@ class BackwardConfig:
     # its loop: "sub" (one step per interleaved chunk), "token" (one step per token chunk,
     # sub-chunks unrolled, no branch) or "auto" ("sub"); and its read term: formed on every
     # sub-chunk and kept on the first (True), behind a branch (False) or None: behind the branch
-    # from n_h = FEWEST_PRODUCTS_MIN_NH, else masked up to one wave of programs
+    # from n_h = FEWEST_PRODUCTS_MIN_NH with state_fused_dv_out (state_products), else masked up
+    # to one wave of programs
     # (state_pass_backward's launch_plan, which also caps the branch's pipeline at 2 stages
     # beyond one wave)
     state_loop: str = "auto"
@@ -106,11 +107,12 @@ class BackwardConfig:
     # (TF32 both: three dependent products per step instead of four), "input" (16-bit operands,
     # one product each; not a default: on long ungated sequences the rounding accumulates towards
     # SPEC §9's bounds, docs/DESIGN_DECISIONS.md) or "auto": "tf32" from n_h =
-    # FEWEST_PRODUCTS_MIN_NH, else "split"
+    # FEWEST_PRODUCTS_MIN_NH with state_fused_dv_out (state_products), else "split"
     state_dots: str = "auto"
     # the fused dv_out's scores^T dO (state_fused_dv_out): the fp32 scores as two 16-bit halves
     # ("split"), rounded to the input dtype ("input": one product instead of two per step, as
-    # FLA's backward) or "auto": "input" from n_h = FEWEST_PRODUCTS_MIN_NH, else "split"
+    # FLA's backward) or "auto": "input" from n_h = FEWEST_PRODUCTS_MIN_NH (state_products),
+    # else "split"
     state_dv_out_dots: str = "auto"
     # the reverse state pass subtracts W^T dv_new with W = A diag(beta gam) K in the input dtype
     # (two dependent products per step instead of three; state_pass_backward): the forward's
@@ -247,8 +249,10 @@ class BackwardConfig:
         (the ``"auto"`` and ``None`` choices resolved; ``read_masked`` may stay ``None`` for
         ``launch_plan``'s rule by the number of programs): from n_h = FEWEST_PRODUCTS_MIN_NH
         the fewest products per step (on an H100 at n_h = 3, B=4, T=4096, H=8, K=V=128:
-        forward + backward 1.856 -> 1.801 ms; docs/BENCHMARKS.md, ninth session)."""
-        fewest = num_householder >= FEWEST_PRODUCTS_MIN_NH
+        forward + backward 1.856 -> 1.801 ms; docs/BENCHMARKS.md, ninth session), where the pass
+        forms ``dv_out`` itself (``state_fused_dv_out``: it then loads ``Q``, ``dO`` on every
+        sub-chunk, so the read term's branch costs no pipelining; not with ``WIDE_KEY``)."""
+        fewest = num_householder >= FEWEST_PRODUCTS_MIN_NH and self.state_fused_dv_out
         read_masked = self.state_read_masked
         if read_masked is None and fewest:
             read_masked = False

@@ -453,8 +453,9 @@ def test_reverse_pass_launch_plan():
 def test_reverse_pass_products_by_n_h():
     """``BackwardConfig.state_products``: by default the fewest products per step from n_h =
     ``FEWEST_PRODUCTS_MIN_NH`` (the read term behind its branch, ``Kᵀy`` in TF32, the fused
-    ``dv_out``'s scores in 16 bits), below it the split products with the read term left to
-    ``launch_plan``; explicit choices are kept at every n_h."""
+    ``dv_out``'s scores in 16 bits) where the pass forms ``dv_out`` itself, else the split
+    products with the read term left to ``launch_plan``; explicit choices are kept at every
+    n_h."""
     config = kernel_backward.BackwardConfig()
     fewest = dict(read_masked=False, dots="tf32", dv_out_dots="input")
     precise = dict(read_masked=None, dots="split", dv_out_dots="split")
@@ -463,6 +464,9 @@ def test_reverse_pass_products_by_n_h():
         assert config.state_products(n) == precise, n
     for n in (3, 4):
         assert config.state_products(n) == fewest, n
+    wide_key = kernel_backward.config_for(256, 64)  # dv_out from its own kernel
+    assert not wide_key.state_fused_dv_out
+    assert wide_key.state_products(3) == precise
     explicit = kernel_backward.BackwardConfig(
         state_read_masked=True, state_dots="input", state_dv_out_dots="split"
     )
