@@ -98,9 +98,8 @@ class BackwardConfig:
     # sub-chunks unrolled, no branch) or "auto" ("sub"); and its read term: formed on every
     # sub-chunk and kept on the first (True), behind a branch (False) or None: behind the branch
     # from n_h = FEWEST_PRODUCTS_MIN_NH with state_fused_dv_out (state_products), else masked up
-    # to one wave of programs
-    # (state_pass_backward's launch_plan, which also caps the branch's pipeline at 2 stages
-    # beyond one wave)
+    # to one wave of programs (state_pass_backward's launch_plan, which also caps the branch's
+    # pipeline at 2 stages beyond one wave)
     state_loop: str = "auto"
     state_read_masked: bool | None = None
     # its chain's products (state_pass_backward): "split" (TF32 and split 16-bit halves), "tf32"
@@ -185,16 +184,12 @@ class BackwardConfig:
             raise ValueError(
                 f"BackwardConfig.state_loop must be one of {STATE_LOOPS}, got {self.state_loop!r}"
             )
-        if self.state_dots not in (*STATE_DOTS, "auto"):
-            raise ValueError(
-                f"BackwardConfig.state_dots must be one of {(*STATE_DOTS, 'auto')}, got "
-                f"{self.state_dots!r}"
-            )
-        if self.state_dv_out_dots not in (*DV_OUT_DOTS, "auto"):
-            raise ValueError(
-                f"BackwardConfig.state_dv_out_dots must be one of {(*DV_OUT_DOTS, 'auto')}, got "
-                f"{self.state_dv_out_dots!r}"
-            )
+        for field, choices in (("state_dots", STATE_DOTS), ("state_dv_out_dots", DV_OUT_DOTS)):
+            if getattr(self, field) not in (*choices, "auto"):
+                raise ValueError(
+                    f"BackwardConfig.{field} must be one of {(*choices, 'auto')}, got "
+                    f"{getattr(self, field)!r}"
+                )
         if self.merged_adjoint and (self.output_dv or self.wy_fused):
             raise ValueError(
                 "BackwardConfig.merged_adjoint runs the output adjoint after the reverse pass: "
